@@ -1,0 +1,13 @@
+"""llm-serving: wires the stack's configuration into components and exports the result."""
+
+import pulumi
+
+from components import LlmStack, load_stack_config
+
+config, secrets = load_stack_config()
+stack = LlmStack("llm", {"config": config, "secrets": secrets})
+
+pulumi.export("endpoint", stack.endpoint)
+pulumi.export("apiKey", stack.api_key)
+pulumi.export("image", stack.image)
+pulumi.export("namespace", stack.namespace)

@@ -1,0 +1,449 @@
+"""The stack configuration model: parsed once, validated, frozen.
+
+Every `llm-serving:*` key of a stack file maps to one field of `StackConfig`.
+Defaults live here and nowhere else (mock tests never read Pulumi.yaml).
+Errors name the stack key path, e.g. `llm-serving:model.maxOutputTokens`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import math
+import re
+from typing import Annotated, Any, Literal, Mapping
+
+import pulumi
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+)
+from pydantic.alias_generators import to_camel
+
+from components.engines import PROFILES, EngineName, EngineProfile
+
+NAMESPACE = "llm-serving"
+"""Pulumi config namespace (the project name)."""
+
+SECRET_KEYS = ("apiKey", "hfToken")
+"""Top-level keys that must be set with `pulumi config set --secret`."""
+
+
+class ConfigError(pulumi.RunError):
+    """A stack configuration mistake. RunError: Pulumi prints it without a traceback."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__(
+            "invalid stack configuration:\n" + "\n".join(f"  - {p}" for p in problems)
+        )
+
+
+# --- field types with messages a user can act on ---------------------------------
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$")
+_LABEL_KEY = re.compile(
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+)
+_CPU = re.compile(r"^(\d+(\.\d+)?|\d+m)$")
+_MEMORY = re.compile(r"^\d+(\.\d+)?(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?$")
+_MEMORY_FACTORS = {
+    "": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15,
+    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50,
+}
+
+
+def _dns_label(value: str) -> str:
+    if not _DNS_LABEL.match(value):
+        raise ValueError(
+            "must be a DNS-1123 label: lower-case letters, digits and '-', "
+            "starting and ending with a letter or digit, at most 63 characters"
+        )
+    return value
+
+
+def _cpu(value: str) -> str:
+    if not _CPU.match(value):
+        raise ValueError("must be a Kubernetes CPU quantity such as '500m' or '2'")
+    return value
+
+
+def _memory(value: str) -> str:
+    if not _MEMORY.match(value):
+        raise ValueError("must be a Kubernetes memory quantity such as '512Mi' or '16Gi'")
+    return value
+
+
+def _labels(value: dict[str, str]) -> dict[str, str]:
+    for key, val in value.items():
+        if not _LABEL_KEY.match(key):
+            raise ValueError(f"label key {key!r} is not a valid Kubernetes label key")
+        if not _LABEL_VALUE.match(val):
+            raise ValueError(
+                f"label value {val!r} (key {key!r}) must be at most 63 characters of "
+                "letters, digits, '-', '_' or '.', starting and ending alphanumeric"
+            )
+    return value
+
+
+def _cidr(value: str) -> str:
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a CIDR range such as '203.0.113.0/24'") from None
+    return value
+
+
+def cpu_cores(quantity: str) -> float:
+    """'500m' -> 0.5, '2' -> 2.0."""
+    return int(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)
+
+
+def memory_bytes(quantity: str) -> float:
+    """'16Gi' -> 17179869184.0."""
+    match = re.match(r"^([\d.]+)(\D*)$", quantity)
+    assert match, quantity  # guaranteed by _memory
+    return float(match.group(1)) * _MEMORY_FACTORS[match.group(2)]
+
+
+DnsLabel = Annotated[str, AfterValidator(_dns_label)]
+CpuQuantity = Annotated[str, AfterValidator(_cpu)]
+MemoryQuantity = Annotated[str, AfterValidator(_memory)]
+Labels = Annotated[dict[str, str], AfterValidator(_labels)]
+Cidr = Annotated[str, AfterValidator(_cidr)]
+NonEmptyStr = Annotated[str, Field(min_length=1)]
+
+
+class _Section(BaseModel):
+    """Frozen, unknown keys rejected, camelCase keys in the stack file."""
+
+    model_config = ConfigDict(
+        frozen=True,
+        extra="forbid",
+        alias_generator=to_camel,
+        populate_by_name=True,
+        str_strip_whitespace=True,
+    )
+
+
+# --- sections ---------------------------------------------------------------------
+
+
+class ModelConfig(_Section):
+    id: NonEmptyStr
+    """Hugging Face model id (org/name) or a path inside the image."""
+    revision: NonEmptyStr = "main"
+    """Hub revision: a branch, tag or commit; pin a commit in production."""
+    served_name: NonEmptyStr | None = None
+    """Name clients pass as `model`; defaults to `id`."""
+    max_context_length: int = Field(4096, ge=16, le=1_048_576)
+    """Prompt plus output tokens per request."""
+    max_output_tokens: int = Field(512, ge=1, le=1_048_576)
+    """Upper bound on `max_tokens` per request."""
+    load_timeout_seconds: int = Field(900, ge=10, le=86_400)
+    """Budget for downloading and loading the weights; the startup probe allows this long."""
+    extra_args: tuple[str, ...] = ()
+    """Extra engine command-line flags (vLLM), passed through verbatim."""
+
+    @property
+    def served(self) -> str:
+        return self.served_name if self.served_name is not None else self.id
+
+
+class ImageConfig(_Section):
+    build: bool = True
+    """Build the engine's image from `context`; false runs `reference` instead."""
+    reference: NonEmptyStr | None = None
+    """Prebuilt image when `build` is false; defaults to the engine's official image."""
+    context: NonEmptyStr = "server"
+    """Build context, relative to the project directory."""
+    dockerfile: NonEmptyStr | None = None
+    """Dockerfile inside the context; defaults to the engine profile's."""
+    registry: NonEmptyStr | None = None
+    """Registry host and path prefix, e.g. ghcr.io/acme."""
+    repository: NonEmptyStr = "llm-server"
+    tag: NonEmptyStr = "latest"
+    platform: NonEmptyStr | None = None
+    """Target platform, e.g. linux/amd64 (GPU nodes) when building on arm64."""
+    push: bool = False
+    """Push to the registry; false keeps the image in the local (minikube) daemon."""
+    base_image: NonEmptyStr | None = None
+    """Overrides the Dockerfile's BASE_IMAGE build argument."""
+
+    @property
+    def name(self) -> str:
+        prefix = f"{self.registry.rstrip('/')}/" if self.registry else ""
+        return f"{prefix}{self.repository}:{self.tag}"
+
+
+class Resources(_Section):
+    cpu: CpuQuantity | None = None
+    memory: MemoryQuantity | None = None
+
+
+class ResourcesConfig(_Section):
+    requests: Resources = Resources(cpu="1", memory="2Gi")
+    limits: Resources = Resources(memory="4Gi")
+
+
+class Toleration(_Section):
+    key: NonEmptyStr | None = None
+    operator: Literal["Exists", "Equal"] = "Equal"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = Field(None, ge=0)
+
+
+class GpuConfig(_Section):
+    count: int = Field(0, ge=0, le=16)
+    """GPUs per replica (limits, and requests equal to them); 0 runs on CPU."""
+    resource: Literal["nvidia.com/gpu", "amd.com/gpu"] = "nvidia.com/gpu"
+    """Extended resource the vendor's device plugin advertises."""
+    node_selector: dict[str, str] = {}
+    tolerations: tuple[Toleration, ...] = ()
+    runtime_class_name: DnsLabel | None = None
+    shm_size: MemoryQuantity = "8Gi"
+    """In-memory /dev/shm for the engine's worker processes (vLLM tensor parallel)."""
+
+
+class ModelCacheConfig(_Section):
+    type: Literal["none", "pvc", "baked"] = "none"
+    """none: download into a pod-local emptyDir at each start; pvc: a shared volume;
+    baked: weights inside the image (requires image.build)."""
+    size: MemoryQuantity = "20Gi"
+    storage_class: NonEmptyStr | None = None
+    access_mode: Literal["ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod"] = "ReadWriteOnce"
+
+
+class ServiceConfig(_Section):
+    type: Literal["LoadBalancer", "ClusterIP", "NodePort"] = "LoadBalancer"
+    port: int = Field(80, ge=1, le=65535)
+    annotations: dict[str, str] = {}
+    """Cloud load-balancer annotations, passed through."""
+    source_ranges: tuple[Cidr, ...] = ()
+    """Client CIDRs allowed through a LoadBalancer; empty allows all."""
+
+
+class RolloutConfig(_Section):
+    drain_seconds: int = Field(60, ge=0, le=3600)
+    """Time in-flight generations get to finish after SIGTERM."""
+    pre_stop_seconds: int = Field(5, ge=0, le=300)
+    """Pause before SIGTERM so endpoints and proxies stop sending new requests."""
+
+
+class StackConfig(_Section):
+    engine: EngineName = "server"
+    model: ModelConfig
+    image: ImageConfig = ImageConfig()
+    replicas: int = Field(1, ge=0, le=1000)
+    resources: ResourcesConfig = ResourcesConfig()
+    gpu: GpuConfig = GpuConfig()
+    model_cache: ModelCacheConfig = ModelCacheConfig()
+    service: ServiceConfig = ServiceConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    namespace: DnsLabel = "llm-serving"
+    """Namespace the stack creates and deploys into."""
+    labels: Labels = {}
+    """Labels added to every object."""
+
+    @property
+    def profile(self) -> EngineProfile:
+        return PROFILES[self.engine]
+
+    @property
+    def startup_budget_seconds(self) -> int:
+        return self.model.load_timeout_seconds
+
+    @property
+    def grace_period_seconds(self) -> int:
+        """preStop pause + drain + a margin for the process to exit."""
+        return self.rollout.pre_stop_seconds + self.rollout.drain_seconds + 10
+
+    @property
+    def progress_deadline_seconds(self) -> int:
+        """Image pull (vLLM images are ~10 GB) plus the model load budget."""
+        return max(600, self.model.load_timeout_seconds + 600)
+
+
+class Secrets(BaseModel):
+    """Secret stack values; Outputs so Pulumi keeps them encrypted end to end."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+    api_key: pulumi.Output[str] | None = None
+    hf_token: pulumi.Output[str] | None = None
+
+
+# --- parsing ----------------------------------------------------------------------
+
+
+def _decode(value: Any) -> Any:
+    """Pulumi hands structured values over as JSON text; scalars stay text."""
+    if isinstance(value, str) and value[:1] in "{[":
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The camelCase keys allowed at the section that `loc` points into."""
+    current: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int) or not (isinstance(current, type) and issubclass(current, BaseModel)):
+            continue
+        field = next(
+            (f for n, f in current.model_fields.items() if part in (n, f.alias)), None
+        )
+        if field is None:
+            return []
+        annotation = field.annotation
+        args = getattr(annotation, "__args__", ())
+        candidates = [annotation, *args]
+        current = next(
+            (c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)),
+            None,
+        )
+        if current is None:
+            # tuple[Toleration, ...] and similar: look one level deeper.
+            for arg in args:
+                inner = getattr(arg, "__args__", ())
+                current = next(
+                    (c for c in inner if isinstance(c, type) and issubclass(c, BaseModel)),
+                    None,
+                )
+                if current:
+                    break
+    if not (isinstance(current, type) and issubclass(current, BaseModel)):
+        return []
+    return [f.alias or n for n, f in current.model_fields.items()]
+
+
+def _key_path(loc: tuple[Any, ...]) -> str:
+    path = f"{NAMESPACE}:"
+    for i, part in enumerate(loc):
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += ("." if i else "") + str(part)
+    return path
+
+
+def _describe(error: Mapping[str, Any]) -> str:
+    loc = tuple(error["loc"])
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(StackConfig, loc)
+        if len(loc) == 1:
+            allowed = sorted([*allowed, *SECRET_KEYS])
+        return f"{_key_path(loc)}: unknown key; allowed keys here: {', '.join(allowed)}"
+    if kind == "missing":
+        return f"{_key_path(loc)}: required key is missing"
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{_key_path(loc)}: {message} (got {error.get('input')!r})"
+
+
+def _cross_check(cfg: StackConfig) -> list[str]:
+    """Rules that span sections; each names the key to change."""
+    problems = []
+    profile = cfg.profile
+    if cfg.gpu.count > 0 and not profile.uses_gpus:
+        problems.append(
+            f"{NAMESPACE}:gpu.count: engine '{cfg.engine}' runs on CPU only; "
+            "set gpu.count to 0 or use engine 'vllm'"
+        )
+    if profile.uses_gpus and cfg.gpu.count == 0:
+        problems.append(
+            f"{NAMESPACE}:gpu.count: engine '{cfg.engine}' needs at least 1 GPU per replica"
+        )
+    if cfg.model_cache.type == "baked" and not cfg.image.build:
+        problems.append(
+            f"{NAMESPACE}:modelCache.type: 'baked' needs image.build: true "
+            "(weights are baked at build time)"
+        )
+    if not cfg.image.build and cfg.image.reference is None and profile.prebuilt_image is None:
+        problems.append(
+            f"{NAMESPACE}:image.reference: engine '{cfg.engine}' has no published image; "
+            "set image.reference or image.build: true"
+        )
+    if cfg.image.push and not cfg.image.build:
+        problems.append(f"{NAMESPACE}:image.push: only a built image can be pushed")
+    if cfg.model.max_output_tokens >= cfg.model.max_context_length:
+        problems.append(
+            f"{NAMESPACE}:model.maxOutputTokens: must be below model.maxContextLength "
+            f"({cfg.model.max_context_length}) to leave room for the prompt"
+        )
+    for section in ("cpu", "memory"):
+        request = getattr(cfg.resources.requests, section)
+        limit = getattr(cfg.resources.limits, section)
+        if request and limit:
+            parse = cpu_cores if section == "cpu" else memory_bytes
+            if parse(request) > parse(limit):
+                problems.append(
+                    f"{NAMESPACE}:resources.requests.{section}: {request} exceeds "
+                    f"resources.limits.{section} ({limit})"
+                )
+    for i, tol in enumerate(cfg.gpu.tolerations):
+        where = f"{NAMESPACE}:gpu.tolerations[{i}]"
+        if tol.operator == "Exists" and tol.value:
+            problems.append(f"{where}.value: must be empty when operator is 'Exists'")
+        if tol.operator == "Equal" and tol.key is None:
+            problems.append(f"{where}.key: required when operator is 'Equal'")
+        if tol.toleration_seconds is not None and tol.effect != "NoExecute":
+            problems.append(
+                f"{where}.tolerationSeconds: only allowed with effect 'NoExecute'"
+            )
+    return problems
+
+
+def parse_stack_config(raw: Mapping[str, Any]) -> StackConfig:
+    """Validate the non-secret `llm-serving:*` values (keys without the namespace).
+
+    Raises ConfigError listing every problem, each naming its key.
+    """
+    data = {key: _decode(value) for key, value in raw.items() if key not in SECRET_KEYS}
+    try:
+        cfg = StackConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError([_describe(e) for e in err.errors()]) from None
+    problems = _cross_check(cfg)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def _namespace_keys() -> dict[str, Any]:
+    """Every `llm-serving:*` config value the engine handed to this program."""
+    values = {**pulumi.runtime.config.get_config_env(), **pulumi.runtime.config.CONFIG.get()}
+    prefix = f"{NAMESPACE}:"
+    return {k.removeprefix(prefix): v for k, v in values.items() if k.startswith(prefix)}
+
+
+def load_stack_config() -> tuple[StackConfig, Secrets]:
+    """Read and validate this stack's configuration, once, from Pulumi."""
+    raw = _namespace_keys()
+    problems = [
+        f"{NAMESPACE}:{key}: holds a secret; set it with "
+        f"`pulumi config set --secret {key} ...`"
+        for key in SECRET_KEYS
+        if key in raw and not pulumi.runtime.config.is_config_secret(f"{NAMESPACE}:{key}")
+    ]
+    try:
+        cfg = parse_stack_config(raw)
+    except ConfigError as err:
+        problems.extend(err.problems)
+    if problems:
+        raise ConfigError(problems)
+    config = pulumi.Config(NAMESPACE)
+    return cfg, Secrets(
+        api_key=config.get_secret("apiKey"), hf_token=config.get_secret("hfToken")
+    )
+
+
+def ceil_div(total: int, step: int) -> int:
+    return math.ceil(total / step)

@@ -1,0 +1,124 @@
+"""Engine profiles: what differs between the serving engines, in one table.
+
+Components never branch on an engine's name; they read its profile. Adding an
+engine means adding a row here, not touching the Deployment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Literal
+
+if TYPE_CHECKING:
+    from components.config import StackConfig
+
+EngineName = Literal["server", "vllm"]
+
+VLLM_IMAGE = "vllm/vllm-openai:v0.33.0"
+"""Pinned official vLLM image; bump deliberately, a new tag changes the engine."""
+
+
+@dataclass(frozen=True)
+class EngineProfile:
+    name: EngineName
+    prebuilt_image: str | None
+    """Image to run when the stack does not build one (None: must be built)."""
+    dockerfile: str
+    """Dockerfile, relative to the build context, that builds this engine's image."""
+    port: int
+    health_path: str
+    """Answers while the process is alive (liveness)."""
+    ready_path: str
+    """Answers 200 only once the model serves requests (readiness, startup)."""
+    ready_path_needs_auth: bool
+    """True when ready_path sits behind the API key, so an HTTP probe cannot call it."""
+    metrics_path: str
+    uses_gpus: bool
+    """The image is built for GPUs; False means it runs on CPU only."""
+    drains_on_sigterm: bool
+    """False: the preStop pause must also cover the drain time."""
+    api_key_env: str
+    running_metric: str
+    """Prometheus gauge of sequences being generated (autoscaling signal)."""
+    waiting_metric: str
+    """Prometheus gauge of queued requests (autoscaling signal)."""
+    command: tuple[str, ...] | None
+    """Container command; None keeps the image's own."""
+    args: Callable[["StackConfig"], list[str]]
+    """Container arguments for a stack."""
+    env: Callable[["StackConfig"], dict[str, str]]
+    """Plain (non-secret) environment for a stack."""
+
+
+def _server_env(cfg: "StackConfig") -> dict[str, str]:
+    # The names are the server's settings contract (server/README.md).
+    return {
+        "LLM_ENGINE": "transformers",
+        "LLM_MODEL": cfg.model.id,
+        "LLM_MODEL_REVISION": cfg.model.revision,
+        "LLM_SERVED_MODEL_NAME": cfg.model.served,
+        "LLM_MAX_MODEL_LEN": str(cfg.model.max_context_length),
+        "LLM_MAX_TOKENS": str(cfg.model.max_output_tokens),
+        "LLM_DRAIN_SECONDS": str(cfg.rollout.drain_seconds),
+    }
+
+
+def _vllm_args(cfg: "StackConfig") -> list[str]:
+    return [
+        cfg.model.id,
+        "--revision", cfg.model.revision,
+        "--served-model-name", cfg.model.served,
+        "--max-model-len", str(cfg.model.max_context_length),
+        "--tensor-parallel-size", str(max(cfg.gpu.count, 1)),
+        "--port", "8000",
+        *cfg.model.extra_args,
+    ]
+
+
+def _vllm_env(cfg: "StackConfig") -> dict[str, str]:
+    # vLLM exposes no per-request output cap flag; the ingress policy bounds
+    # generation time instead. Usage stats would try to phone home.
+    return {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+
+
+PROFILES: dict[str, EngineProfile] = {
+    # This repository's OpenAI-compatible server (server/): CPU stacks, local mode.
+    "server": EngineProfile(
+        name="server",
+        prebuilt_image=None,
+        dockerfile="Dockerfile",
+        port=8000,
+        health_path="/health",
+        ready_path="/ready",
+        ready_path_needs_auth=False,
+        metrics_path="/metrics",
+        uses_gpus=False,
+        drains_on_sigterm=True,
+        api_key_env="LLM_API_KEY",
+        running_metric="llm_requests_running",
+        waiting_metric="llm_requests_waiting",
+        command=None,
+        args=lambda cfg: [],
+        env=_server_env,
+    ),
+    # The official vLLM OpenAI server: GPU stacks. Its /health answers before the
+    # model serves, so readiness asks /v1/models, which needs the API key.
+    "vllm": EngineProfile(
+        name="vllm",
+        prebuilt_image=VLLM_IMAGE,
+        dockerfile="Dockerfile.vllm",
+        port=8000,
+        health_path="/health",
+        ready_path="/v1/models",
+        ready_path_needs_auth=True,
+        metrics_path="/metrics",
+        uses_gpus=True,
+        drains_on_sigterm=False,
+        api_key_env="VLLM_API_KEY",
+        running_metric="vllm:num_requests_running",
+        waiting_metric="vllm:num_requests_waiting",
+        command=("vllm", "serve"),
+        args=_vllm_args,
+        env=_vllm_env,
+    ),
+}

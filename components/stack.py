@@ -1,0 +1,134 @@
+"""LlmStack: the whole serving stack for one Pulumi stack's configuration."""
+
+from __future__ import annotations
+
+from pathlib import PurePosixPath
+from typing import TypedDict
+
+import pulumi
+import pulumi_kubernetes as k8s
+
+from components.api_key import ApiKey
+from components.config import Secrets, StackConfig
+from components.deployment import HF_TOKEN_SECRET_KEY, LlmDeployment
+from components.image import LlmImage, LlmImageArgs
+from components.service import LlmService
+
+
+class LlmStackArgs(TypedDict):
+    config: StackConfig
+    secrets: Secrets
+
+
+class LlmStack(pulumi.ComponentResource):
+    endpoint: pulumi.Output[str]
+    api_key: pulumi.Output[str]
+    image: pulumi.Output[str]
+    namespace: pulumi.Output[str]
+
+    def __init__(
+        self, name: str, args: LlmStackArgs, opts: pulumi.ResourceOptions | None = None
+    ) -> None:
+        super().__init__("llm-serving:index:LlmStack", name, None, opts)
+        cfg, secrets = args["config"], args["secrets"]
+        child = pulumi.ResourceOptions(parent=self)
+        labels = {
+            **cfg.labels,
+            "app.kubernetes.io/part-of": "llm-serving",
+            "app.kubernetes.io/managed-by": "pulumi",
+        }
+
+        namespace = k8s.core.v1.Namespace(
+            f"{name}-ns",
+            metadata={
+                "name": cfg.namespace,
+                # The pods already meet the restricted profile; enforce it so a
+                # later change that weakens them is refused by the cluster.
+                "labels": {**labels, "pod-security.kubernetes.io/enforce": "restricted"},
+            },
+            opts=child,
+        )
+        ns_name = namespace.metadata.name
+
+        api_key = ApiKey(
+            f"{name}-api-key",
+            {"namespace": ns_name, "value": secrets.api_key, "labels": labels},
+            opts=child,
+        )
+        hf_secret_name = None
+        if secrets.hf_token is not None:
+            hf_secret = k8s.core.v1.Secret(
+                f"{name}-hf-token",
+                metadata={"namespace": ns_name, "labels": labels},
+                type="Opaque",
+                string_data={HF_TOKEN_SECRET_KEY: secrets.hf_token},
+                opts=child,
+            )
+            hf_secret_name = hf_secret.metadata.name
+
+        image = LlmImage(f"{name}-image", _image_args(cfg), opts=child)
+
+        deployment = LlmDeployment(
+            f"{name}-model",
+            {
+                "config": cfg,
+                "namespace": ns_name,
+                "image": image.ref,
+                "image_content_id": image.content_id,
+                "api_key_secret": api_key.secret_name,
+                "hf_token_secret": hf_secret_name,
+                "labels": labels,
+            },
+            opts=child,
+        )
+        service = LlmService(
+            f"{name}-api",
+            {
+                "namespace": ns_name,
+                "selector": deployment.selector,
+                "port": cfg.service.port,
+                "type": cfg.service.type,
+                "annotations": cfg.service.annotations,
+                "source_ranges": cfg.service.source_ranges,
+                "labels": labels,
+            },
+            opts=child,
+        )
+
+        self.endpoint = service.endpoint
+        self.api_key = api_key.value
+        self.image = image.ref
+        self.namespace = ns_name
+        self.register_outputs({
+            "endpoint": self.endpoint,
+            "api_key": self.api_key,
+            "image": self.image,
+            "namespace": self.namespace,
+        })
+
+
+def _image_args(cfg: StackConfig) -> LlmImageArgs:
+    image, profile = cfg.image, cfg.profile
+    if not image.build:
+        reference = image.reference if image.reference is not None else profile.prebuilt_image
+        assert reference is not None  # config cross-check guarantees it
+        return {"build": False, "reference": reference}
+    # Relative to the project directory (Pulumi's working directory), so the
+    # state does not depend on where each operator keeps their checkout.
+    context = PurePosixPath(image.context)
+    dockerfile = image.dockerfile if image.dockerfile is not None else profile.dockerfile
+    build_args: dict[str, str] = {}
+    if image.base_image is not None:
+        build_args["BASE_IMAGE"] = image.base_image
+    if cfg.model_cache.type == "baked":
+        build_args["MODEL_ID"] = cfg.model.id
+        build_args["MODEL_REVISION"] = cfg.model.revision
+    return {
+        "build": True,
+        "image_name": image.name,
+        "context": str(context),
+        "dockerfile": str(context / dockerfile),
+        "platform": image.platform,
+        "push": image.push,
+        "build_args": build_args,
+    }

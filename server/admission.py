@@ -1,0 +1,87 @@
+"""Admission control: at most ``max_running`` sequences, at most ``max_waiting`` queued.
+
+A request that finds every slot busy and the queue full is refused at once (the API answers 429
+with Retry-After), so memory is bounded by ``max_running + max_waiting`` requests. Waiters are
+served first come, first served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+
+class Overloaded(Exception):
+    """Every slot is busy and the wait queue is full."""
+
+
+class Aborted(Exception):
+    """The server stopped waiting (drain deadline passed) before a slot was free."""
+
+
+class AdmissionController:
+    def __init__(self, max_running: int, max_waiting: int) -> None:
+        if max_running < 1 or max_waiting < 0:
+            raise ValueError("max_running must be >= 1 and max_waiting >= 0")
+        self.max_running = max_running
+        self.max_waiting = max_waiting
+        self.running = 0
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._aborted = False
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """Hold one running slot for the body of the ``async with``.
+
+        Raises :class:`Overloaded` immediately when the queue is full, :class:`Aborted` when
+        :meth:`abort_waiting` is called while queued.
+        """
+        await self._acquire()
+        try:
+            yield
+        finally:
+            self._release()
+
+    async def _acquire(self) -> None:
+        if self._aborted:
+            raise Aborted
+        if self.running < self.max_running and not self._waiters:
+            self.running += 1
+            return
+        if len(self._waiters) >= self.max_waiting:
+            raise Overloaded
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            await fut  # the releaser transfers its slot to us (running is not decremented)
+        except BaseException:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                self._release()  # we were granted a slot but got cancelled: pass it on
+            else:
+                try:
+                    self._waiters.remove(fut)
+                except ValueError:
+                    pass
+            raise
+
+    def _release(self) -> None:
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)  # hand the slot over
+                return
+        self.running -= 1
+
+    def abort_waiting(self) -> None:
+        """Fail every queued request and refuse new ones (used at the drain deadline)."""
+        self._aborted = True
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_exception(Aborted())

@@ -1,0 +1,1 @@
+"""HTTP layer: OpenAI-compatible request/response schemas and routes."""

@@ -1,0 +1,134 @@
+"""Server settings: every knob is an ``LLM_*`` environment variable, parsed once.
+
+The variable names are a contract with the Kubernetes Deployment (see ``server/README.md``).
+``from_env()`` turns pydantic's error list into one line per problem naming the variable, so a
+bad value fails at startup with a message an operator can act on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "LLM_"
+_log = logging.getLogger(__name__)
+
+# Kubernetes injects `<SERVICE>_SERVICE_HOST`, `<SERVICE>_PORT`, `<SERVICE>_PORT_8000_TCP...`
+# for every Service in the namespace ("service links"). A Service named `llm` therefore puts
+# `LLM_PORT=tcp://...` into our environment. No setting here is called LLM_PORT or LLM_SERVICE_*
+# and those names are exempt from the unknown-variable warning.
+_SERVICE_LINK = re.compile(r"^LLM_(SERVICE_HOST|SERVICE_PORT.*|PORT(_\d+_(TCP|UDP|SCTP).*)?)$")
+
+
+class SettingsError(ValueError):
+    """A bad ``LLM_*`` value; the message names every offending variable."""
+
+
+class Settings(BaseSettings):
+    """Frozen, validated server configuration. Field ``x`` is read from ``LLM_X``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        frozen=True,
+        extra="forbid",
+        case_sensitive=False,
+        env_ignore_empty=True,
+    )
+
+    engine: Literal["transformers", "sim"] = "sim"
+    """Which engine serves requests. `sim` needs no weights (the default when unset)."""
+    model: str | None = None
+    """Hugging Face hub id or local directory; required for `transformers`."""
+    model_revision: str | None = None
+    """Hub revision (branch, tag or commit) for `transformers`."""
+    served_model_name: str | None = None
+    """Name clients put in `model`; defaults to `LLM_MODEL` (or `sim-llm` for the sim engine)."""
+    max_model_len: int = Field(default=2048, ge=16, le=1_048_576)
+    """Context window in tokens (prompt + completion). Capped by the model's own limit."""
+    max_tokens: int = Field(default=256, ge=1, le=1_048_576)
+    """Upper bound for a request's `max_tokens`, and its default when omitted."""
+    max_concurrency: int = Field(default=32, ge=1, le=100_000)
+    """Sequences generated at once (engine slots)."""
+    max_queue: int = Field(default=128, ge=0, le=1_000_000)
+    """Requests allowed to wait for a slot; beyond it requests get 429."""
+    drain_seconds: float = Field(default=30.0, ge=0, le=86_400)
+    """After SIGTERM, how long in-flight requests may run before they are cut."""
+    api_key: SecretStr | None = None
+    """When set, `/v1/*` requires `Authorization: Bearer <key>`."""
+    max_body_bytes: int = Field(default=1_048_576, ge=1024, le=1_073_741_824)
+    """Largest accepted request body; larger bodies get 413."""
+    retry_after_seconds: int = Field(default=1, ge=0, le=3600)
+    """Value of the `Retry-After` header on 429 (overload) and 503 (draining) answers."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """`transformers` only: `auto` picks CUDA when present, else CPU."""
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    """`transformers` only: weight dtype; `auto` is float32 on CPU, bfloat16/float16 on CUDA."""
+
+    sim_prefill_base_ms: float = Field(default=50.0, ge=0, le=600_000)
+    """Sim: fixed cost of a prefill."""
+    sim_prefill_ms_per_token: float = Field(default=0.5, ge=0, le=60_000)
+    """Sim: prefill cost per (uncached) prompt token."""
+    sim_decode_base_ms: float = Field(default=30.0, gt=0, le=600_000)
+    """Sim: fixed cost of one engine-wide decode step."""
+    sim_decode_ms_per_seq: float = Field(default=0.2, ge=0, le=60_000)
+    """Sim: extra decode-step cost per active sequence."""
+
+    @model_validator(mode="after")
+    def _check_engine_needs(self) -> Settings:
+        if self.engine == "transformers" and not self.model:
+            raise ValueError("LLM_MODEL is required when LLM_ENGINE=transformers")
+        if self.max_tokens >= self.max_model_len:
+            raise ValueError(
+                f"LLM_MAX_TOKENS ({self.max_tokens}) must be smaller than "
+                f"LLM_MAX_MODEL_LEN ({self.max_model_len}) to leave room for a prompt"
+            )
+        return self
+
+    @property
+    def model_name(self) -> str:
+        """The name served in `/v1/models` and accepted in a request's `model`."""
+        if self.served_model_name:
+            return self.served_model_name
+        if self.model:
+            return self.model
+        return "sim-llm"
+
+
+def _describe(err: dict) -> str:
+    loc = [str(p) for p in err.get("loc", ())]
+    if loc:
+        name = ENV_PREFIX + loc[0].upper()
+        got = err.get("input")
+        shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
+        return f"{name}: {err['msg']}{shown}"
+    return str(err.get("msg", "")).removeprefix("Value error, ")
+
+
+def from_env(environ: dict[str, str] | None = None, **overrides: object) -> Settings:
+    """Build settings from ``environ`` (default ``os.environ``); raise SettingsError if invalid.
+
+    ``overrides`` take precedence over the environment (used by tests and the benchmark).
+    """
+    env = os.environ if environ is None else environ
+    known = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
+    for key in sorted(env):
+        if key.startswith(ENV_PREFIX) and key not in known and not _SERVICE_LINK.match(key):
+            _log.warning("ignoring unknown setting %s (known: %s)", key, ", ".join(sorted(known)))
+    values: dict[str, object] = {
+        k[len(ENV_PREFIX):].lower(): v
+        for k, v in env.items()
+        if k in known and v != ""
+    }
+    values.update(overrides)
+    try:
+        # Values are passed explicitly (not read by BaseSettings itself) so that os.environ and a
+        # test's dict go through the same path.
+        return Settings.model_validate(values)
+    except ValidationError as exc:
+        problems = "; ".join(_describe(e) for e in exc.errors())
+        raise SettingsError(f"invalid server settings: {problems}") from None

@@ -1,0 +1,240 @@
+"""Run the Pulumi program offline under mocks, and check what it would create.
+
+Shared by `tools.render` (a preview without a cluster) and the test suite, so
+both see the same fake cloud: one mocks class that records every resource and
+returns the computed outputs a real cluster would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import functools
+import hashlib
+import json
+import runpy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pulumi
+import yaml
+
+PROJECT = "llm-serving"
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+PROGRAM = PROJECT_DIR / "__main__.py"
+
+FAKE_LB_IP = "203.0.113.10"
+"""A documentation address (TEST-NET-3) standing in for the cloud's load balancer."""
+
+SCHEMA_VERSIONS = ("1.31.0", "latest")
+"""Kubernetes versions every manifest must satisfy: the oldest supported, and the newest known."""
+
+
+@dataclass
+class Recorded:
+    type: str
+    name: str
+    inputs: dict[str, Any]
+    """Inputs as the engine receives them: camelCase keys, numbers as floats."""
+    outputs: dict[str, Any]
+
+
+def _digest(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class RecordingMocks(pulumi.runtime.Mocks):
+    """Records registered resources and fakes the outputs a real cloud computes."""
+
+    def __init__(self) -> None:
+        self.resources: list[Recorded] = []
+
+    def new_resource(self, args: pulumi.runtime.MockResourceArgs) -> tuple[str, dict]:
+        outputs = copy.deepcopy(dict(args.inputs))
+        if args.typ.startswith("kubernetes:") and not args.typ.startswith("kubernetes:helm"):
+            metadata = outputs.setdefault("metadata", {})
+            # Pulumi auto-names Kubernetes objects as <name>-<random suffix>.
+            metadata.setdefault("name", f"{args.name}-{_digest(args.name)[:8]}")
+            if args.typ != "kubernetes:core/v1:Namespace":
+                metadata.setdefault("namespace", "default")
+            if args.typ == "kubernetes:core/v1:Service" and outputs.get("spec", {}).get("type") == "LoadBalancer":
+                outputs["status"] = {"loadBalancer": {"ingress": [{"ip": FAKE_LB_IP}]}}
+        elif args.typ == "docker:index/image:Image":
+            image_name = args.inputs["imageName"]
+            content = "sha256:" + _digest(args.inputs)
+            repository = image_name.rsplit(":", 1)[0] if "/" not in image_name.rsplit(":", 1)[-1] else image_name
+            outputs["repoDigest"] = (
+                content if args.inputs.get("skipPush") else f"{repository}@{content}"
+            )
+        elif args.typ == "random:index/randomPassword:RandomPassword":
+            length = int(args.inputs.get("length", 16))
+            outputs["result"] = (_digest(args.name) * 4)[:length]
+        self.resources.append(Recorded(args.typ, args.name, dict(args.inputs), outputs))
+        return f"{args.name}-id", outputs
+
+    def call(self, args: pulumi.runtime.MockCallArgs) -> tuple[dict, list | None]:
+        return {}, None
+
+    def of_type(self, typ: str) -> list[Recorded]:
+        return [r for r in self.resources if r.type == typ]
+
+
+def install_mocks(stack: str = "test") -> RecordingMocks:
+    """Fresh mocks and a fresh root stack; mocks are process-global."""
+    pulumi.runtime.settings.ROOT.set(None)
+    mocks = RecordingMocks()
+    pulumi.runtime.set_mocks(mocks, project=PROJECT, stack=stack, preview=False)
+    return mocks
+
+
+# --- stack files ------------------------------------------------------------------
+
+TEST_SECRET_VALUES = {"apiKey": "test-api-key-0123456789abcdef0123456789", "hfToken": "hf_test_token"}
+
+
+def read_stack_file(path: Path) -> tuple[dict[str, str], list[str]]:
+    """Config and secret keys as the Pulumi engine hands them to the program.
+
+    Structured values become JSON text, as `pulumi up` passes them; `secure:`
+    values (ciphertext we cannot decrypt here) become plain test values.
+    """
+    document = yaml.safe_load(path.read_text()) or {}
+    config: dict[str, str] = {}
+    secret_keys: list[str] = []
+    for key, value in (document.get("config") or {}).items():
+        if isinstance(value, dict) and set(value) == {"secure"}:
+            short = key.split(":", 1)[-1]
+            value = TEST_SECRET_VALUES.get(short, f"test-secret-{short}")
+            secret_keys.append(key)
+        config[key] = value if isinstance(value, str) else json.dumps(value)
+    return config, secret_keys
+
+
+@dataclass
+class ProgramRun:
+    mocks: RecordingMocks
+    exports: dict[str, Any] = field(default_factory=dict)
+    secret_exports: set[str] = field(default_factory=set)
+
+    @property
+    def resources(self) -> list[Recorded]:
+        return self.mocks.resources
+
+
+def run_program(
+    config: dict[str, str],
+    secret_keys: list[str] = (),  # type: ignore[assignment]
+    stack: str = "test",
+) -> ProgramRun:
+    """Run __main__.py under mocks with this configuration; returns what it registered."""
+    mocks = install_mocks(stack)
+    pulumi.runtime.set_all_config(dict(config), list(secret_keys))
+    run = ProgramRun(mocks)
+
+    async def collect(outputs: dict[str, Any]) -> None:
+        for name, value in outputs.items():
+            output = pulumi.Output.from_input(value)
+            run.exports[name] = await output.future()
+            if await output.is_secret():
+                run.secret_exports.add(name)
+
+    def program() -> Any:
+        runpy.run_path(str(PROGRAM), run_name="__main__")
+        root = pulumi.runtime.settings.get_root_resource()
+        return pulumi.Output.from_input(asyncio.ensure_future(collect(dict(root.outputs))))
+
+    try:
+        pulumi.runtime.test(program)()
+    finally:
+        pulumi.runtime.set_all_config({}, [])
+    return run
+
+
+# --- manifests --------------------------------------------------------------------
+
+
+def _normalise(value: Any) -> Any:
+    """Mock inputs carry numbers as floats; Kubernetes wants integers."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _normalise(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_normalise(v) for v in value]
+    return value
+
+
+def is_kubernetes_object(resource: Recorded) -> bool:
+    return resource.type.startswith("kubernetes:") and not resource.type.startswith(
+        ("kubernetes:helm.sh", "kubernetes:yaml", "kubernetes:kustomize")
+    )
+
+
+def to_manifest(resource: Recorded) -> dict[str, Any]:
+    """The Kubernetes object a resource would apply, as a plain manifest."""
+    manifest = _normalise(copy.deepcopy(resource.inputs))
+    manifest.pop("status", None)
+    metadata = manifest.setdefault("metadata", {})
+    metadata["name"] = resource.outputs["metadata"]["name"]
+    if "namespace" in resource.outputs.get("metadata", {}) and "namespace" not in metadata:
+        metadata["namespace"] = resource.outputs["metadata"]["namespace"]
+    order = ("apiVersion", "kind", "metadata", "type", "spec", "data", "stringData")
+    manifest = {
+        **{k: manifest[k] for k in order if k in manifest},
+        **{k: v for k, v in manifest.items() if k not in order},
+    }
+    # Secret values are placeholders in the manifest; the real ones stay in Pulumi state.
+    if manifest.get("kind") == "Secret":
+        for section in ("stringData", "data"):
+            if section in manifest:
+                manifest[section] = {k: "<secret>" for k in manifest[section]}
+    return manifest
+
+
+@functools.lru_cache(maxsize=None)
+def _validator(kind: str, api_version: str, version: str):
+    """A cached strict-schema validator; building one parses megabytes of JSON."""
+    import jsonschema
+    import referencing
+    from kubernetes_validate import utils
+
+    if version == "latest":
+        version = utils.latest_version()
+    group_version = api_version.split("/")
+    short = (
+        f"{group_version[0].split('.')[0]}-{group_version[1]}"
+        if len(group_version) == 2
+        else api_version
+    )
+    schema_dir = f"v{version}-local-strict"
+    try:
+        schema = utils.schema_contents(
+            f"kubernetes-json-schema/{schema_dir}/{kind.lower()}-{short}.json", version
+        )
+    except FileNotFoundError:
+        return None
+    definitions = utils.schema_contents(
+        f"kubernetes-json-schema/{schema_dir}/_definitions.json", version
+    )
+    registry = referencing.Resource.from_contents(definitions) @ (
+        referencing.Resource.from_contents(schema) @ referencing.Registry()
+    )
+    return jsonschema.validators.Draft202012Validator(schema, registry=registry)
+
+
+def schema_problems(manifest: dict[str, Any], versions: tuple[str, ...] = SCHEMA_VERSIONS) -> list[str]:
+    """Every schema violation, as `Kind/name: field.path: message [k8s version]`."""
+    problems = []
+    kind, api_version = manifest.get("kind", "?"), manifest.get("apiVersion", "?")
+    name = manifest.get("metadata", {}).get("name", "?")
+    for version in versions:
+        validator = _validator(kind, api_version, version)
+        label = version if version != "latest" else "newest"
+        if validator is None:
+            problems.append(f"{kind}/{name}: no schema for {api_version} in Kubernetes {label}")
+            continue
+        for error in sorted(validator.iter_errors(manifest), key=lambda e: list(e.path)):
+            where = ".".join(str(p) for p in error.path) or "(root)"
+            problems.append(f"{kind}/{name}: {where}: {error.message} [Kubernetes {label}]")
+    return problems

@@ -1,0 +1,117 @@
+"""Preview a stack offline: `python -m tools.render --stack dev [--out DIR]`.
+
+Runs __main__.py under Pulumi's mocks with Pulumi.<stack>.yaml, prints the
+resources it would create, writes every Kubernetes object as a YAML manifest,
+and validates each against the Kubernetes OpenAPI schema. Exit codes: 0 all
+valid, 1 a manifest is invalid, 2 the configuration or the command is wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from components.config import ConfigError
+from tools import offline
+
+
+def _facts(resource: offline.Recorded) -> str:
+    """The few fields a reviewer looks for first."""
+    inputs = offline._normalise(resource.inputs)
+    spec = inputs.get("spec", {})
+    facts = []
+    if resource.type == "kubernetes:apps/v1:Deployment":
+        pod = spec["template"]["spec"]
+        container = pod["containers"][0]
+        facts.append(f"replicas={spec.get('replicas')}")
+        gpus = {
+            k: v for k, v in container.get("resources", {}).get("limits", {}).items() if "gpu" in k
+        }
+        facts.append("gpus=" + (",".join(f"{k}:{v}" for k, v in gpus.items()) or "0"))
+        facts.append(f"image={container['image']}")
+    elif resource.type == "kubernetes:core/v1:Service":
+        ports = ",".join(str(p["port"]) for p in spec.get("ports", []))
+        facts.append(f"type={spec.get('type', 'ClusterIP')} port={ports}")
+    elif resource.type == "kubernetes:core/v1:PersistentVolumeClaim":
+        facts.append(f"size={spec['resources']['requests']['storage']}")
+    elif resource.type == "docker:index/image:Image":
+        facts.append(f"image={inputs['imageName']} push={not inputs.get('skipPush', False)}")
+    elif resource.type.startswith("kubernetes:helm.sh"):
+        facts.append(f"chart={inputs.get('chart')} version={inputs.get('version')}")
+    return " ".join(facts)
+
+
+def _table(rows: list[tuple[str, str, str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(2)]
+    return "\n".join(
+        f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]}".rstrip() for r in rows
+    )
+
+
+def _file_name(manifest: dict[str, Any]) -> str:
+    return f"{manifest['kind'].lower()}-{manifest['metadata']['name']}.yaml"
+
+
+def render(stack: str, out: Path | None) -> int:
+    stack_file = offline.PROJECT_DIR / f"Pulumi.{stack}.yaml"
+    if not stack_file.exists():
+        known = sorted(p.name[len("Pulumi."):-len(".yaml")] for p in offline.PROJECT_DIR.glob("Pulumi.*.yaml"))
+        print(f"error: no stack file {stack_file.name}; stacks here: {', '.join(known)}", file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    try:
+        config, secret_keys = offline.read_stack_file(stack_file)
+    except yaml.YAMLError as err:
+        print(f"error: {stack_file.name} is not valid YAML: {err}", file=sys.stderr)
+        return 2
+    try:
+        run = offline.run_program(config, secret_keys, stack=stack)
+    except ConfigError as err:
+        print(f"error: {stack_file.name}: {err}", file=sys.stderr)
+        return 2
+
+    rows = [("TYPE", "NAME", "FACTS")]
+    rows += [(r.type, r.name, _facts(r)) for r in run.resources]
+    print(_table(rows))
+
+    manifests = [offline.to_manifest(r) for r in run.resources if offline.is_kubernetes_object(r)]
+    problems = [p for m in manifests for p in offline.schema_problems(m)]
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        for manifest in manifests:
+            (out / _file_name(manifest)).write_text(yaml.safe_dump(manifest, sort_keys=False))
+
+    print()
+    for name, value in sorted(run.exports.items()):
+        shown = "[secret]" if name in run.secret_exports else value
+        print(f"output {name}: {shown}")
+    elapsed = time.perf_counter() - started
+    versions = ", ".join(v if v != "latest" else "newest" for v in offline.SCHEMA_VERSIONS)
+    if problems:
+        print(f"\n{len(problems)} schema problem(s):", file=sys.stderr)
+        for problem in problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 1
+    where = f", written to {out}" if out is not None else ""
+    print(
+        f"\n{len(manifests)} manifests valid against Kubernetes {versions}{where} "
+        f"({elapsed:.1f} s)"
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tools.render", description=__doc__.splitlines()[0])
+    parser.add_argument("--stack", required=True, help="stack name: reads Pulumi.<stack>.yaml")
+    parser.add_argument("--out", type=Path, help="directory to write the manifests into")
+    args = parser.parse_args(argv)
+    return render(args.stack, args.out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -128,6 +128,8 @@ class _Section(BaseModel):
         alias_generator=to_camel,
         populate_by_name=True,
         str_strip_whitespace=True,
+        # Field docstrings become descriptions: the README's reference table.
+        use_attribute_docstrings=True,
     )
 
 
@@ -167,7 +169,9 @@ class ImageConfig(_Section):
     registry: NonEmptyStr | None = None
     """Registry host and path prefix, e.g. ghcr.io/acme."""
     repository: NonEmptyStr = "llm-server"
+    """Image repository under the registry."""
     tag: NonEmptyStr = "latest"
+    """Tag to build; pods still run the pushed digest, so reusing a tag is safe."""
     platform: NonEmptyStr | None = None
     """Target platform, e.g. linux/amd64 (GPU nodes) when building on arm64."""
     push: bool = False
@@ -183,20 +187,29 @@ class ImageConfig(_Section):
 
 class Resources(_Section):
     cpu: CpuQuantity | None = None
+    """CPU quantity, e.g. 500m or 4."""
     memory: MemoryQuantity | None = None
+    """Memory quantity, e.g. 16Gi."""
 
 
 class ResourcesConfig(_Section):
     requests: Resources = Resources(cpu="1", memory="2Gi")
+    """What the scheduler reserves per replica."""
     limits: Resources = Resources(memory="4Gi")
+    """Hard caps per replica; no CPU limit by default (throttling hurts latency)."""
 
 
 class Toleration(_Section):
     key: NonEmptyStr | None = None
+    """Taint key, e.g. nvidia.com/gpu."""
     operator: Literal["Exists", "Equal"] = "Equal"
+    """Exists matches any value; Equal needs `value`."""
     value: str | None = None
+    """Taint value for operator Equal."""
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    """Taint effect; empty matches all effects."""
     toleration_seconds: int | None = Field(None, ge=0)
+    """How long a NoExecute taint is tolerated."""
 
 
 class GpuConfig(_Section):
@@ -205,8 +218,11 @@ class GpuConfig(_Section):
     resource: Literal["nvidia.com/gpu", "amd.com/gpu"] = "nvidia.com/gpu"
     """Extended resource the vendor's device plugin advertises."""
     node_selector: dict[str, str] = {}
+    """Node labels the pods require, e.g. nvidia.com/gpu.present: "true"."""
     tolerations: tuple[Toleration, ...] = ()
+    """Taints of GPU node pools the pods may run on."""
     runtime_class_name: DnsLabel | None = None
+    """RuntimeClass, e.g. nvidia where the GPU runtime is not the default."""
     shm_size: MemoryQuantity = "8Gi"
     """In-memory /dev/shm for the engine's worker processes (vLLM tensor parallel)."""
 
@@ -216,13 +232,18 @@ class ModelCacheConfig(_Section):
     """none: download into a pod-local emptyDir at each start; pvc: a shared volume;
     baked: weights inside the image (requires image.build)."""
     size: MemoryQuantity = "20Gi"
+    """Volume size (pvc) or emptyDir limit (none); fit the weights plus headroom."""
     storage_class: NonEmptyStr | None = None
+    """StorageClass of the claim; the cluster default when unset."""
     access_mode: Literal["ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod"] = "ReadWriteOnce"
+    """ReadWriteMany lets replicas on several nodes share one cache."""
 
 
 class ServiceConfig(_Section):
     type: Literal["LoadBalancer", "ClusterIP", "NodePort"] = "LoadBalancer"
+    """LoadBalancer gives one external address (minikube: run `minikube tunnel`)."""
     port: int = Field(80, ge=1, le=65535)
+    """Port the Service listens on."""
     annotations: dict[str, str] = {}
     """Cloud load-balancer annotations, passed through."""
     source_ranges: tuple[Cidr, ...] = ()
@@ -238,14 +259,23 @@ class RolloutConfig(_Section):
 
 class StackConfig(_Section):
     engine: EngineName = "server"
+    """server: this repository's CPU server image; vllm: the official vLLM image on GPUs."""
     model: ModelConfig
+    """The model to serve."""
     image: ImageConfig = ImageConfig()
+    """Which image the pods run, and how it is built."""
     replicas: int = Field(1, ge=0, le=1000)
+    """Model-server pods."""
     resources: ResourcesConfig = ResourcesConfig()
+    """CPU and memory per replica."""
     gpu: GpuConfig = GpuConfig()
+    """GPUs per replica and where such pods may run."""
     model_cache: ModelCacheConfig = ModelCacheConfig()
+    """Where the weights live between restarts."""
     service: ServiceConfig = ServiceConfig()
+    """How clients reach the API."""
     rollout: RolloutConfig = RolloutConfig()
+    """Draining: how a pod finishes its work when it is replaced."""
     namespace: DnsLabel = "llm-serving"
     """Namespace the stack creates and deploys into."""
     labels: Labels = {}

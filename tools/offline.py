@@ -44,6 +44,21 @@ def _digest(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
+_SIG = "4dabf18193072939515e22adb298388d"
+_SECRET_SIG = "1b47061264138c4ac30d75fd1eb44270"
+
+
+def _unwrap(value: Any) -> Any:
+    """Secret inputs reach mocks wrapped in Pulumi's wire envelope; take the value out."""
+    if isinstance(value, dict):
+        if value.get(_SIG) == _SECRET_SIG:
+            return _unwrap(value.get("value"))
+        return {k: _unwrap(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unwrap(v) for v in value]
+    return value
+
+
 class RecordingMocks(pulumi.runtime.Mocks):
     """Records registered resources and fakes the outputs a real cloud computes."""
 
@@ -51,7 +66,8 @@ class RecordingMocks(pulumi.runtime.Mocks):
         self.resources: list[Recorded] = []
 
     def new_resource(self, args: pulumi.runtime.MockResourceArgs) -> tuple[str, dict]:
-        outputs = copy.deepcopy(dict(args.inputs))
+        inputs = _unwrap(dict(args.inputs))
+        outputs = copy.deepcopy(inputs)
         if args.typ.startswith("kubernetes:") and not args.typ.startswith("kubernetes:helm"):
             metadata = outputs.setdefault("metadata", {})
             # Pulumi auto-names Kubernetes objects as <name>-<random suffix>.
@@ -61,16 +77,16 @@ class RecordingMocks(pulumi.runtime.Mocks):
             if args.typ == "kubernetes:core/v1:Service" and outputs.get("spec", {}).get("type") == "LoadBalancer":
                 outputs["status"] = {"loadBalancer": {"ingress": [{"ip": FAKE_LB_IP}]}}
         elif args.typ == "docker:index/image:Image":
-            image_name = args.inputs["imageName"]
-            content = "sha256:" + _digest(args.inputs)
+            image_name = inputs["imageName"]
+            content = "sha256:" + _digest(inputs)
             repository = image_name.rsplit(":", 1)[0] if "/" not in image_name.rsplit(":", 1)[-1] else image_name
             outputs["repoDigest"] = (
-                content if args.inputs.get("skipPush") else f"{repository}@{content}"
+                content if inputs.get("skipPush") else f"{repository}@{content}"
             )
         elif args.typ == "random:index/randomPassword:RandomPassword":
-            length = int(args.inputs.get("length", 16))
+            length = int(inputs.get("length", 16))
             outputs["result"] = (_digest(args.name) * 4)[:length]
-        self.resources.append(Recorded(args.typ, args.name, dict(args.inputs), outputs))
+        self.resources.append(Recorded(args.typ, args.name, inputs, outputs))
         return f"{args.name}-id", outputs
 
     def call(self, args: pulumi.runtime.MockCallArgs) -> tuple[dict, list | None]:
@@ -122,6 +138,19 @@ class ProgramRun:
         return self.mocks.resources
 
 
+def capture(outputs: dict[str, Any], values: dict[str, Any], secrets: set[str]) -> pulumi.Output:
+    """An Output that, once awaited, has filled `values` and `secrets` from `outputs`."""
+
+    async def collect() -> None:
+        for name, value in outputs.items():
+            output = pulumi.Output.from_input(value)
+            values[name] = await output.future()
+            if await output.is_secret():
+                secrets.add(name)
+
+    return pulumi.Output.from_input(asyncio.ensure_future(collect()))
+
+
 def run_program(
     config: dict[str, str],
     secret_keys: list[str] = (),  # type: ignore[assignment]
@@ -132,17 +161,10 @@ def run_program(
     pulumi.runtime.set_all_config(dict(config), list(secret_keys))
     run = ProgramRun(mocks)
 
-    async def collect(outputs: dict[str, Any]) -> None:
-        for name, value in outputs.items():
-            output = pulumi.Output.from_input(value)
-            run.exports[name] = await output.future()
-            if await output.is_secret():
-                run.secret_exports.add(name)
-
     def program() -> Any:
         runpy.run_path(str(PROGRAM), run_name="__main__")
         root = pulumi.runtime.settings.get_root_resource()
-        return pulumi.Output.from_input(asyncio.ensure_future(collect(dict(root.outputs))))
+        return capture(dict(root.outputs), run.exports, run.secret_exports)
 
     try:
         pulumi.runtime.test(program)()

@@ -57,8 +57,8 @@ def _file_name(manifest: dict[str, Any]) -> str:
     return f"{manifest['kind'].lower()}-{manifest['metadata']['name']}.yaml"
 
 
-def render(stack: str, out: Path | None) -> int:
-    stack_file = offline.PROJECT_DIR / f"Pulumi.{stack}.yaml"
+def render(stack: str, out: Path | None, stack_file: Path | None = None) -> int:
+    stack_file = stack_file or offline.PROJECT_DIR / f"Pulumi.{stack}.yaml"
     if not stack_file.exists():
         known = sorted(p.name[len("Pulumi."):-len(".yaml")] for p in offline.PROJECT_DIR.glob("Pulumi.*.yaml"))
         print(f"error: no stack file {stack_file.name}; stacks here: {', '.join(known)}", file=sys.stderr)
@@ -109,8 +109,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.render", description=__doc__.splitlines()[0])
     parser.add_argument("--stack", required=True, help="stack name: reads Pulumi.<stack>.yaml")
     parser.add_argument("--out", type=Path, help="directory to write the manifests into")
+    parser.add_argument(
+        "--stack-file", type=Path, help="read this file instead of Pulumi.<stack>.yaml"
+    )
     args = parser.parse_args(argv)
-    return render(args.stack, args.out)
+    return render(args.stack, args.out, args.stack_file)
 
 
 if __name__ == "__main__":

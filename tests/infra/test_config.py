@@ -1,0 +1,151 @@
+"""The stack configuration parser: defaults, coercion, and errors that name the key."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pulumi
+import pytest
+
+from components.config import ConfigError, load_stack_config, parse_stack_config
+from tests.infra.conftest import BASE_CONFIG, GPU_CONFIG
+
+
+def merged(**overrides: Any) -> dict[str, Any]:
+    return {**BASE_CONFIG, **overrides}
+
+
+def problems_of(raw: dict[str, Any]) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        parse_stack_config(raw)
+    return caught.value.problems
+
+
+def test_defaults_come_from_one_place():
+    cfg = parse_stack_config(BASE_CONFIG)
+    assert cfg.engine == "server"
+    assert cfg.replicas == 1
+    assert cfg.service.type == "LoadBalancer"
+    assert cfg.model.served == "Qwen/Qwen2.5-0.5B-Instruct"
+    assert cfg.gpu.count == 0
+
+
+def test_values_arrive_as_json_text_like_pulumi_passes_them():
+    cfg = parse_stack_config(
+        {"model": json.dumps({"id": "m", "maxOutputTokens": 64}), "replicas": "3"}
+    )
+    assert cfg.model.max_output_tokens == 64
+    assert cfg.replicas == 3
+
+
+def test_config_is_frozen():
+    cfg = parse_stack_config(BASE_CONFIG)
+    with pytest.raises(Exception):
+        cfg.replicas = 5  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "raw, key, allowed",
+    [
+        (merged(replcas=2), "llm-serving:replcas", "replicas"),
+        (merged(model={"id": "m", "maxTokens": 5}), "llm-serving:model.maxTokens", "maxOutputTokens"),
+        (merged(gpu={"count": 0, "tolerations": [{"key": "a", "efect": "NoSchedule"}]}),
+         "llm-serving:gpu.tolerations[0].efect", "effect"),
+    ],
+)
+def test_unknown_keys_are_rejected_with_the_allowed_ones(raw, key, allowed):
+    [problem] = problems_of(raw)
+    assert problem.startswith(f"{key}: unknown key")
+    assert allowed in problem.split("allowed keys here:")[1]
+
+
+@pytest.mark.parametrize(
+    "raw, key, hint",
+    [
+        (merged(replicas="two"), "llm-serving:replicas", "integer"),
+        (merged(replicas=-1), "llm-serving:replicas", "greater than or equal to 0"),
+        (merged(engine="tgi"), "llm-serving:engine", "'server' or 'vllm'"),
+        ({"replicas": 1}, "llm-serving:model", "required"),
+        ({"model": {"revision": "main"}}, "llm-serving:model.id", "required"),
+        ({"model": {"id": ""}}, "llm-serving:model.id", "at least 1 character"),
+        (merged(resources={"requests": {"cpu": "lots"}}), "llm-serving:resources.requests.cpu", "500m"),
+        (merged(resources={"limits": {"memory": "4GB"}}), "llm-serving:resources.limits.memory", "16Gi"),
+        (merged(namespace="LLM_Prod"), "llm-serving:namespace", "DNS-1123"),
+        (merged(service={"port": 70000}), "llm-serving:service.port", "less than or equal to 65535"),
+        (merged(service={"sourceRanges": ["10.0.0.0/33"]}), "llm-serving:service.sourceRanges[0]", "CIDR"),
+        (merged(labels={"team": "a b"}), "llm-serving:labels", "label value"),
+        (merged(gpu={"tolerations": [{"key": "k", "effect": "Sometimes"}]}),
+         "llm-serving:gpu.tolerations[0].effect", "NoSchedule"),
+        (merged(gpu={"tolerations": "nvidia.com/gpu"}), "llm-serving:gpu.tolerations", "tuple"),
+    ],
+)
+def test_bad_values_name_the_key_and_what_is_allowed(raw, key, hint):
+    problems = problems_of(raw)
+    assert any(p.startswith(f"{key}:") and hint in p for p in problems), problems
+
+
+@pytest.mark.parametrize(
+    "raw, key, hint",
+    [
+        (merged(gpu={"count": 1}), "llm-serving:gpu.count", "CPU only"),
+        ({**GPU_CONFIG, "gpu": {"count": 0}}, "llm-serving:gpu.count", "at least 1 GPU"),
+        (merged(modelCache={"type": "baked"}, image={"build": False, "reference": "x:1"}),
+         "llm-serving:modelCache.type", "image.build"),
+        (merged(image={"build": False}), "llm-serving:image.reference", "no published image"),
+        (merged(image={"build": False, "reference": "x:1", "push": True}), "llm-serving:image.push", "built"),
+        (merged(model={"id": "m", "maxContextLength": 512, "maxOutputTokens": 512}),
+         "llm-serving:model.maxOutputTokens", "below model.maxContextLength"),
+        (merged(resources={"requests": {"memory": "8Gi"}, "limits": {"memory": "4Gi"}}),
+         "llm-serving:resources.requests.memory", "exceeds"),
+        (merged(resources={"requests": {"cpu": "2500m"}, "limits": {"cpu": "2"}}),
+         "llm-serving:resources.requests.cpu", "exceeds"),
+        (merged(gpu={"tolerations": [{"key": "k", "operator": "Exists", "value": "v"}]}),
+         "llm-serving:gpu.tolerations[0].value", "Exists"),
+        (merged(gpu={"tolerations": [{"operator": "Equal", "value": "v"}]}),
+         "llm-serving:gpu.tolerations[0].key", "required"),
+        (merged(gpu={"tolerations": [{"key": "k", "effect": "NoSchedule", "tolerationSeconds": 5}]}),
+         "llm-serving:gpu.tolerations[0].tolerationSeconds", "NoExecute"),
+    ],
+)
+def test_rules_across_sections_name_the_key_to_change(raw, key, hint):
+    problems = problems_of(raw)
+    assert any(p.startswith(f"{key}:") and hint in p for p in problems), problems
+
+
+def test_every_problem_is_reported_at_once():
+    problems = problems_of(merged(replicas=-1, engine="tgi", bogus=1))
+    assert {p.split(":")[1] for p in problems} == {"replicas", "engine", "bogus"}
+
+
+def test_a_gpu_stack_parses():
+    cfg = parse_stack_config(GPU_CONFIG)
+    assert cfg.profile.uses_gpus and cfg.gpu.count == 2
+    assert cfg.gpu.tolerations[0].operator == "Exists"
+
+
+def test_secrets_must_be_set_as_pulumi_secrets(mocks):
+    pulumi.runtime.set_all_config(
+        {"llm-serving:model": json.dumps({"id": "m"}), "llm-serving:apiKey": "plain-text-key"}, []
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_stack_config()
+    assert caught.value.problems == [
+        "llm-serving:apiKey: holds a secret; set it with `pulumi config set --secret apiKey ...`"
+    ]
+
+
+def test_secret_values_stay_outputs_and_never_enter_the_model(mocks):
+    pulumi.runtime.set_all_config(
+        {"llm-serving:model": json.dumps({"id": "m"}), "llm-serving:hfToken": "hf_x"},
+        ["llm-serving:hfToken"],
+    )
+    cfg, secrets = load_stack_config()
+    assert "hf_x" not in cfg.model_dump_json()
+    assert isinstance(secrets.hf_token, pulumi.Output)
+    assert secrets.api_key is None
+
+
+def test_config_errors_print_without_a_traceback():
+    # Pulumi prints a RunError's message alone; anything else gets a stack trace.
+    assert issubclass(ConfigError, pulumi.RunError)

@@ -1,0 +1,124 @@
+"""Every stack file, run through __main__.py under mocks, as `pulumi preview` would."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from components.config import ConfigError
+from tools import offline
+
+STACK_FILES = sorted(offline.PROJECT_DIR.glob("Pulumi.*.yaml"))
+
+
+def test_there_are_dev_and_prod_stacks():
+    assert {p.name for p in STACK_FILES} >= {"Pulumi.dev.yaml", "Pulumi.prod.yaml"}
+
+
+@pytest.mark.parametrize("stack_file", STACK_FILES, ids=lambda p: p.stem.split(".")[1])
+def test_stack_file_renders_schema_valid_manifests(stack_file: Path):
+    config, secret_keys = offline.read_stack_file(stack_file)
+    run = offline.run_program(config, secret_keys)
+    manifests = [offline.to_manifest(r) for r in run.resources if offline.is_kubernetes_object(r)]
+    kinds = {m["kind"] for m in manifests}
+    assert {"Namespace", "Secret", "Deployment", "Service"} <= kinds
+    assert [p for m in manifests for p in offline.schema_problems(m)] == []
+    assert set(run.exports) == {"endpoint", "apiKey", "image", "namespace"}
+    assert run.secret_exports == {"apiKey"}
+
+
+def test_prod_runs_vllm_on_nvidia_gpus_behind_a_load_balancer():
+    run = offline.run_program(*offline.read_stack_file(offline.PROJECT_DIR / "Pulumi.prod.yaml"))
+    [deployment] = [offline.to_manifest(r) for r in run.mocks.of_type("kubernetes:apps/v1:Deployment")]
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    assert int(container["resources"]["limits"]["nvidia.com/gpu"]) >= 1
+    assert container["resources"]["requests"]["nvidia.com/gpu"] == container["resources"]["limits"]["nvidia.com/gpu"]
+    assert "@sha256:" in container["image"]
+    [service] = run.mocks.of_type("kubernetes:core/v1:Service")
+    assert service.inputs["spec"]["type"] == "LoadBalancer"
+
+
+def test_dev_builds_into_the_local_daemon_without_pushing():
+    run = offline.run_program(*offline.read_stack_file(offline.PROJECT_DIR / "Pulumi.dev.yaml"))
+    [image] = run.mocks.of_type("docker:index/image:Image")
+    assert image.inputs["skipPush"] is True
+    assert run.exports["image"] == image.inputs["imageName"]
+
+
+def test_stack_file_secure_values_become_plain_test_secrets(tmp_path: Path):
+    stack = tmp_path / "Pulumi.s.yaml"
+    stack.write_text(yaml.safe_dump({"config": {
+        "llm-serving:model": {"id": "m"},
+        "llm-serving:hfToken": {"secure": "AAABAC0ffee"},
+    }}))
+    config, secret_keys = offline.read_stack_file(stack)
+    assert secret_keys == ["llm-serving:hfToken"]
+    run = offline.run_program(config, secret_keys)
+    token_secrets = [r for r in run.mocks.of_type("kubernetes:core/v1:Secret")
+                     if "token" in r.inputs["stringData"]]
+    assert token_secrets[0].inputs["stringData"]["token"] == offline.TEST_SECRET_VALUES["hfToken"]
+
+
+def test_a_misspelt_key_in_a_stack_file_fails_naming_it():
+    config, secrets = offline.read_stack_file(offline.PROJECT_DIR / "Pulumi.dev.yaml")
+    config["llm-serving:replcias"] = "3"
+    with pytest.raises(ConfigError, match=r"llm-serving:replcias: unknown key"):
+        offline.run_program(config, secrets)
+
+
+def test_schema_validation_catches_an_invalid_manifest():
+    run = offline.run_program(*offline.read_stack_file(offline.PROJECT_DIR / "Pulumi.dev.yaml"))
+    [deployment] = [offline.to_manifest(r) for r in run.mocks.of_type("kubernetes:apps/v1:Deployment")]
+    broken = copy.deepcopy(deployment)
+    broken["spec"]["replicas"] = "two"
+    broken["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["httpGett"] = {}
+    problems = offline.schema_problems(broken)
+    assert any("spec.replicas" in p for p in problems)
+    assert any("httpGett" in p for p in problems)
+    assert any("[Kubernetes 1.31.0]" in p for p in problems)
+
+
+def _render(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "tools.render", *args],
+        cwd=offline.PROJECT_DIR, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(offline.PROJECT_DIR)},
+    )
+
+
+def test_render_cli_writes_valid_manifests(tmp_path: Path):
+    result = _render("--stack", "prod", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "kubernetes:apps/v1:Deployment" in result.stdout
+    assert "gpus=nvidia.com/gpu:1" in result.stdout
+    assert "output apiKey: [secret]" in result.stdout
+    written = sorted(p.name.split("-")[0] for p in tmp_path.glob("*.yaml"))
+    assert written == ["deployment", "namespace", "secret", "service"]
+    deployment = yaml.safe_load(next(tmp_path.glob("deployment-*.yaml")).read_text())
+    assert isinstance(deployment["spec"]["replicas"], int)
+    assert "startupProbe" in deployment["spec"]["template"]["spec"]["containers"][0]
+    secret = yaml.safe_load(next(tmp_path.glob("secret-*.yaml")).read_text())
+    assert set(secret["stringData"].values()) == {"<secret>"}
+
+
+def test_render_cli_names_a_misspelt_key_without_a_traceback(tmp_path: Path):
+    bad = tmp_path / "Pulumi.bad.yaml"
+    document = yaml.safe_load((offline.PROJECT_DIR / "Pulumi.dev.yaml").read_text())
+    document["config"]["llm-serving:model"]["maxOutputTokns"] = 64
+    bad.write_text(yaml.safe_dump(document))
+    result = _render("--stack", "bad", "--stack-file", str(bad))
+    assert result.returncode == 2
+    assert "llm-serving:model.maxOutputTokns: unknown key" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_render_cli_names_an_unknown_stack():
+    result = _render("--stack", "staging")
+    assert result.returncode == 2
+    assert "Pulumi.staging.yaml" in result.stderr and "dev" in result.stderr

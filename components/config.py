@@ -454,6 +454,15 @@ def _namespace_keys() -> dict[str, Any]:
     return {k.removeprefix(prefix): v for k, v in values.items() if k.startswith(prefix)}
 
 
+def _is_secret(full_key: str) -> bool:
+    # The engine reports secret keys either through the runtime or, for some
+    # language-host versions, through PULUMI_CONFIG_SECRET_KEYS only.
+    runtime_config = pulumi.runtime.config
+    return runtime_config.is_config_secret(full_key) or (
+        full_key in runtime_config.get_config_secret_keys_env()
+    )
+
+
 def load_stack_config() -> tuple[StackConfig, Secrets]:
     """Read and validate this stack's configuration, once, from Pulumi."""
     raw = _namespace_keys()
@@ -461,7 +470,7 @@ def load_stack_config() -> tuple[StackConfig, Secrets]:
         f"{NAMESPACE}:{key}: holds a secret; set it with "
         f"`pulumi config set --secret {key} ...`"
         for key in SECRET_KEYS
-        if key in raw and not pulumi.runtime.config.is_config_secret(f"{NAMESPACE}:{key}")
+        if key in raw and not _is_secret(f"{NAMESPACE}:{key}")
     ]
     try:
         cfg = parse_stack_config(raw)

@@ -149,3 +149,12 @@ def test_secret_values_stay_outputs_and_never_enter_the_model(mocks):
 def test_config_errors_print_without_a_traceback():
     # Pulumi prints a RunError's message alone; anything else gets a stack trace.
     assert issubclass(ConfigError, pulumi.RunError)
+
+
+def test_secret_keys_reported_through_the_environment_count_as_secrets(mocks, monkeypatch):
+    monkeypatch.setenv("PULUMI_CONFIG_SECRET_KEYS", json.dumps(["llm-serving:apiKey"]))
+    pulumi.runtime.set_all_config(
+        {"llm-serving:model": json.dumps({"id": "m"}), "llm-serving:apiKey": "k" * 40}, []
+    )
+    _, secrets = load_stack_config()
+    assert isinstance(secrets.api_key, pulumi.Output)

@@ -118,8 +118,10 @@ def _image_args(cfg: StackConfig) -> LlmImageArgs:
     context = PurePosixPath(image.context)
     dockerfile = image.dockerfile if image.dockerfile is not None else profile.dockerfile
     build_args: dict[str, str] = {}
-    if image.base_image is not None:
-        build_args["BASE_IMAGE"] = image.base_image
+    # The engine profile pins the vLLM base; its Dockerfile's default is for manual builds.
+    base_image = image.base_image if image.base_image is not None else profile.prebuilt_image
+    if base_image is not None:
+        build_args["BASE_IMAGE"] = base_image
     if cfg.model_cache.type == "baked":
         build_args["MODEL_ID"] = cfg.model.id
         build_args["MODEL_REVISION"] = cfg.model.revision

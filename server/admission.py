@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -64,10 +65,8 @@ class AdmissionController:
             if fut.done() and not fut.cancelled() and fut.exception() is None:
                 self._release()  # we were granted a slot but got cancelled: pass it on
             else:
-                try:
+                with contextlib.suppress(ValueError):
                     self._waiters.remove(fut)
-                except ValueError:
-                    pass
             raise
 
     def _release(self) -> None:

@@ -60,14 +60,14 @@ class DrainController:
         try:
             await asyncio.wait_for(self._idle.wait(), timeout=self.drain_seconds)
             _log.info("drained in %.2fs", time.monotonic() - start)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             _log.warning("drain deadline passed with %d request(s) in flight; cutting them",
                          self.inflight)
             self.aborting = True
             self._on_abort()
             try:  # cut streams end at their next token; give them a moment to say so
                 await asyncio.wait_for(self._idle.wait(), timeout=2.0)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 _log.warning("%d request(s) still open at exit", self.inflight)
         then()
 

@@ -57,9 +57,13 @@ def invalid(message: str, param: str | None, code: str = "invalid_value") -> API
     return APIError(400, message, param=param, code=code)
 
 
-def _param(loc: tuple) -> str | None:
+def _param(loc: tuple, fields: frozenset[str] | None = None) -> str | None:
     # FastAPI prefixes "body"/"query"; drop it. List indices render as messages[0].content.
+    # Union members add their type as a step ("str", "list[TextPart]"); when the model's field
+    # names are known, keep only those so the param names the field, not pydantic internals.
     parts = [p for p in loc if p not in ("body", "query", "path", "header")]
+    if fields is not None:
+        parts = [p for p in parts if isinstance(p, int) or p in fields]
     out = ""
     for p in parts:
         if isinstance(p, int):
@@ -69,17 +73,19 @@ def _param(loc: tuple) -> str | None:
     return out or None
 
 
-def from_validation_errors(errors: list[dict]) -> APIError:
+def from_validation_errors(errors: list[dict], fields: frozenset[str] | None = None) -> APIError:
     """Turn pydantic's error list into a 400 naming the first offending field."""
     first = errors[0]
     if first.get("type") == "json_invalid":
         return invalid("Malformed JSON body: " + str(first.get("ctx", {}).get("error", "")),
                        None, code="invalid_json")
-    param = _param(tuple(first.get("loc", ())))
-    msgs = []
+    param = _param(tuple(first.get("loc", ())), fields)
+    msgs: list[str] = []
     for e in errors[:5]:
-        where = _param(tuple(e.get("loc", ()))) or "body"
-        msgs.append(f"{where}: {e.get('msg')}")
+        where = _param(tuple(e.get("loc", ())), fields) or "body"
+        msg = f"{where}: {e.get('msg')}"
+        if msg not in msgs:
+            msgs.append(msg)
     code = "missing_required_parameter" if first.get("type") == "missing" else "invalid_type" \
         if first.get("type", "").endswith("_type") else "invalid_value"
     return invalid("Invalid request: " + "; ".join(msgs), param, code=code)

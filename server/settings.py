@@ -64,18 +64,20 @@ class Settings(BaseSettings):
     """Largest accepted request body; larger bodies get 413."""
     retry_after_seconds: int = Field(default=1, ge=0, le=3600)
     """Value of the `Retry-After` header on 429 (overload) and 503 (draining) answers."""
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    """Level of the server's own logs (uvicorn's are set by its `--log-level`)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """`transformers` only: `auto` picks CUDA when present, else CPU."""
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     """`transformers` only: weight dtype; `auto` is float32 on CPU, bfloat16/float16 on CUDA."""
 
-    sim_prefill_base_ms: float = Field(default=50.0, ge=0, le=600_000)
+    sim_prefill_base_ms: float = Field(default=100.0, ge=0, le=600_000)
     """Sim: fixed cost of a prefill."""
     sim_prefill_ms_per_token: float = Field(default=0.5, ge=0, le=60_000)
     """Sim: prefill cost per (uncached) prompt token."""
-    sim_decode_base_ms: float = Field(default=30.0, gt=0, le=600_000)
+    sim_decode_base_ms: float = Field(default=40.0, gt=0, le=600_000)
     """Sim: fixed cost of one engine-wide decode step."""
-    sim_decode_ms_per_seq: float = Field(default=0.2, ge=0, le=60_000)
+    sim_decode_ms_per_seq: float = Field(default=0.25, ge=0, le=60_000)
     """Sim: extra decode-step cost per active sequence."""
 
     @model_validator(mode="after")
@@ -124,6 +126,15 @@ def from_env(environ: dict[str, str] | None = None, **overrides: object) -> Sett
         for k, v in env.items()
         if k in known and v != ""
     }
+    # Fail closed: an API key variable that is present but blank (an empty Secret) must not
+    # silently turn authentication off. Surrounding whitespace (a Secret made from a file with a
+    # trailing newline) can never arrive in a header, so it is dropped.
+    if "LLM_API_KEY" in env:
+        key = env["LLM_API_KEY"].strip()
+        if not key:
+            raise SettingsError("invalid server settings: LLM_API_KEY is set but blank; "
+                                "unset it to serve without authentication")
+        values["api_key"] = key
     values.update(overrides)
     try:
         # Values are passed explicitly (not read by BaseSettings itself) so that os.environ and a

@@ -8,6 +8,7 @@ are checked by the routes.
 
 from __future__ import annotations
 
+import functools
 import time
 import uuid
 from typing import Annotated, Literal
@@ -87,6 +88,28 @@ class CompletionRequest(_SamplingRequest):
 
     def prompt_text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+
+@functools.cache
+def field_names(model: type[BaseModel]) -> frozenset[str]:
+    """Every field name of ``model`` and the models nested in it (for error params)."""
+    names: set[str] = set()
+    todo: list[type[BaseModel]] = [model]
+    seen: set[type[BaseModel]] = set()
+    while todo:
+        m = todo.pop()
+        if m in seen:
+            continue
+        seen.add(m)
+        for name, info in m.model_fields.items():
+            names.add(name)
+            stack = [info.annotation]
+            while stack:
+                t = stack.pop()
+                if isinstance(t, type) and issubclass(t, BaseModel):
+                    todo.append(t)
+                stack.extend(getattr(t, "__args__", ()) or ())  # unions, list[...], Annotated
+    return frozenset(names)
 
 
 def new_id(prefix: str) -> str:

@@ -47,7 +47,7 @@ class Engine(abc.ABC):
     async def load(self) -> None:
         """Load weights (may take minutes); called once, in the background, after startup."""
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Release resources at shutdown."""
 
     @abc.abstractmethod

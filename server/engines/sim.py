@@ -26,6 +26,7 @@ jitter does not accumulate and the model holds under load as long as the CPU kee
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import re
 import time
@@ -39,11 +40,13 @@ from server.settings import Settings
 
 _PIECE = re.compile(r"\w+|[^\w\s]")
 VOCAB = (
-    "the a of to and in is it that for on with as was at by an be this from or are not have "
-    "model token server cluster request stream latency queue batch decode prefill cache node "
-    "pod replica balance load metric sample signal drain ready health prompt context window "
-    "quick brown fox jumps over lazy dog river mountain cloud silver garden lantern harbor"
-).split()
+    "the", "a", "of", "to", "and", "in", "is", "it", "that", "for", "on", "with", "as", "was",
+    "at", "by", "an", "be", "this", "from", "or", "are", "not", "have", "model", "token",
+    "server", "cluster", "request", "stream", "latency", "queue", "batch", "decode", "prefill",
+    "cache", "node", "pod", "replica", "balance", "load", "metric", "sample", "signal", "drain",
+    "ready", "health", "prompt", "context", "window", "quick", "brown", "fox", "jumps", "over",
+    "lazy", "dog", "river", "mountain", "cloud", "silver", "garden", "lantern", "harbor",
+)
 
 
 def sim_tokenize(text: str) -> list[int]:
@@ -128,10 +131,8 @@ class SimEngine(Engine):
     async def close(self) -> None:
         if self._loop_task is not None:
             self._loop_task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._loop_task
-            except asyncio.CancelledError:
-                pass
             self._loop_task = None
 
     def encode_chat(self, messages: Sequence[dict[str, Any]]) -> list[int]:

@@ -10,9 +10,11 @@ import pytest
 
 from components import ApiKey, LlmDeployment, LlmImage, LlmService, LlmStack
 from components.config import Secrets, parse_stack_config
-from components.deployment import selector_labels, startup_failure_threshold
+from components.deployment import RUN_AS_USER, selector_labels, startup_failure_threshold
+from components.engines import VLLM_IMAGE
 from components.service import _external_address
 from tests.infra.conftest import BASE_CONFIG, GPU_CONFIG, Run
+from tools import offline
 from tools.offline import FAKE_LB_IP, _normalise
 
 DEPLOYMENT = "kubernetes:apps/v1:Deployment"
@@ -417,3 +419,21 @@ def test_children_are_parented_under_the_stack_component(run):
     names = {r.name for r in result.mocks.resources}
     assert {"llm", "llm-model", "llm-api", "llm-image", "llm-api-key"} <= names
     assert all(r.name.startswith("llm") for r in result.mocks.resources)
+
+
+def test_vllm_builds_on_the_pinned_base_unless_told_otherwise(run):
+    result = stack(run, {**GPU_CONFIG, "image": {"registry": "ghcr.io/acme", "push": True}})
+    built = result.one("docker:index/image:Image")
+    assert built.inputs["build"]["args"]["BASE_IMAGE"] == VLLM_IMAGE
+
+
+def test_vllm_dockerfile_default_base_matches_the_engine_profile():
+    dockerfile = (offline.PROJECT_DIR / "server" / "Dockerfile.vllm").read_text()
+    assert f"ARG BASE_IMAGE={VLLM_IMAGE}" in dockerfile
+
+
+def test_server_dockerfile_runs_as_the_user_the_pod_expects():
+    dockerfile = (offline.PROJECT_DIR / "server" / "Dockerfile").read_text()
+    assert f"--uid {RUN_AS_USER}" in dockerfile
+    assert f"USER {RUN_AS_USER}" in dockerfile
+    assert 'CMD ["uvicorn", "server:app"' in dockerfile

@@ -22,7 +22,7 @@ render: venv
 	$(PY) -m tools.render --stack $(STACK) --out build/$(STACK)
 
 config-reference: venv
-	$(PY) -m tools.config_reference
+	$(PY) -m tools.config_reference --write README.md
 
 clean:
 	rm -rf build .pytest_cache

@@ -149,6 +149,9 @@ class ModelConfig(_Section):
     """Upper bound on `max_tokens` per request."""
     load_timeout_seconds: int = Field(900, ge=10, le=86_400)
     """Budget for downloading and loading the weights; the startup probe allows this long."""
+    max_concurrency: int | None = Field(None, ge=1, le=4096)
+    """Sequences one replica generates at once (server: LLM_MAX_CONCURRENCY, vLLM:
+    --max-num-seqs); the engine's default when unset."""
     extra_args: tuple[str, ...] = ()
     """Extra engine command-line flags (vLLM), passed through verbatim."""
 

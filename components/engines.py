@@ -52,7 +52,7 @@ class EngineProfile:
 
 def _server_env(cfg: "StackConfig") -> dict[str, str]:
     # The names are the server's settings contract (server/README.md).
-    return {
+    env = {
         "LLM_ENGINE": "transformers",
         "LLM_MODEL": cfg.model.id,
         "LLM_MODEL_REVISION": cfg.model.revision,
@@ -61,18 +61,23 @@ def _server_env(cfg: "StackConfig") -> dict[str, str]:
         "LLM_MAX_TOKENS": str(cfg.model.max_output_tokens),
         "LLM_DRAIN_SECONDS": str(cfg.rollout.drain_seconds),
     }
+    if cfg.model.max_concurrency is not None:
+        env["LLM_MAX_CONCURRENCY"] = str(cfg.model.max_concurrency)
+    return env
 
 
 def _vllm_args(cfg: "StackConfig") -> list[str]:
-    return [
+    args = [
         cfg.model.id,
         "--revision", cfg.model.revision,
         "--served-model-name", cfg.model.served,
         "--max-model-len", str(cfg.model.max_context_length),
         "--tensor-parallel-size", str(max(cfg.gpu.count, 1)),
         "--port", "8000",
-        *cfg.model.extra_args,
     ]
+    if cfg.model.max_concurrency is not None:
+        args += ["--max-num-seqs", str(cfg.model.max_concurrency)]
+    return args + list(cfg.model.extra_args)
 
 
 def _vllm_env(cfg: "StackConfig") -> dict[str, str]:

@@ -437,3 +437,17 @@ def test_server_dockerfile_runs_as_the_user_the_pod_expects():
     assert f"--uid {RUN_AS_USER}" in dockerfile
     assert f"USER {RUN_AS_USER}" in dockerfile
     assert 'CMD ["uvicorn", "server:app"' in dockerfile
+
+
+def test_concurrency_limit_reaches_each_engine_in_its_own_words(run):
+    _, server = deploy(run, {**BASE_CONFIG, "model": {"id": "m", "maxConcurrency": 4}})
+    env = {e["name"]: e.get("value") for e in container_of(server)["env"]}
+    assert env["LLM_MAX_CONCURRENCY"] == "4"
+
+
+def test_vllm_concurrency_limit_is_max_num_seqs(run):
+    raw = {**GPU_CONFIG, "model": {"id": "m", "maxConcurrency": 64, "extraArgs": ["--enforce-eager"]}}
+    _, manifest = deploy(run, raw)
+    args = container_of(manifest)["args"]
+    assert args[args.index("--max-num-seqs") + 1] == "64"
+    assert args[-1] == "--enforce-eager"

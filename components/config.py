@@ -14,16 +14,10 @@ import re
 from typing import Annotated, Any, Literal, Mapping
 
 import pulumi
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-)
-from pydantic.alias_generators import to_camel
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from components.engines import PROFILES, EngineName, EngineProfile
+from components.sections import Section
 
 NAMESPACE = "llm-serving"
 """Pulumi config namespace (the project name)."""
@@ -119,24 +113,10 @@ Cidr = Annotated[str, AfterValidator(_cidr)]
 NonEmptyStr = Annotated[str, Field(min_length=1)]
 
 
-class _Section(BaseModel):
-    """Frozen, unknown keys rejected, camelCase keys in the stack file."""
-
-    model_config = ConfigDict(
-        frozen=True,
-        extra="forbid",
-        alias_generator=to_camel,
-        populate_by_name=True,
-        str_strip_whitespace=True,
-        # Field docstrings become descriptions: the README's reference table.
-        use_attribute_docstrings=True,
-    )
-
-
 # --- sections ---------------------------------------------------------------------
 
 
-class ModelConfig(_Section):
+class ModelConfig(Section):
     id: NonEmptyStr
     """Hugging Face model id (org/name) or a path inside the image."""
     revision: NonEmptyStr = "main"
@@ -160,7 +140,7 @@ class ModelConfig(_Section):
         return self.served_name if self.served_name is not None else self.id
 
 
-class ImageConfig(_Section):
+class ImageConfig(Section):
     build: bool = True
     """Build the engine's image from `context`; false runs `reference` instead."""
     reference: NonEmptyStr | None = None
@@ -188,21 +168,21 @@ class ImageConfig(_Section):
         return f"{prefix}{self.repository}:{self.tag}"
 
 
-class Resources(_Section):
+class Resources(Section):
     cpu: CpuQuantity | None = None
     """CPU quantity, e.g. 500m or 4."""
     memory: MemoryQuantity | None = None
     """Memory quantity, e.g. 16Gi."""
 
 
-class ResourcesConfig(_Section):
+class ResourcesConfig(Section):
     requests: Resources = Resources(cpu="1", memory="2Gi")
     """What the scheduler reserves per replica."""
     limits: Resources = Resources(memory="4Gi")
     """Hard caps per replica; no CPU limit by default (throttling hurts latency)."""
 
 
-class Toleration(_Section):
+class Toleration(Section):
     key: NonEmptyStr | None = None
     """Taint key, e.g. nvidia.com/gpu."""
     operator: Literal["Exists", "Equal"] = "Equal"
@@ -215,7 +195,7 @@ class Toleration(_Section):
     """How long a NoExecute taint is tolerated."""
 
 
-class GpuConfig(_Section):
+class GpuConfig(Section):
     count: int = Field(0, ge=0, le=16)
     """GPUs per replica (limits, and requests equal to them); 0 runs on CPU."""
     resource: Literal["nvidia.com/gpu", "amd.com/gpu"] = "nvidia.com/gpu"
@@ -230,7 +210,7 @@ class GpuConfig(_Section):
     """In-memory /dev/shm for the engine's worker processes (vLLM tensor parallel)."""
 
 
-class ModelCacheConfig(_Section):
+class ModelCacheConfig(Section):
     type: Literal["none", "pvc", "baked"] = "none"
     """none: download into a pod-local emptyDir at each start; pvc: a shared volume;
     baked: weights inside the image (requires image.build)."""
@@ -242,7 +222,7 @@ class ModelCacheConfig(_Section):
     """ReadWriteMany lets replicas on several nodes share one cache."""
 
 
-class ServiceConfig(_Section):
+class ServiceConfig(Section):
     type: Literal["LoadBalancer", "ClusterIP", "NodePort"] = "LoadBalancer"
     """LoadBalancer gives one external address (minikube: run `minikube tunnel`)."""
     port: int = Field(80, ge=1, le=65535)
@@ -253,14 +233,14 @@ class ServiceConfig(_Section):
     """Client CIDRs allowed through a LoadBalancer; empty allows all."""
 
 
-class RolloutConfig(_Section):
+class RolloutConfig(Section):
     drain_seconds: int = Field(60, ge=0, le=3600)
     """Time in-flight generations get to finish after SIGTERM."""
     pre_stop_seconds: int = Field(5, ge=0, le=300)
     """Pause before SIGTERM so endpoints and proxies stop sending new requests."""
 
 
-class StackConfig(_Section):
+class StackConfig(Section):
     engine: EngineName = "server"
     """server: this repository's CPU server image; vllm: the official vLLM image on GPUs."""
     model: ModelConfig

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal, Mapping
 import pulumi
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
+from components.balancing import LoadBalancingConfig
 from components.engines import PROFILES, EngineName, EngineProfile
 from components.sections import Section
 
@@ -223,8 +224,9 @@ class ModelCacheConfig(Section):
 
 
 class ServiceConfig(Section):
-    type: Literal["LoadBalancer", "ClusterIP", "NodePort"] = "LoadBalancer"
-    """LoadBalancer gives one external address (minikube: run `minikube tunnel`)."""
+    type: Literal["LoadBalancer", "ClusterIP", "NodePort"] | None = None
+    """LoadBalancer gives one external address (minikube: run `minikube tunnel`); the default,
+    unless the ingress is on: then ClusterIP, as the controller is the entry point."""
     port: int = Field(80, ge=1, le=65535)
     """Port the Service listens on."""
     annotations: dict[str, str] = {}
@@ -238,6 +240,97 @@ class RolloutConfig(Section):
     """Time in-flight generations get to finish after SIGTERM."""
     pre_stop_seconds: int = Field(5, ge=0, le=300)
     """Pause before SIGTERM so endpoints and proxies stop sending new requests."""
+
+
+NIC_CHART = "oci://ghcr.io/nginx/charts/nginx-ingress"
+NIC_CHART_VERSION = "2.4.4"
+"""F5 NGINX Ingress Controller chart, pinned; bump deliberately."""
+KEDA_CHART = "keda"
+KEDA_REPOSITORY = "https://kedacore.github.io/charts"
+KEDA_CHART_VERSION = "2.19.0"
+
+
+class ControllerConfig(Section):
+    install: bool = True
+    """Install the F5 NGINX Ingress Controller with Helm; false uses one that already runs."""
+    namespace: DnsLabel = "nginx-ingress"
+    """Namespace of the controller (created when installing)."""
+    chart_version: NonEmptyStr = NIC_CHART_VERSION
+    """Version of the nginx-ingress chart (oci://ghcr.io/nginx/charts/nginx-ingress)."""
+    replicas: int = Field(2, ge=1, le=100)
+    """Controller pods."""
+    resources: ResourcesConfig = ResourcesConfig(
+        requests=Resources(cpu="250m", memory="256Mi"), limits=Resources(memory="512Mi")
+    )
+    """CPU and memory per controller pod."""
+    service_annotations: dict[str, str] = {}
+    """Cloud load-balancer annotations on the controller's LoadBalancer Service."""
+
+
+class IngressConfig(Section):
+    enabled: bool = False
+    """Put the F5 NGINX Ingress Controller in front of the model, with the loadBalancing policy."""
+    class_name: DnsLabel = "llm-nginx"
+    """IngressClass of this stack's controller; its own, so it cannot clash with another controller."""
+    controller: ControllerConfig = ControllerConfig()
+    """The controller release (or the existing controller)."""
+    host: NonEmptyStr | None = None
+    """Host name clients use, e.g. llm.example.com; unset answers on any host."""
+    path: NonEmptyStr = "/"
+    """Path prefix routed to the model."""
+    tls_secret: DnsLabel | None = None
+    """Kubernetes TLS Secret (in the stack's namespace) for `host`; unset serves plain HTTP."""
+
+
+class AutoscalingConfig(Section):
+    enabled: bool = False
+    """Scale replicas automatically: HPA on CPU for the server engine, KEDA on queue depth for GPU engines."""
+    min_replicas: int = Field(1, ge=1, le=1000)
+    """Fewest replicas; `replicas` is ignored while autoscaling is on."""
+    max_replicas: int = Field(4, ge=1, le=1000)
+    """Most replicas (GPU stacks: no more than the GPUs you can get)."""
+    target_cpu_utilization: int = Field(70, ge=1, le=100)
+    """Server engine: average CPU utilisation (% of requests) the HPA keeps."""
+    target_waiting_per_replica: int = Field(2, ge=1)
+    """GPU engines: queued requests per replica before KEDA adds one."""
+    target_running_per_replica: int = Field(32, ge=1)
+    """GPU engines: sequences in generation per replica before KEDA adds one."""
+    prometheus_url: NonEmptyStr | None = None
+    """Prometheus KEDA queries, e.g. http://prometheus-operated.monitoring.svc:9090 (GPU engines)."""
+    install_keda: bool = False
+    """Install KEDA with Helm into `kedaNamespace`; false expects it installed."""
+    keda_namespace: DnsLabel = "keda"
+    """Namespace KEDA is installed into."""
+    keda_chart_version: NonEmptyStr = KEDA_CHART_VERSION
+    """Version of the kedacore/keda chart."""
+    polling_interval_seconds: int = Field(15, ge=5, le=3600)
+    """How often KEDA queries Prometheus."""
+    scale_down_stabilization_seconds: int | None = Field(None, ge=0, le=86_400)
+    """Window before replicas are removed; at least model.loadTimeoutSeconds (its default), so a
+    loading pod is never scaled away."""
+
+
+class DisruptionBudgetConfig(Section):
+    enabled: bool = True
+    """A PodDisruptionBudget so node drains take model pods down one at a time."""
+    max_unavailable: int = Field(1, ge=1)
+    """Pods a voluntary disruption (drain, upgrade) may take down at once."""
+
+
+class NetworkPolicyConfig(Section):
+    enabled: bool = False
+    """Only the ingress controller (or, without it, the LoadBalancer path) reaches the model port."""
+    monitoring_namespace: DnsLabel | None = None
+    """Namespace whose pods may scrape metrics (they share the API port)."""
+
+
+class MonitoringConfig(Section):
+    service_monitor: bool = False
+    """Create a ServiceMonitor (needs the Prometheus Operator's CRDs)."""
+    labels: Labels = {}
+    """Labels your Prometheus selects ServiceMonitors by, e.g. release: kube-prometheus-stack."""
+    interval_seconds: int = Field(15, ge=1, le=3600)
+    """Scrape interval."""
 
 
 class StackConfig(Section):
@@ -259,6 +352,18 @@ class StackConfig(Section):
     """How clients reach the API."""
     rollout: RolloutConfig = RolloutConfig()
     """Draining: how a pod finishes its work when it is replaced."""
+    load_balancing: LoadBalancingConfig = LoadBalancingConfig()
+    """How NGINX spreads requests over replicas (ingress and local mode alike)."""
+    ingress: IngressConfig = IngressConfig()
+    """Optional NGINX ingress in front of the model."""
+    autoscaling: AutoscalingConfig = AutoscalingConfig()
+    """Optional autoscaling on LLM signals."""
+    disruption_budget: DisruptionBudgetConfig = DisruptionBudgetConfig()
+    """Limits voluntary disruptions of the model pods."""
+    network_policy: NetworkPolicyConfig = NetworkPolicyConfig()
+    """Who may reach the model pods."""
+    monitoring: MonitoringConfig = MonitoringConfig()
+    """Prometheus Operator integration."""
     namespace: DnsLabel = "llm-serving"
     """Namespace the stack creates and deploys into."""
     labels: Labels = {}
@@ -267,6 +372,17 @@ class StackConfig(Section):
     @property
     def profile(self) -> EngineProfile:
         return PROFILES[self.engine]
+
+    @property
+    def service_type(self) -> str:
+        if self.service.type is not None:
+            return self.service.type
+        return "ClusterIP" if self.ingress.enabled else "LoadBalancer"
+
+    @property
+    def scale_down_window_seconds(self) -> int:
+        window = self.autoscaling.scale_down_stabilization_seconds
+        return self.model.load_timeout_seconds if window is None else window
 
     @property
     def startup_budget_seconds(self) -> int:
@@ -401,6 +517,35 @@ def _cross_check(cfg: StackConfig) -> list[str]:
                     f"{NAMESPACE}:resources.requests.{section}: {request} exceeds "
                     f"resources.limits.{section} ({limit})"
                 )
+    scaling = cfg.autoscaling
+    if scaling.enabled:
+        if scaling.max_replicas < scaling.min_replicas:
+            problems.append(
+                f"{NAMESPACE}:autoscaling.maxReplicas: must be at least autoscaling.minReplicas "
+                f"({scaling.min_replicas})"
+            )
+        if cfg.scale_down_window_seconds < cfg.model.load_timeout_seconds:
+            problems.append(
+                f"{NAMESPACE}:autoscaling.scaleDownStabilizationSeconds: must be at least "
+                f"model.loadTimeoutSeconds ({cfg.model.load_timeout_seconds}) so a loading pod "
+                "is never scaled away"
+            )
+        if profile.scale_signal == "queue" and scaling.prometheus_url is None:
+            problems.append(
+                f"{NAMESPACE}:autoscaling.prometheusUrl: required for engine '{cfg.engine}', "
+                "which scales on queue depth read from Prometheus"
+            )
+        if profile.scale_signal == "cpu" and cfg.resources.requests.cpu is None:
+            problems.append(
+                f"{NAMESPACE}:resources.requests.cpu: CPU autoscaling measures utilisation "
+                "against the request; set one"
+            )
+    if cfg.ingress.tls_secret is not None and cfg.ingress.host is None:
+        problems.append(f"{NAMESPACE}:ingress.tlsSecret: needs ingress.host (the certificate's name)")
+    if cfg.service.source_ranges and cfg.service_type != "LoadBalancer":
+        problems.append(
+            f"{NAMESPACE}:service.sourceRanges: only applies to service.type LoadBalancer"
+        )
     for i, tol in enumerate(cfg.gpu.tolerations):
         where = f"{NAMESPACE}:gpu.tolerations[{i}]"
         if tol.operator == "Exists" and tol.value:

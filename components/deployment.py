@@ -90,11 +90,12 @@ class LlmDeployment(pulumi.ComponentResource):
             pod_annotations["llm-serving/image-content-id"] = args["image_content_id"]
 
         gpus = cfg.gpu.count > 0
+        autoscaled = cfg.autoscaling.enabled
         deployment = k8s.apps.v1.Deployment(
             f"{name}-deploy",
             metadata={"namespace": args["namespace"], "labels": labels},
             spec={
-                "replicas": cfg.replicas,
+                "replicas": cfg.autoscaling.min_replicas if autoscaled else cfg.replicas,
                 "selector": {"match_labels": self.selector},
                 "revision_history_limit": 5,
                 "progress_deadline_seconds": cfg.progress_deadline_seconds,
@@ -115,6 +116,8 @@ class LlmDeployment(pulumi.ComponentResource):
             },
             opts=pulumi.ResourceOptions(
                 parent=self,
+                # The autoscaler owns the replica count; `pulumi up` must not reset it.
+                ignore_changes=["spec.replicas"] if autoscaled else None,
                 # Pulumi waits for the rollout; give it the same budget Kubernetes has.
                 custom_timeouts=pulumi.CustomTimeouts(
                     create=_custom_timeout(cfg.progress_deadline_seconds + 60),

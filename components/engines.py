@@ -42,6 +42,8 @@ class EngineProfile:
     """Prometheus gauge of sequences being generated (autoscaling signal)."""
     waiting_metric: str
     """Prometheus gauge of queued requests (autoscaling signal)."""
+    scale_signal: Literal["cpu", "queue"]
+    """What autoscaling follows: CPU (HPA) or the engine's queue metrics (KEDA)."""
     command: tuple[str, ...] | None
     """Container command; None keeps the image's own."""
     args: Callable[["StackConfig"], list[str]]
@@ -102,6 +104,8 @@ PROFILES: dict[str, EngineProfile] = {
         api_key_env="LLM_API_KEY",
         running_metric="llm_requests_running",
         waiting_metric="llm_requests_waiting",
+        # On CPU nodes generation is CPU-bound, so utilisation tracks load.
+        scale_signal="cpu",
         command=None,
         args=lambda cfg: [],
         env=_server_env,
@@ -122,6 +126,8 @@ PROFILES: dict[str, EngineProfile] = {
         api_key_env="VLLM_API_KEY",
         running_metric="vllm:num_requests_running",
         waiting_metric="vllm:num_requests_waiting",
+        # GPU utilisation says little about queueing; waiting requests do.
+        scale_signal="queue",
         command=("vllm", "serve"),
         args=_vllm_args,
         env=_vllm_env,

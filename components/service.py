@@ -30,7 +30,7 @@ def _field(obj: Any, snake: str, camel: str) -> Any:
     cannot map the type (as under mocks). Read either."""
     if obj is None:
         return None
-    if isinstance(obj, dict):
+    if type(obj) is dict:  # noqa: E721 - typed outputs subclass dict; read those by attribute
         return obj.get(camel, obj.get(snake))
     return getattr(obj, snake, None)
 

@@ -9,9 +9,14 @@ import pulumi
 import pulumi_kubernetes as k8s
 
 from components.api_key import ApiKey
+from components.autoscaling import LlmAutoscaler
+from components.balancing import ingress_annotations
 from components.config import Secrets, StackConfig
 from components.deployment import HF_TOKEN_SECRET_KEY, LlmDeployment
 from components.image import LlmImage, LlmImageArgs
+from components.ingress import NginxIngress, controller_pod_labels
+from components.monitoring import LlmServiceMonitor
+from components.policies import PodPolicies
 from components.service import LlmService
 
 
@@ -87,15 +92,82 @@ class LlmStack(pulumi.ComponentResource):
                 "namespace": ns_name,
                 "selector": deployment.selector,
                 "port": cfg.service.port,
-                "type": cfg.service.type,
+                "type": cfg.service_type,
                 "annotations": cfg.service.annotations,
                 "source_ranges": cfg.service.source_ranges,
-                "labels": labels,
+                # Selector labels too, so a ServiceMonitor can find this Service.
+                "labels": {**labels, **deployment.selector},
             },
             opts=child,
         )
 
         self.endpoint = service.endpoint
+        ingress = None
+        if cfg.ingress.enabled:
+            ingress = NginxIngress(
+                f"{name}-ingress",
+                {
+                    "namespace": ns_name,
+                    "service_name": service.service_name,
+                    "service_port": cfg.service.port,
+                    "class_name": cfg.ingress.class_name,
+                    "controller": cfg.ingress.controller,
+                    "annotations": ingress_annotations(
+                        cfg.load_balancing, cfg.model.max_output_tokens
+                    ),
+                    "host": cfg.ingress.host,
+                    "path": cfg.ingress.path,
+                    "tls_secret": cfg.ingress.tls_secret,
+                    "labels": labels,
+                },
+                opts=child,
+            )
+            self.endpoint = ingress.endpoint
+
+        if cfg.autoscaling.enabled:
+            LlmAutoscaler(
+                f"{name}-autoscaler",
+                {
+                    "config": cfg,
+                    "namespace": ns_name,
+                    "deployment_name": deployment.deployment_name,
+                    "labels": labels,
+                },
+                opts=child,
+            )
+
+        if cfg.disruption_budget.enabled or cfg.network_policy.enabled:
+            PodPolicies(
+                f"{name}-policies",
+                {
+                    "config": cfg,
+                    "namespace": ns_name,
+                    "selector": deployment.selector,
+                    "port": deployment.port,
+                    "ingress_namespace": ingress.controller_namespace if ingress else None,
+                    "ingress_pod_labels": (
+                        controller_pod_labels(ingress.release_name)
+                        if ingress and cfg.ingress.controller.install
+                        else None
+                    ),
+                    "labels": labels,
+                },
+                opts=child,
+            )
+
+        if cfg.monitoring.service_monitor:
+            LlmServiceMonitor(
+                f"{name}-monitor",
+                {
+                    "namespace": ns_name,
+                    "service_labels": deployment.selector,
+                    "metrics_path": cfg.profile.metrics_path,
+                    "interval_seconds": cfg.monitoring.interval_seconds,
+                    "labels": {**labels, **cfg.monitoring.labels},
+                },
+                opts=child,
+            )
+
         self.api_key = api_key.value
         self.image = image.ref
         self.namespace = ns_name

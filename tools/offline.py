@@ -20,6 +20,8 @@ from typing import Any
 import pulumi
 import yaml
 
+from tools import crd_schemas
+
 PROJECT = "llm-serving"
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 PROGRAM = PROJECT_DIR / "__main__.py"
@@ -38,6 +40,8 @@ class Recorded:
     inputs: dict[str, Any]
     """Inputs as the engine receives them: camelCase keys, numbers as floats."""
     outputs: dict[str, Any]
+    read: bool = False
+    """A lookup of an existing object (`.get`), not one the program creates."""
 
 
 def _digest(*parts: Any) -> str:
@@ -74,8 +78,19 @@ class RecordingMocks(pulumi.runtime.Mocks):
             metadata.setdefault("name", f"{args.name}-{_digest(args.name)[:8]}")
             if args.typ != "kubernetes:core/v1:Namespace":
                 metadata.setdefault("namespace", "default")
-            if args.typ == "kubernetes:core/v1:Service" and outputs.get("spec", {}).get("type") == "LoadBalancer":
+            is_service = args.typ == "kubernetes:core/v1:Service"
+            # A read (Service.get) of a chart's Service is a LoadBalancer we did not declare.
+            if is_service and (
+                outputs.get("spec", {}).get("type") == "LoadBalancer" or args.resource_id
+            ):
                 outputs["status"] = {"loadBalancer": {"ingress": [{"ip": FAKE_LB_IP}]}}
+        elif args.typ == "kubernetes:helm.sh/v3:Release":
+            outputs["status"] = {
+                "name": inputs.get("name", args.name),
+                "namespace": inputs.get("namespace", "default"),
+                "status": "deployed",
+                "version": inputs.get("version"),
+            }
         elif args.typ == "docker:index/image:Image":
             image_name = inputs["imageName"]
             content = "sha256:" + _digest(inputs)
@@ -86,7 +101,9 @@ class RecordingMocks(pulumi.runtime.Mocks):
         elif args.typ == "random:index/randomPassword:RandomPassword":
             length = int(inputs.get("length", 16))
             outputs["result"] = (_digest(args.name) * 4)[:length]
-        self.resources.append(Recorded(args.typ, args.name, inputs, outputs))
+        self.resources.append(
+            Recorded(args.typ, args.name, inputs, outputs, read=bool(args.resource_id))
+        )
         return f"{args.name}-id", outputs
 
     def call(self, args: pulumi.runtime.MockCallArgs) -> tuple[dict, list | None]:
@@ -188,7 +205,8 @@ def _normalise(value: Any) -> Any:
 
 
 def is_kubernetes_object(resource: Recorded) -> bool:
-    return resource.type.startswith("kubernetes:") and not resource.type.startswith(
+    """An object the program would apply (not a chart release, not a lookup)."""
+    return not resource.read and resource.type.startswith("kubernetes:") and not resource.type.startswith(
         ("kubernetes:helm.sh", "kubernetes:yaml", "kubernetes:kustomize")
     )
 
@@ -250,6 +268,15 @@ def schema_problems(manifest: dict[str, Any], versions: tuple[str, ...] = SCHEMA
     problems = []
     kind, api_version = manifest.get("kind", "?"), manifest.get("apiVersion", "?")
     name = manifest.get("metadata", {}).get("name", "?")
+    custom = crd_schemas.SCHEMAS.get((api_version, kind))
+    if custom is not None:
+        import jsonschema
+
+        validator = jsonschema.validators.Draft202012Validator(custom)
+        for error in sorted(validator.iter_errors(manifest), key=lambda e: list(e.path)):
+            where = ".".join(str(p) for p in error.path) or "(root)"
+            problems.append(f"{kind}/{name}: {where}: {error.message} [{api_version} CRD]")
+        return problems
     for version in versions:
         validator = _validator(kind, api_version, version)
         label = version if version != "latest" else "newest"

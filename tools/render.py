@@ -25,6 +25,8 @@ def _facts(resource: offline.Recorded) -> str:
     inputs = offline._normalise(resource.inputs)
     spec = inputs.get("spec", {})
     facts = []
+    if resource.read:
+        return "(existing object, read)"
     if resource.type == "kubernetes:apps/v1:Deployment":
         pod = spec["template"]["spec"]
         container = pod["containers"][0]
@@ -43,6 +45,22 @@ def _facts(resource: offline.Recorded) -> str:
         facts.append(f"image={inputs['imageName']} push={not inputs.get('skipPush', False)}")
     elif resource.type.startswith("kubernetes:helm.sh"):
         facts.append(f"chart={inputs.get('chart')} version={inputs.get('version')}")
+        service = inputs.get("values", {}).get("controller", {}).get("service", {})
+        if service.get("type"):
+            facts.append(f"service type={service['type']}")
+    elif resource.type == "kubernetes:networking.k8s.io/v1:Ingress":
+        annotations = inputs.get("metadata", {}).get("annotations", {})
+        facts.append(
+            f"class={spec.get('ingressClassName')} "
+            f"lb-method={annotations.get('nginx.org/lb-method')!r} "
+            f"buffering={annotations.get('nginx.org/proxy-buffering')} "
+            f"read-timeout={annotations.get('nginx.org/proxy-read-timeout')}"
+        )
+    elif resource.type == "kubernetes:keda.sh/v1alpha1:ScaledObject":
+        facts.append(
+            f"replicas={spec.get('minReplicaCount')}..{spec.get('maxReplicaCount')} "
+            f"triggers={len(spec.get('triggers', []))}"
+        )
     return " ".join(facts)
 
 

@@ -26,7 +26,7 @@ def test_defaults_come_from_one_place():
     cfg = parse_stack_config(BASE_CONFIG)
     assert cfg.engine == "server"
     assert cfg.replicas == 1
-    assert cfg.service.type == "LoadBalancer"
+    assert cfg.service_type == "LoadBalancer"
     assert cfg.model.served == "Qwen/Qwen2.5-0.5B-Instruct"
     assert cfg.gpu.count == 0
 

@@ -1,0 +1,159 @@
+"""NginxIngress: the F5 NGINX Ingress Controller in front of the model, with the
+load-balancing policy rendered as its `nginx.org/*` annotations."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, NotRequired, TypedDict
+
+import pulumi
+import pulumi_kubernetes as k8s
+
+from components.config import NIC_CHART, ControllerConfig
+from components.service import _external_address
+
+
+class NginxIngressArgs(TypedDict):
+    namespace: pulumi.Input[str]
+    """Namespace of the model Service and of the Ingress."""
+    service_name: pulumi.Input[str]
+    """Model Service the Ingress routes to."""
+    service_port: int
+    class_name: str
+    """IngressClass name; the controller this component installs owns it."""
+    controller: ControllerConfig
+    """Install the controller (Helm) or use one that already serves `class_name`."""
+    annotations: Mapping[str, str]
+    """Controller annotations from the load-balancing policy (`nginx.org/*`)."""
+    host: NotRequired[str | None]
+    path: NotRequired[str]
+    tls_secret: NotRequired[str | None]
+    labels: NotRequired[Mapping[str, str]]
+
+
+def controller_values(class_name: str, release: str, cfg: ControllerConfig, watch_namespace: Any) -> dict[str, Any]:
+    """Helm values for the nginx-ingress chart; names are fixed so other objects can find them."""
+    return {
+        "fullnameOverride": release,
+        "serviceNameOverride": f"{release}-controller",
+        "controller": {
+            "replicaCount": cfg.replicas,
+            "ingressClass": {"name": class_name, "create": True, "setAsDefaultIngress": False},
+            # Watch only the model's namespace: the controller cannot be used to
+            # publish anything else in the cluster.
+            "watchNamespace": watch_namespace,
+            "enableSnippets": False,
+            "resources": cfg.resources.model_dump(exclude_none=True),
+            "service": {"type": "LoadBalancer", "annotations": dict(cfg.service_annotations)},
+        },
+    }
+
+
+def controller_pod_labels(release: str) -> dict[str, str]:
+    """The chart's selector labels for the controller pods."""
+    return {"app.kubernetes.io/name": "nginx-ingress", "app.kubernetes.io/instance": release}
+
+
+class NginxIngress(pulumi.ComponentResource):
+    endpoint: pulumi.Output[str]
+    """Base URL of the API through the controller (ends in /v1)."""
+    controller_namespace: str
+    release_name: str
+
+    def __init__(
+        self, name: str, args: NginxIngressArgs, opts: pulumi.ResourceOptions | None = None
+    ) -> None:
+        super().__init__("llm-serving:index:NginxIngress", name, None, opts)
+        host, tls_secret = args.get("host"), args.get("tls_secret")
+        if tls_secret and not host:
+            raise ValueError("NginxIngress: 'tls_secret' needs 'host', the name on the certificate")
+        bad = [k for k in args["annotations"] if not k.startswith("nginx.org/")]
+        if bad:
+            raise ValueError(
+                f"NginxIngress: annotations {bad} are not nginx.org/* annotations; "
+                "the F5 NGINX Ingress Controller would silently ignore them"
+            )
+        controller = args["controller"]
+        self.controller_namespace = controller.namespace
+        self.release_name = f"{args['class_name']}"
+        labels = dict(args.get("labels", {}))
+
+        depends: list[pulumi.Resource] = []
+        release = None
+        if controller.install:
+            release = self._install_controller(name, args, labels)
+            depends.append(release)
+
+        path = args.get("path", "/")
+        spec: dict[str, Any] = {
+            "ingress_class_name": args["class_name"],
+            "rules": [{
+                **({"host": host} if host else {}),
+                "http": {"paths": [{
+                    "path": path,
+                    "path_type": "Prefix",
+                    "backend": {"service": {
+                        "name": args["service_name"],
+                        "port": {"number": args["service_port"]},
+                    }},
+                }]},
+            }],
+        }
+        if tls_secret:
+            spec["tls"] = [{"hosts": [host], "secret_name": tls_secret}]
+        k8s.networking.v1.Ingress(
+            f"{name}-ingress",
+            metadata={
+                "namespace": args["namespace"],
+                "labels": labels,
+                "annotations": dict(args["annotations"]),
+            },
+            spec=spec,
+            # The IngressClass comes with the controller release.
+            opts=pulumi.ResourceOptions(parent=self, depends_on=depends),
+        )
+
+        if host:
+            scheme = "https" if tls_secret else "http"
+            self.endpoint = pulumi.Output.from_input(f"{scheme}://{host}/v1")
+        elif release is not None:
+            # Read the controller's LoadBalancer Service the chart created, by the
+            # name we fixed in its values.
+            service = k8s.core.v1.Service.get(
+                f"{name}-controller-svc",
+                pulumi.Output.concat(
+                    release.status.namespace, "/", f"{self.release_name}-controller"
+                ),
+                opts=pulumi.ResourceOptions(parent=self, depends_on=[release]),
+            )
+            self.endpoint = service.status.apply(
+                lambda status: f"http://{_external_address(status) or 'pending'}/v1"
+            )
+        else:
+            # An existing controller: its address is not ours to know.
+            self.endpoint = pulumi.Output.from_input(
+                f"(address of the existing '{args['class_name']}' controller)/v1"
+            )
+        self.register_outputs({"endpoint": self.endpoint})
+
+    def _install_controller(
+        self, name: str, args: NginxIngressArgs, labels: Mapping[str, str]
+    ) -> k8s.helm.v3.Release:
+        controller = args["controller"]
+        namespace = k8s.core.v1.Namespace(
+            f"{name}-controller-ns",
+            metadata={"name": controller.namespace, "labels": dict(labels)},
+            opts=pulumi.ResourceOptions(parent=self),
+        )
+        return k8s.helm.v3.Release(
+            f"{name}-controller",
+            name=self.release_name,
+            chart=NIC_CHART,
+            version=controller.chart_version,
+            namespace=namespace.metadata.name,
+            values=controller_values(
+                args["class_name"], self.release_name, controller, args["namespace"]
+            ),
+            # Wait for the controller's pods and LoadBalancer before the Ingress.
+            skip_await=False,
+            opts=pulumi.ResourceOptions(parent=self),
+        )

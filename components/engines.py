@@ -17,6 +17,12 @@ EngineName = Literal["server", "vllm"]
 VLLM_IMAGE = "vllm/vllm-openai:v0.33.0"
 """Pinned official vLLM image; bump deliberately, a new tag changes the engine."""
 
+SERVER_KEEPALIVE_SECONDS = 75
+"""Idle keep-alive of the engines' HTTP servers (both run uvicorn, default 5 s).
+The NGINX Ingress Controller keeps idle upstream connections for nginx's 60 s
+and exposes no setting for it; a server that closes first makes the proxy
+reuse a dead connection. So the servers wait longer than the proxy."""
+
 
 @dataclass(frozen=True)
 class EngineProfile:
@@ -62,6 +68,8 @@ def _server_env(cfg: "StackConfig") -> dict[str, str]:
         "LLM_MAX_MODEL_LEN": str(cfg.model.max_context_length),
         "LLM_MAX_TOKENS": str(cfg.model.max_output_tokens),
         "LLM_DRAIN_SECONDS": str(cfg.rollout.drain_seconds),
+        # uvicorn reads its CLI options from UVICORN_* variables.
+        "UVICORN_TIMEOUT_KEEP_ALIVE": str(SERVER_KEEPALIVE_SECONDS),
     }
     if cfg.model.max_concurrency is not None:
         env["LLM_MAX_CONCURRENCY"] = str(cfg.model.max_concurrency)
@@ -85,7 +93,11 @@ def _vllm_args(cfg: "StackConfig") -> list[str]:
 def _vllm_env(cfg: "StackConfig") -> dict[str, str]:
     # vLLM exposes no per-request output cap flag; the ingress policy bounds
     # generation time instead. Usage stats would try to phone home.
-    return {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+    return {
+        "VLLM_NO_USAGE_STATS": "1",
+        "DO_NOT_TRACK": "1",
+        "VLLM_HTTP_TIMEOUT_KEEP_ALIVE": str(SERVER_KEEPALIVE_SECONDS),
+    }
 
 
 PROFILES: dict[str, EngineProfile] = {

@@ -451,3 +451,15 @@ def test_vllm_concurrency_limit_is_max_num_seqs(run):
     args = container_of(manifest)["args"]
     assert args[args.index("--max-num-seqs") + 1] == "64"
     assert args[-1] == "--enforce-eager"
+
+
+@pytest.mark.parametrize(
+    "raw, variable",
+    [(BASE_CONFIG, "UVICORN_TIMEOUT_KEEP_ALIVE"), (GPU_CONFIG, "VLLM_HTTP_TIMEOUT_KEEP_ALIVE")],
+    ids=["server", "vllm"],
+)
+def test_engines_keep_idle_connections_longer_than_the_proxy(run, raw, variable):
+    # nginx keeps idle upstream connections 60 s; the server must not close first.
+    _, manifest = deploy(run, raw)
+    env = {e["name"]: e.get("value") for e in container_of(manifest)["env"]}
+    assert int(env[variable]) > 60

@@ -40,8 +40,14 @@ def test_prod_runs_vllm_on_nvidia_gpus_behind_a_load_balancer():
     assert int(container["resources"]["limits"]["nvidia.com/gpu"]) >= 1
     assert container["resources"]["requests"]["nvidia.com/gpu"] == container["resources"]["limits"]["nvidia.com/gpu"]
     assert "@sha256:" in container["image"]
-    [service] = run.mocks.of_type("kubernetes:core/v1:Service")
-    assert service.inputs["spec"]["type"] == "LoadBalancer"
+    # Prod's LoadBalancer is the ingress controller's Service (it balances per
+    # request); the model Service behind it is internal.
+    [model_service] = [r for r in run.mocks.of_type("kubernetes:core/v1:Service") if not r.read]
+    assert model_service.inputs["spec"]["type"] == "ClusterIP"
+    [controller] = [r for r in run.mocks.of_type("kubernetes:helm.sh/v3:Release")
+                    if "nginx-ingress" in r.inputs["chart"]]
+    assert controller.inputs["values"]["controller"]["service"]["type"] == "LoadBalancer"
+    assert run.exports["endpoint"] == f"http://{offline.FAKE_LB_IP}/v1"
 
 
 def test_dev_builds_into_the_local_daemon_without_pushing():
@@ -98,8 +104,10 @@ def test_render_cli_writes_valid_manifests(tmp_path: Path):
     assert "kubernetes:apps/v1:Deployment" in result.stdout
     assert "gpus=nvidia.com/gpu:1" in result.stdout
     assert "output apiKey: [secret]" in result.stdout
-    written = sorted(p.name.split("-")[0] for p in tmp_path.glob("*.yaml"))
-    assert written == ["deployment", "namespace", "secret", "service"]
+    written = sorted({p.name.split("-")[0] for p in tmp_path.glob("*.yaml")})
+    assert written == ["deployment", "ingress", "namespace", "networkpolicy",
+                       "poddisruptionbudget", "scaledobject", "secret", "service",
+                       "servicemonitor"]
     deployment = yaml.safe_load(next(tmp_path.glob("deployment-*.yaml")).read_text())
     assert isinstance(deployment["spec"]["replicas"], int)
     assert "startupProbe" in deployment["spec"]["template"]["spec"]["containers"][0]

@@ -1,0 +1,525 @@
+"""Load-balancing policy: the single source of truth for the `loadBalancing` section.
+
+One frozen model (`LoadBalancingConfig`) and two renderers that must agree:
+
+* `ingress_annotations` -> the F5 NGINX Ingress Controller's `nginx.org/*` annotations
+  (cluster mode; never `nginx.ingress.kubernetes.io/*`, never snippets);
+* `nginx_conf` -> a complete, runnable `nginx.conf` for local mode.
+
+Why per-request, load-aware balancing: an LLM request holds a replica for seconds to minutes
+and requests differ by orders of magnitude in cost, so round robin piles work onto whichever
+replica drew the long generations. `least_conn` (with a shared `zone`, so every worker sees the
+same counts) sends each request to the replica with the fewest requests in flight.
+
+The retry rule (see `_NEXT_UPSTREAM`): a request moves to another replica only when the first
+one refused the connection, failed before answering, or answered 502/503 - and nginx itself
+never passes a request on once any byte reached the client. `timeout` is deliberately absent:
+a slow generation must not be re-run on a second replica.
+
+See docs/load-balancing.md for the reasoning behind every setting.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from components.sections import Section
+
+UPSTREAM_SERVER_KEEPALIVE_SECONDS = 5
+"""Idle keep-alive timeout of the upstream servers (uvicorn's and vLLM's default: 5 s).
+
+NGINX must drop an idle upstream connection before the server does, or it may send a request
+on a connection the server is closing at that very moment.
+"""
+
+LbMethod = Literal["round_robin", "least_conn", "random_two_least_conn", "session_hash"]
+
+UPSTREAM_NAME = "llm"
+"""Name of the upstream block in the local-mode nginx.conf."""
+
+HEALTH_PATH = "/nginx-health"
+"""Local-mode readiness path answered by NGINX itself (200), never proxied."""
+
+# Header names become part of an nginx variable ($http_x_session_id): letters, digits and '-'
+# only. Underscores are excluded on purpose: nginx drops headers containing them by default
+# (underscores_in_headers off), so a hash on such a header would silently never match.
+_HEADER_NAME = re.compile(r"^[A-Za-z0-9]+(-[A-Za-z0-9]+)*$")
+_SIZE = re.compile(r"^\d+[kKmM]?$")  # nginx size syntax, as the controller validates it
+_HOST_LABEL = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?$")
+_SAFE_PATH = re.compile(r"^[A-Za-z0-9_./+-]+$")  # no spaces, quotes, ';', '{', '}', '$', '#'
+
+
+# --- the stack configuration section -------------------------------------------------------
+
+
+class RateLimit(Section):
+    requests_per_second: int = Field(ge=1, le=100_000)
+    """Sustained requests per second allowed from one client address."""
+    burst: int = Field(0, ge=0, le=100_000)
+    """Requests above the rate accepted at once before answering 429."""
+
+
+class LoadBalancingConfig(Section):
+    method: LbMethod = "least_conn"
+    """How NGINX picks a replica: round_robin, least_conn (fewest requests in flight),
+    random_two_least_conn (the controller's default) or session_hash (consistent hash on
+    `sessionHeader`, for prefix-cache reuse). A benchmark will settle the default."""
+    session_header: str = Field("X-Session-ID", min_length=1, max_length=64)
+    """Request header hashed by session_hash; requests without it are spread round robin."""
+    per_token_seconds: float = Field(0.1, gt=0, le=60)
+    """Time budget per output token; read and send timeouts are maxOutputTokens times this."""
+    timeout_floor_seconds: int = Field(60, ge=1, le=86_400)
+    """Lower bound of the read and send timeouts, whatever the token budget gives."""
+    connect_timeout_seconds: int = Field(5, ge=1, le=75)
+    """Time to establish a connection to a replica (nginx caps it at about 75 s)."""
+    client_max_body_size: str = "1m"
+    """Largest request body accepted (nginx size: 512k, 1m, 8M); larger gets 413."""
+    keepalive_connections: int = Field(32, ge=0, le=65_536)
+    """Idle upstream connections each NGINX worker keeps open; 0 disables reuse."""
+    keepalive_timeout_seconds: int = Field(4, ge=1)
+    """How long an idle upstream connection is kept; must stay below the servers' own 5 s."""
+    max_fails: int = Field(1, ge=0, le=100)
+    """Failed attempts within `failTimeoutSeconds` that mark a replica unavailable; 0 never."""
+    fail_timeout_seconds: int = Field(10, ge=1, le=3_600)
+    """Window for counting failures, and how long a failed replica is then skipped."""
+    retry_tries: int = Field(2, ge=1, le=10)
+    """Replicas tried per request, the first included; 1 disables retries."""
+    retry_window_seconds: int = Field(10, ge=1, le=3_600)
+    """Retries happen only this long after a request starts: enough for refusals and
+    draining 503s, too short to re-run a generation that failed midway."""
+    rate_limit: RateLimit | None = None
+    """Per-client-address request rate limit; unset means no limit."""
+
+    @field_validator("session_header")
+    @classmethod
+    def _header_name(cls, value: str) -> str:
+        if not _HEADER_NAME.match(value):
+            raise ValueError(
+                "must be an HTTP header name of letters, digits and single '-' between "
+                "them, e.g. 'X-Session-ID'"
+            )
+        return value
+
+    @field_validator("client_max_body_size")
+    @classmethod
+    def _body_size(cls, value: str) -> str:
+        if not _SIZE.match(value):
+            raise ValueError(
+                "must be an nginx size: digits with an optional k or m suffix, "
+                "e.g. '512k' or '1m'"
+            )
+        return value
+
+    @field_validator("keepalive_timeout_seconds")
+    @classmethod
+    def _below_server_keepalive(cls, value: int) -> int:
+        if value >= UPSTREAM_SERVER_KEEPALIVE_SECONDS:
+            raise ValueError(
+                "must be below the upstream servers' own keep-alive "
+                f"({UPSTREAM_SERVER_KEEPALIVE_SECONDS} s, uvicorn's default), "
+                f"i.e. 1 to {UPSTREAM_SERVER_KEEPALIVE_SECONDS - 1}"
+            )
+        return value
+
+    @property
+    def session_variable(self) -> str:
+        """The nginx variable holding `session_header`: X-Session-ID -> $http_x_session_id."""
+        return "$http_" + self.session_header.lower().replace("-", "_")
+
+
+# --- derived values --------------------------------------------------------------------------
+
+
+def read_timeout_seconds(policy: LoadBalancingConfig, max_output_tokens: int) -> int:
+    """Longest silence NGINX tolerates while reading from a replica.
+
+    A non-streaming request sends nothing until the whole generation is done, so the budget is
+    the full generation: max_output_tokens x per_token_seconds, never below the floor.
+    """
+    if max_output_tokens < 1:
+        raise ValueError(f"max_output_tokens must be at least 1, got {max_output_tokens}")
+    # round() first: 600 x 0.1 is 60.000000000000007 in floating point, and ceil would say 61.
+    budget = math.ceil(round(max_output_tokens * policy.per_token_seconds, 6))
+    return max(policy.timeout_floor_seconds, budget)
+
+
+def send_timeout_seconds(policy: LoadBalancingConfig, max_output_tokens: int) -> int:
+    """Same budget as reading: a replica busy generating may not read the next request bytes."""
+    return read_timeout_seconds(policy, max_output_tokens)
+
+
+_NEXT_UPSTREAM = "error http_502 http_503 non_idempotent"
+"""When a request may move to another replica.
+
+* `error`: connection refused or reset before a response header arrived (a replica gone or
+  still starting). `http_502`/`http_503`: the replica (or its sidecar) is failing or draining;
+  both are answered before generation starts.
+* `non_idempotent`: the API is POST, which nginx otherwise never retries. Safe here because
+  nginx never passes a request on once any byte was sent to the client, and the three cases
+  above mean the first replica produced no output for it.
+* no `timeout`: a slow generation must not be started a second time on another replica.
+
+The remaining risk - a replica that dies midway through a non-streaming generation (`error`)
+gets the request replayed - is bounded by `retryWindowSeconds` (proxy_next_upstream_timeout).
+"""
+
+
+def lb_method_value(policy: LoadBalancingConfig) -> str:
+    """The method as `nginx.org/lb-method` spells it (also the nginx directive, bar round robin)."""
+    return {
+        "round_robin": "round_robin",
+        "least_conn": "least_conn",
+        "random_two_least_conn": "random two least_conn",
+        "session_hash": f"hash {policy.session_variable} consistent",
+    }[policy.method]
+
+
+def lb_method_directive(policy: LoadBalancingConfig) -> str | None:
+    """The upstream-block directive for the method; None for round robin (nginx's default)."""
+    if policy.method == "round_robin":
+        return None
+    return lb_method_value(policy) + ";"
+
+
+# --- (a) F5 NGINX Ingress Controller annotations --------------------------------------------
+
+# Every `nginx.org/*` Ingress annotation documented on docs.nginx.com, "NGINX Ingress Controller
+# > Configuration > Ingress resources > Advanced configuration with Annotations"
+# (https://docs.nginx.com/nginx-ingress-controller/configuration/ingress-resources/
+# advanced-configuration-with-annotations/), as of the page for NGINX Ingress Controller 5.4
+# (nginx/documentation commit 08c4aa3). 5.5.0's release notes add `nginx.org/add-header`,
+# `nginx.org/proxy-redirect-from` and `nginx.org/proxy-redirect-to`, not yet on that page and
+# unused here. `nginx.com/*` (NGINX Plus only) and `appprotect*.f5.com/*` keys are left out.
+DOCUMENTED_ANNOTATIONS: frozenset[str] = frozenset({
+    # General customization
+    "nginx.org/proxy-connect-timeout",
+    "nginx.org/proxy-read-timeout",
+    "nginx.org/proxy-send-timeout",
+    "nginx.org/proxy-next-upstream",
+    "nginx.org/proxy-next-upstream-timeout",
+    "nginx.org/proxy-next-upstream-tries",
+    "nginx.org/client-max-body-size",
+    "nginx.org/client-body-buffer-size",
+    "nginx.org/proxy-buffering",
+    "nginx.org/proxy-buffers",
+    "nginx.org/proxy-buffer-size",
+    "nginx.org/proxy-busy-buffers-size",
+    "nginx.org/proxy-max-temp-file-size",
+    "nginx.org/server-tokens",
+    "nginx.org/path-regex",
+    "nginx.org/policies",
+    # Request URI/header manipulation
+    "nginx.org/proxy-hide-headers",
+    "nginx.org/proxy-pass-headers",
+    "nginx.org/rewrites",
+    "nginx.org/rewrite-target",
+    "nginx.org/proxy-set-headers",
+    # Auth and SSL/TLS
+    "nginx.org/app-root",
+    "nginx.org/redirect-to-https",
+    "nginx.org/ssl-redirect",
+    "nginx.org/http-redirect-code",
+    "nginx.org/hsts",
+    "nginx.org/hsts-max-age",
+    "nginx.org/hsts-include-subdomains",
+    "nginx.org/hsts-behind-proxy",
+    "nginx.org/basic-auth-secret",
+    "nginx.org/basic-auth-realm",
+    "nginx.org/ssl-ciphers",
+    "nginx.org/ssl-prefer-server-ciphers",
+    # Listeners
+    "nginx.org/listen-ports",
+    "nginx.org/listen-ports-ssl",
+    # Backend services (upstreams)
+    "nginx.org/lb-method",
+    "nginx.org/ssl-services",
+    "nginx.org/grpc-services",
+    "nginx.org/websocket-services",
+    "nginx.org/max-fails",
+    "nginx.org/max-conns",
+    "nginx.org/upstream-zone-size",
+    "nginx.org/fail-timeout",
+    "nginx.org/sticky-cookie-services",
+    "nginx.org/keepalive",
+    "nginx.org/use-cluster-ip",
+    # Rate limiting
+    "nginx.org/limit-req-rate",
+    "nginx.org/limit-req-key",
+    "nginx.org/limit-req-zone-size",
+    "nginx.org/limit-req-delay",
+    "nginx.org/limit-req-no-delay",
+    "nginx.org/limit-req-burst",
+    "nginx.org/limit-req-dry-run",
+    "nginx.org/limit-req-log-level",
+    "nginx.org/limit-req-reject-code",
+    "nginx.org/limit-req-scale",
+    # Snippets and custom templates (never rendered: they need -enable-snippets)
+    "nginx.org/location-snippets",
+    "nginx.org/server-snippets",
+})
+
+SNIPPET_ANNOTATIONS = frozenset({"nginx.org/location-snippets", "nginx.org/server-snippets"})
+"""Raw-config annotations; this module never emits them (they need snippets enabled)."""
+
+
+def ingress_annotations(policy: LoadBalancingConfig, max_output_tokens: int) -> dict[str, str]:
+    """The `nginx.org/*` annotations that apply `policy` on the F5 NGINX Ingress Controller.
+
+    Not expressible through documented annotations, so the controller keeps its own behaviour:
+    upstream `keepalive_timeout` (nginx default 60 s; stale connections are covered by the
+    `error ... non_idempotent` retry) and `proxy_request_buffering` (on, as here). Do not set
+    `nginx.org/use-cluster-ip`: with one ClusterIP upstream the method and retries do nothing.
+    """
+    read = read_timeout_seconds(policy, max_output_tokens)
+    annotations = {
+        "nginx.org/lb-method": lb_method_value(policy),
+        # The controller parses booleans with Go's strconv.ParseBool; its docs spell "True".
+        "nginx.org/proxy-buffering": "False",
+        "nginx.org/proxy-read-timeout": f"{read}s",
+        "nginx.org/proxy-send-timeout": f"{send_timeout_seconds(policy, max_output_tokens)}s",
+        "nginx.org/proxy-connect-timeout": f"{policy.connect_timeout_seconds}s",
+        "nginx.org/client-max-body-size": policy.client_max_body_size,
+        # The controller adds `proxy_set_header Connection "";` itself when keepalive > 0.
+        "nginx.org/keepalive": str(policy.keepalive_connections),
+        "nginx.org/max-fails": str(policy.max_fails),
+        "nginx.org/fail-timeout": f"{policy.fail_timeout_seconds}s",
+        "nginx.org/proxy-next-upstream": _NEXT_UPSTREAM,
+        "nginx.org/proxy-next-upstream-tries": str(policy.retry_tries),
+        "nginx.org/proxy-next-upstream-timeout": f"{policy.retry_window_seconds}s",
+    }
+    if policy.rate_limit is not None:
+        annotations |= {
+            "nginx.org/limit-req-rate": f"{policy.rate_limit.requests_per_second}r/s",
+            "nginx.org/limit-req-key": "${binary_remote_addr}",
+            "nginx.org/limit-req-burst": str(policy.rate_limit.burst),
+            # Burst requests go through at once rather than being paced: a queued request
+            # would sit in NGINX holding a client connection while the replicas idle.
+            "nginx.org/limit-req-no-delay": "true",
+            "nginx.org/limit-req-reject-code": "429",
+        }
+    return annotations
+
+
+# --- (b) local-mode nginx.conf ---------------------------------------------------------------
+
+
+def _upstream_address(address: str) -> str:
+    """Validate `host:port` (IPv4, [IPv6] or a DNS name) so nothing else reaches the config."""
+    if not isinstance(address, str):
+        raise ValueError(f"upstream address {address!r} must be a 'host:port' string")
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not 1 <= int(port) <= 65_535:
+        raise ValueError(f"upstream address {address!r} must be 'host:port' with port 1-65535")
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise ValueError(f"upstream address {address!r}: {host} is not an IPv6 address") from None
+        return address
+    try:
+        ipaddress.IPv4Address(host)
+        return address
+    except ValueError:
+        pass
+    labels = host.split(".")
+    if len(host) > 253 or not all(_HOST_LABEL.match(label) for label in labels):
+        raise ValueError(
+            f"upstream address {address!r} must be 'host:port' with an IPv4 address, "
+            "a [bracketed] IPv6 address or a DNS name"
+        )
+    return address
+
+
+def _listen(listen: str | int) -> str:
+    """A port binds 127.0.0.1 only (local mode never listens on other interfaces)."""
+    if isinstance(listen, bool):
+        raise ValueError(f"listen {listen!r} must be a port or 'host:port'")
+    if isinstance(listen, int):
+        if not 1 <= listen <= 65_535:
+            raise ValueError(f"listen port {listen} must be 1-65535")
+        return f"127.0.0.1:{listen}"
+    return _upstream_address(listen)
+
+
+def _path(path: Path, what: str) -> str:
+    text = str(path)
+    if not _SAFE_PATH.match(text):
+        raise ValueError(
+            f"{what} {text!r} may contain only letters, digits and '_', '.', '/', '+', '-'"
+        )
+    return text
+
+
+def nginx_conf(
+    policy: LoadBalancingConfig,
+    upstreams: Sequence[str],
+    listen: str | int,
+    max_output_tokens: int,
+    *,
+    prefix: Path | None = None,
+    daemon: bool = False,
+    worker_processes: int | Literal["auto"] = "auto",
+    user: str | None = None,
+    pid_path: Path | None = None,
+    error_log_path: Path | None = None,
+    access_log_path: Path | None = None,
+) -> str:
+    """A complete nginx.conf that runs without root: every writable path inside `prefix`.
+
+    `upstreams` are the replicas' `host:port`; a bare port for `listen` binds 127.0.0.1.
+    Relative paths resolve against nginx's `-p` prefix; pass `prefix` to make them absolute.
+    Run it with `nginx -p <prefix> -c <file>` (`daemon off` by default: a supervisor owns it).
+    `user` matters only when nginx starts as root: its workers then run as `nobody`, which
+    cannot write temp files (large request bodies) into a private prefix; pass the prefix's
+    owner. Non-root nginx ignores it with a warning.
+    """
+    if not upstreams:
+        raise ValueError("nginx_conf needs at least one upstream address")
+    servers = [_upstream_address(address) for address in upstreams]
+    if len(set(servers)) != len(servers):
+        raise ValueError(f"upstream addresses repeat: {list(upstreams)}")
+    bind = _listen(listen)
+    if worker_processes != "auto" and (
+        not isinstance(worker_processes, int) or isinstance(worker_processes, bool)
+        or not 1 <= worker_processes <= 1024
+    ):
+        raise ValueError(f"worker_processes must be 'auto' or 1-1024, got {worker_processes!r}")
+
+    if user is not None and not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", user):
+        raise ValueError(f"user {user!r} must be a Unix account name")
+
+    base = Path(_path(Path(prefix), "prefix")) if prefix is not None else Path(".")
+
+    def inside(default: str, override: Path | None, what: str) -> str:
+        return _path(override if override is not None else base / default, what)
+
+    pid = inside("nginx.pid", pid_path, "pid_path")
+    error_log = inside("error.log", error_log_path, "error_log_path")
+    access_log = inside("access.log", access_log_path, "access_log_path")
+    temp = {name: inside(f"{name}_temp", None, "prefix")
+            for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")}
+
+    read = read_timeout_seconds(policy, max_output_tokens)
+    send = send_timeout_seconds(policy, max_output_tokens)
+    server_params = f"max_fails={policy.max_fails} fail_timeout={policy.fail_timeout_seconds}s"
+    method = lb_method_directive(policy)
+    rate = policy.rate_limit
+
+    lines = [
+        "# Rendered by components/balancing.py (local mode); edit the loadBalancing section,",
+        "# not this file.",
+        f"daemon {'on' if daemon else 'off'};",
+        f"worker_processes {worker_processes};",
+        *([f"user {user};"] if user is not None else []),
+        f"pid {pid};",
+        f"error_log {error_log} warn;",
+        "",
+        "events {",
+        "    worker_connections 1024;",
+        "}",
+        "",
+        "http {",
+        f"    access_log {access_log};",
+        # Temp paths default to compile-time locations under /var; keep every one private.
+        f"    client_body_temp_path {temp['client_body']};",
+        f"    proxy_temp_path {temp['proxy']};",
+        f"    fastcgi_temp_path {temp['fastcgi']};",
+        f"    uwsgi_temp_path {temp['uwsgi']};",
+        f"    scgi_temp_path {temp['scgi']};",
+        "    server_tokens off;",
+        "",
+        "    # Keep the client's X-Request-ID, or mint one, so logs join across hops.",
+        "    map $http_x_request_id $llm_request_id {",
+        "        default $http_x_request_id;",
+        '        ""      $request_id;',
+        "    }",
+    ]
+    if rate is not None:
+        lines += [
+            "",
+            "    limit_req_zone $binary_remote_addr zone=llm_rate:10m"
+            + f" rate={rate.requests_per_second}r/s;",
+        ]
+    lines += [
+        "",
+        f"    upstream {UPSTREAM_NAME} {{",
+        # A shared zone: every worker sees the same in-flight counts and failure marks, so
+        # least_conn compares real load instead of one worker's share of it.
+        "        zone llm_upstream 64k;",
+    ]
+    if method is not None:
+        # Balancing methods must precede `keepalive` in the block (nginx docs).
+        lines.append(f"        {method}")
+    lines += [f"        server {address} {server_params};" for address in servers]
+    if policy.keepalive_connections > 0:
+        lines += [
+            f"        keepalive {policy.keepalive_connections};",
+            # Below the servers' own idle timeout, so NGINX closes first.
+            f"        keepalive_timeout {policy.keepalive_timeout_seconds}s;",
+        ]
+    lines += [
+        "    }",
+        "",
+        "    server {",
+        f"        listen {bind};",
+        f"        client_max_body_size {policy.client_max_body_size};",
+        "        # Event streams must leave as they are produced; compression would batch them.",
+        "        gzip off;",
+        "",
+        f"        location = {HEALTH_PATH} {{",
+        "            access_log off;",
+        "            default_type text/plain;",
+        "            return 200 'ok';",
+        "        }",
+        "",
+        "        location / {",
+        f"            proxy_pass http://{UPSTREAM_NAME};",
+        "            proxy_http_version 1.1;",
+        '            proxy_set_header Connection "";',
+        "            proxy_set_header Host $host;",
+        "            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;",
+        "            proxy_set_header X-Forwarded-Proto $scheme;",
+        "            proxy_set_header X-Request-ID $llm_request_id;",
+        "",
+        "            # Stream tokens as they come; an upstream's X-Accel-Buffering: yes must not",
+        "            # turn buffering back on.",
+        "            proxy_buffering off;",
+        "            proxy_ignore_headers X-Accel-Buffering;",
+        "            proxy_cache off;",
+        "            # Request bodies stay buffered (nginx's default) on purpose: with unbuffered",
+        "            # bodies nginx cannot retry once it began sending one, which would defeat",
+        "            # the 503-while-draining retry below. Chat bodies are small.",
+        "            proxy_request_buffering on;",
+        "",
+        f"            proxy_connect_timeout {policy.connect_timeout_seconds}s;",
+        f"            proxy_read_timeout {read}s;",
+        f"            proxy_send_timeout {send}s;",
+        "",
+        "            # Retry only where the first replica produced nothing: refused/reset",
+        "            # connections and 502/503 (e.g. draining). No `timeout`: a slow generation",
+        "            # is never started again elsewhere. `non_idempotent` is needed for POST;",
+        "            # nginx never retries once any byte reached the client.",
+        f"            proxy_next_upstream {_NEXT_UPSTREAM};",
+        f"            proxy_next_upstream_tries {policy.retry_tries};",
+        f"            proxy_next_upstream_timeout {policy.retry_window_seconds}s;",
+    ]
+    if rate is not None:
+        lines += [
+            "",
+            f"            limit_req zone=llm_rate burst={rate.burst} nodelay;",
+            "            limit_req_status 429;",
+        ]
+    lines += [
+        "        }",
+        "    }",
+        "}",
+        "",
+    ]
+    return "\n".join(lines)

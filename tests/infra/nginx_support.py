@@ -1,0 +1,198 @@
+"""Real-nginx helpers for the load-balancing tests: a tiny upstream and an nginx runner.
+
+Everything binds 127.0.0.1, every wait is bounded, and processes are stopped by the PID this
+module started - never by name.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+NGINX = shutil.which("nginx") or next(
+    (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if Path(p).exists()), None
+)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Upstream:
+    """A fake replica. `mode`: "ok" answers, "draining" answers 503, "slow" stalls."""
+
+    name: str
+    mode: str = "ok"
+    hits: int = 0
+    stream_release: threading.Event = field(default_factory=threading.Event)
+    stream_finished: threading.Event = field(default_factory=threading.Event)
+    big_finished: threading.Event = field(default_factory=threading.Event)
+    server: ThreadingHTTPServer | None = None
+    thread: threading.Thread | None = None
+
+    @property
+    def address(self) -> str:
+        assert self.server is not None
+        return f"127.0.0.1:{self.server.server_address[1]}"
+
+    def start(self) -> Upstream:
+        upstream = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, chunked responses
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _answer(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                if length:
+                    self.rfile.read(length)
+                upstream.hits += 1
+                if upstream.mode == "draining":
+                    self._plain(503, b"draining")
+                elif upstream.mode == "slow":
+                    time.sleep(3)  # longer than the test's read timeout
+                    self._plain(200, upstream.name.encode())
+                elif self.path == "/stream":
+                    self._stream()
+                elif self.path == "/big":
+                    self._big()
+                else:
+                    self._plain(200, upstream.name.encode())
+
+            do_GET = do_POST = _answer
+
+            def _plain(self, status: int, body: bytes) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", "text/plain")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def _chunk(self, data: bytes) -> None:
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                self.wfile.flush()
+
+            def _stream(self) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                self._chunk(b"data: first\n\n")
+                # Hold the rest until the test has seen the first event (bounded).
+                upstream.stream_release.wait(timeout=5)
+                self._chunk(b"data: [DONE]\n\n")
+                self.wfile.write(b"0\r\n\r\n")
+                self.wfile.flush()
+                upstream.stream_finished.set()
+
+            def _big(self) -> None:
+                # 48 MiB, more than loopback socket buffers hold: it only completes quickly
+                # if the proxy reads ahead of its client (spools to a temp file).
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                piece = b"data: " + b"x" * (64 * 1024 - 8) + b"\n\n"
+                try:
+                    for _ in range(768):
+                        self._chunk(piece)
+                    self.wfile.write(b"0\r\n\r\n")
+                    self.wfile.flush()
+                    upstream.big_finished.set()
+                except OSError:
+                    pass  # the test hung up, as intended
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever,
+                                       kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.stream_release.set()
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+        if self.thread is not None:
+            self.thread.join(timeout=5)
+
+
+class Nginx:
+    """nginx in the foreground (`daemon off`) under a private prefix."""
+
+    def __init__(self, prefix: Path, conf: str, port: int) -> None:
+        self.prefix = prefix
+        self.port = port
+        self.conf_path = prefix / "nginx.conf"
+        self.conf_path.write_text(conf)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def args(self, *extra: str) -> list[str]:
+        assert NGINX is not None
+        # -e: nginx opens its compiled-in error log before reading the config; keep it private.
+        return [NGINX, "-p", f"{self.prefix}/", "-c", str(self.conf_path),
+                "-e", str(self.prefix / "error.log"), *extra]
+
+    def check(self) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(self.args("-t"), capture_output=True, text=True, timeout=20,
+                              check=False)
+
+    def start(self) -> Nginx:
+        self.proc = subprocess.Popen(self.args(), stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
+                raise RuntimeError(f"nginx exited with {self.proc.returncode}: {err}")
+            try:
+                status, _, _ = request(self.port, "GET", "/nginx-health", timeout=1)
+                if status == 200:
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError("nginx did not answer /nginx-health within 5 s")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()  # SIGTERM: fast shutdown of the master we started
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+        if self.proc.stderr:
+            self.proc.stderr.close()
+
+    def error_log(self) -> str:
+        path = self.prefix / "error.log"
+        return path.read_text() if path.exists() else ""
+
+
+def request(port: int, method: str, path: str, body: bytes = b"",
+            headers: dict[str, str] | None = None, timeout: float = 5) -> tuple[int, dict[str, str], bytes]:
+    """One request on a fresh connection; returns status, headers, body."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body or None, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, dict(resp.getheaders()), resp.read()
+    finally:
+        conn.close()

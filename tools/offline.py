@@ -144,6 +144,12 @@ def read_stack_file(path: Path) -> tuple[dict[str, str], list[str]]:
     return config, secret_keys
 
 
+def namespace_values(config: dict[str, str]) -> dict[str, str]:
+    """The `llm-serving:*` values of a stack's config, keys without the namespace."""
+    prefix = f"{PROJECT}:"
+    return {k.removeprefix(prefix): v for k, v in config.items() if k.startswith(prefix)}
+
+
 @dataclass
 class ProgramRun:
     mocks: RecordingMocks

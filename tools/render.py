@@ -16,7 +16,8 @@ from typing import Any
 
 import yaml
 
-from components.config import ConfigError
+from components.balancing import nginx_conf
+from components.config import ConfigError, parse_stack_config
 from tools import offline
 
 
@@ -75,6 +76,21 @@ def _file_name(manifest: dict[str, Any]) -> str:
     return f"{manifest['kind'].lower()}-{manifest['metadata']['name']}.yaml"
 
 
+LOCAL_FIRST_PORT = 8000
+LOCAL_LISTEN_PORT = 8080
+
+
+def _local_nginx_conf(config: dict[str, str], out: Path) -> str:
+    """The same loadBalancing policy as plain nginx.conf, for replicas on 127.0.0.1:8000+."""
+    cfg = parse_stack_config(offline.namespace_values(config))
+    replicas = max(cfg.autoscaling.min_replicas if cfg.autoscaling.enabled else cfg.replicas, 1)
+    upstreams = [f"127.0.0.1:{LOCAL_FIRST_PORT + i}" for i in range(replicas)]
+    return nginx_conf(
+        cfg.load_balancing, upstreams, LOCAL_LISTEN_PORT, cfg.model.max_output_tokens,
+        prefix=out.resolve(),
+    )
+
+
 def render(stack: str, out: Path | None, stack_file: Path | None = None) -> int:
     stack_file = stack_file or offline.PROJECT_DIR / f"Pulumi.{stack}.yaml"
     if not stack_file.exists():
@@ -103,6 +119,7 @@ def render(stack: str, out: Path | None, stack_file: Path | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         for manifest in manifests:
             (out / _file_name(manifest)).write_text(yaml.safe_dump(manifest, sort_keys=False))
+        (out / "nginx.conf").write_text(_local_nginx_conf(config, out))
 
     print()
     for name, value in sorted(run.exports.items()):
@@ -115,7 +132,7 @@ def render(stack: str, out: Path | None, stack_file: Path | None = None) -> int:
         for problem in problems:
             print(f"  {problem}", file=sys.stderr)
         return 1
-    where = f", written to {out}" if out is not None else ""
+    where = f", written to {out} with the local-mode nginx.conf" if out is not None else ""
     print(
         f"\n{len(manifests)} manifests valid against Kubernetes {versions}{where} "
         f"({elapsed:.1f} s)"

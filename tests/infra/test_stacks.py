@@ -12,6 +12,8 @@ import pytest
 import yaml
 
 from components.config import ConfigError
+from tests.infra.test_balancing import needs_nginx
+from tests.infra.nginx_support import NGINX
 from tools import offline
 
 STACK_FILES = sorted(offline.PROJECT_DIR.glob("Pulumi.*.yaml"))
@@ -105,6 +107,7 @@ def test_render_cli_writes_valid_manifests(tmp_path: Path):
     assert "gpus=nvidia.com/gpu:1" in result.stdout
     assert "output apiKey: [secret]" in result.stdout
     written = sorted({p.name.split("-")[0] for p in tmp_path.glob("*.yaml")})
+    assert (tmp_path / "nginx.conf").exists()
     assert written == ["deployment", "ingress", "namespace", "networkpolicy",
                        "poddisruptionbudget", "scaledobject", "secret", "service",
                        "servicemonitor"]
@@ -113,6 +116,20 @@ def test_render_cli_writes_valid_manifests(tmp_path: Path):
     assert "startupProbe" in deployment["spec"]["template"]["spec"]["containers"][0]
     secret = yaml.safe_load(next(tmp_path.glob("secret-*.yaml")).read_text())
     assert set(secret["stringData"].values()) == {"<secret>"}
+
+
+@needs_nginx
+def test_rendered_local_nginx_conf_passes_nginx_t(tmp_path: Path):
+    result = _render("--stack", "prod", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    conf = (tmp_path / "nginx.conf").read_text()
+    assert "least_conn;" in conf and "proxy_buffering off;" in conf
+    checked = subprocess.run(
+        [NGINX, "-t", "-p", f"{tmp_path}/", "-c", str(tmp_path / "nginx.conf"),
+         "-e", str(tmp_path / "error.log")],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert checked.returncode == 0, checked.stderr
 
 
 def test_render_cli_names_a_misspelt_key_without_a_traceback(tmp_path: Path):

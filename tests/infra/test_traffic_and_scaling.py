@@ -271,3 +271,24 @@ def test_prod_has_controller_ingress_keda_pdb_and_network_policy_all_valid():
     assert int(annotations["nginx.org/proxy-read-timeout"].rstrip("s")) >= 120
     manifests = [offline.to_manifest(r) for r in run.resources if offline.is_kubernetes_object(r)]
     assert [p for m in manifests for p in offline.schema_problems(m)] == []
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        {**BASE_CONFIG, "ingress": {"enabled": True, "host": "llm.example.com", "tlsSecret": "tls"},
+         "autoscaling": {"enabled": True}, "networkPolicy": {"enabled": True, "monitoringNamespace": "mon"},
+         "monitoring": {"serviceMonitor": True},
+         "loadBalancing": {"method": "session_hash", "rateLimit": {"requestsPerSecond": 5, "burst": 10}}},
+        {**GPU_SCALING, "ingress": {"enabled": True, "controller": {"install": False}},
+         "networkPolicy": {"enabled": True}, "modelCache": {"type": "pvc"}},
+    ],
+    ids=["cpu-everything", "gpu-everything"],
+)
+def test_every_object_of_a_full_stack_is_schema_valid(run, raw):
+    result = stack(run, raw)
+    manifests = [offline.to_manifest(r) for r in result.mocks.resources if offline.is_kubernetes_object(r)]
+    kinds = {m["kind"] for m in manifests}
+    assert {"Ingress", "NetworkPolicy", "PodDisruptionBudget"} <= kinds
+    assert kinds & {"HorizontalPodAutoscaler", "ScaledObject"}
+    assert [p for m in manifests for p in offline.schema_problems(m)] == []

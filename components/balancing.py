@@ -273,8 +273,9 @@ def ingress_annotations(policy: LoadBalancingConfig, max_output_tokens: int) -> 
     """The `nginx.org/*` annotations that apply `policy` on the F5 NGINX Ingress Controller.
 
     Not expressible through documented annotations, so the controller keeps its own behaviour:
-    upstream `keepalive_timeout` (nginx default 60 s; stale connections are covered by the
-    `error ... non_idempotent` retry) and `proxy_request_buffering` (on, as here). Do not set
+    upstream `keepalive_timeout` (nginx default 60 s: the Deployment raises the engines' own
+    keep-alive above it, engines.SERVER_KEEPALIVE_SECONDS, and the `error ... non_idempotent`
+    retry covers the rest) and `proxy_request_buffering` (on, as here). Do not set
     `nginx.org/use-cluster-ip`: with one ClusterIP upstream the method and retries do nothing.
     """
     read = read_timeout_seconds(policy, max_output_tokens)

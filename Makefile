@@ -1,3 +1,4 @@
+# make local  - 3 sim replicas behind a real nginx on 127.0.0.1:8080 (Ctrl-C stops)
 # make test   - create .venv, install everything, run the whole suite
 # make render STACK=prod - preview a stack offline, manifests into build/<stack>/
 VENV   ?= .venv
@@ -5,7 +6,7 @@ PYTHON ?= python3
 PY     := $(VENV)/bin/python
 STACK  ?= dev
 
-.PHONY: venv test render config-reference clean
+.PHONY: venv test local local-down render config-reference bench bench-server clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt server/requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +19,18 @@ venv: $(VENV)/.installed
 test: venv
 	$(PY) -m pytest
 
+local: venv
+	$(PY) -m local up
+
+local-down: venv
+	$(PY) -m local down
+
+bench: venv
+	$(PY) -m bench
+
+bench-server: venv
+	$(PY) -m server.bench
+
 render: venv
 	$(PY) -m tools.render --stack $(STACK) --out build/$(STACK)
 
@@ -25,4 +38,4 @@ config-reference: venv
 	$(PY) -m tools.config_reference --write README.md
 
 clean:
-	rm -rf build .pytest_cache
+	rm -rf build .pytest_cache .local-run

@@ -1,0 +1,235 @@
+"""`python -m local up|down|status`: run the serving stack on this machine.
+
+`up` stays in the foreground: it starts the replicas and nginx, prints the endpoint, the API
+key and ready-to-paste examples, and stops everything on Ctrl-C or SIGTERM (`down`). Errors
+meant for the user (nginx missing, a port in use, a replica that fails) are printed without a
+traceback and exit with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import signal
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+from typing import get_args
+
+from pydantic import ValidationError
+
+from components.balancing import LbMethod, LoadBalancingConfig
+from local.cluster import (
+    REPO_ROOT,
+    LocalCluster,
+    policy_label,
+    recorded_alive,
+    stop_recorded,
+)
+from local.procs import LocalModeError, log_tail, owns, read_state
+
+DEFAULT_WORKDIR = REPO_ROOT / ".local-run"
+"""Fixed (git-ignored) so that `down` and `status` find what `up` recorded."""
+SIM_TIMEOUT = 120.0
+MODEL_TIMEOUT = 1800.0
+"""A real model is downloaded (once) and loaded by every replica: allow for a slow link."""
+EXIT_USER_ERROR = 2
+PROMPT = "Say hello in five words."
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return int(args.run(args))
+    except LocalModeError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_USER_ERROR
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m local", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="start replicas behind nginx and wait for Ctrl-C")
+    up.add_argument("--replicas", type=int, default=3, help="server processes (default 3)")
+    up.add_argument("--engine", choices=("sim", "transformers"), default=None,
+                    help="default: sim, or transformers when --model is given")
+    up.add_argument("--model", default=None,
+                    help="Hugging Face id or local directory, e.g. Qwen/Qwen2.5-0.5B-Instruct")
+    up.add_argument("--policy", choices=get_args(LbMethod), default="least_conn",
+                    help="nginx balancing method (default least_conn)")
+    up.add_argument("--session-header", default=None,
+                    help="header hashed by --policy session_hash (default X-Session-ID)")
+    up.add_argument("--port", type=int, default=8080, help="nginx port (default 8080)")
+    up.add_argument("--first-port", type=int, default=8000,
+                    help="port of replica 1; the others follow (default 8000)")
+    up.add_argument("--api-key", default=None, help="bearer key (default: a generated one)")
+    up.add_argument("--workers", type=int, default=1, help="nginx worker_processes (default 1)")
+    up.add_argument("--max-output-tokens", type=int, default=512,
+                    help="sizes nginx's read timeout (default 512)")
+    up.add_argument("--timeout", type=float, default=None,
+                    help=f"readiness deadline in s (default {SIM_TIMEOUT:.0f} for sim, "
+                         f"{MODEL_TIMEOUT:.0f} with a model)")
+    up.add_argument("--nginx", default=None, help="nginx binary (default: PATH, /usr/sbin)")
+    up.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
+                    help="logs, nginx prefix and state.json (default .local-run/)")
+    up.set_defaults(run=_up)
+
+    down = sub.add_parser("down", help="stop the cluster that `up` started")
+    down.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
+    down.set_defaults(run=_down)
+
+    status = sub.add_parser("status", help="show what runs")
+    status.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
+    status.set_defaults(run=_status)
+    return parser
+
+
+# --- up ---------------------------------------------------------------------------------------
+
+
+def _up(args: argparse.Namespace) -> int:
+    cluster = _cluster(args)
+    cluster.supervisor_markers = ["local", "up"]
+    _interrupt_on_sigterm()
+    engine = cluster.engine
+    timeout = args.timeout if args.timeout is not None else (
+        SIM_TIMEOUT if engine == "sim" else MODEL_TIMEOUT)
+    try:
+        _say(f"starting {args.replicas} {engine} replica(s) on :{args.first_port}"
+             f"-{args.first_port + args.replicas - 1} and nginx on :{args.port}"
+             f" (logs in {args.workdir})")
+        cluster.start(timeout=timeout)
+        _say(banner(cluster))
+        return _supervise(cluster)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if cluster.running:
+            _say("stopping (replicas drain in-flight requests; Ctrl-C again to kill)")
+            try:
+                cluster.stop()
+            except KeyboardInterrupt:
+                _say("killed")
+            else:
+                _say("stopped")
+
+
+def _cluster(args: argparse.Namespace) -> LocalCluster:
+    """Build the cluster, turning argument problems into LocalModeError (exit 2)."""
+    engine = args.engine or ("transformers" if args.model else "sim")
+    try:
+        policy = LoadBalancingConfig(method=args.policy, **(
+            {"session_header": args.session_header} if args.session_header else {}))
+        return LocalCluster(
+            args.replicas, engine=engine, model=args.model, policy=policy, port=args.port,
+            first_replica_port=args.first_port, api_key=args.api_key, workdir=args.workdir,
+            max_output_tokens=args.max_output_tokens, on_progress=_say,
+            workers=args.workers, nginx=args.nginx,
+        )
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise LocalModeError(f"invalid balancing policy: {problems}") from None
+    except ValueError as exc:
+        raise LocalModeError(str(exc)) from None
+
+
+def _supervise(cluster: LocalCluster) -> int:
+    """Wait for Ctrl-C/SIGTERM; report replicas that die, give up if nginx dies."""
+    reported: set[int] = set()
+    while True:
+        time.sleep(0.5)
+        if cluster.nginx_pid is None:
+            _say(f"error: nginx exited; see {cluster.workdir}/nginx/error.log")
+            return 1
+        for index, replica_pid in enumerate(cluster.replica_pids):
+            if replica_pid is None and index not in reported:
+                reported.add(index)
+                log = cluster.replica_logs[index]
+                _say(f"warning: replica {index + 1} exited; nginx routes around it. "
+                     f"Last lines of {log}:\n{log_tail(log)}")
+
+
+def _interrupt_on_sigterm() -> None:
+    """SIGTERM (from `down`, a service manager) stops like Ctrl-C does."""
+    def handler(_signum: int, _frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, handler)
+
+
+def banner(cluster: LocalCluster) -> str:
+    """Endpoint, key and examples; every snippet is meant to be pasted as printed."""
+    body = json.dumps({"model": cluster.model_name, "stream": True,
+                       "messages": [{"role": "user", "content": PROMPT}]})
+    curl = (f"curl -N {cluster.endpoint}/chat/completions \\\n"
+            f"  -H {shlex.quote('Authorization: Bearer ' + cluster.api_key)} \\\n"
+            "  -H 'Content-Type: application/json' \\\n"
+            f"  -d {shlex.quote(body)}")
+    python = "\n".join([
+        "from openai import OpenAI",
+        f"client = OpenAI(base_url={cluster.endpoint!r}, api_key={cluster.api_key!r})",
+        f"stream = client.chat.completions.create(model={cluster.model_name!r}, stream=True,",
+        f"    messages=[{{'role': 'user', 'content': {PROMPT!r}}}])",
+        "for chunk in stream:",
+        "    if chunk.choices:",
+        "        print(chunk.choices[0].delta.content or '', end='', flush=True)",
+        "print()",
+    ])
+    return "\n".join([
+        "",
+        (f"ready: {cluster.replicas} {cluster.engine} replica(s) behind nginx "
+         f"({policy_label(cluster.policy)})"),
+        f"  endpoint  {cluster.endpoint}",
+        f"  api key   {cluster.api_key}",
+        f"  model     {cluster.model_name}",
+        f"  logs      {cluster.workdir}",
+        "",
+        "# stream a chat completion with curl:",
+        curl,
+        "",
+        "# or with the openai package (Python):",
+        python,
+        "",
+        "Ctrl-C here (or `python -m local down`) stops everything.",
+    ])
+
+
+# --- down, status -----------------------------------------------------------------------------
+
+
+def _down(args: argparse.Namespace) -> int:
+    workdir = args.workdir.resolve()
+    if not stop_recorded(workdir, on_progress=_say):
+        _say(f"no local cluster recorded in {workdir}; nothing to stop")
+        return 0
+    _say("stopped")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    """Exit 0 when a recorded cluster runs, 1 otherwise (usable in scripts)."""
+    workdir = args.workdir.resolve()
+    state = read_state(workdir)
+    if state is None or not recorded_alive(state):
+        _say(f"no local cluster running from {workdir}")
+        return 1
+    _say(f"endpoint {state['endpoint']}  model {state['model']}  policy {state['policy']}")
+    nginx = state.get("nginx")
+    _say(f"  nginx      pid {nginx['pid'] if nginx else '-'}  "
+         f"{'running' if nginx and owns(nginx['pid'], nginx['markers']) else 'stopped'}")
+    for replica in state.get("replicas", []):
+        running = replica.get("pid") and owns(replica["pid"], replica["markers"])
+        _say(f"  replica {replica['index'] + 1}  :{replica['port']}  pid "
+             f"{replica.get('pid') or '-'}  {'running' if running else 'stopped'}")
+    return 0
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)  # flush: works (and orders well with stderr) without a TTY
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""Process, port and state-file helpers for local mode.
+
+Every process local mode starts runs in its own session (process group) so that a Ctrl-C in the
+terminal reaches only the supervisor, which then stops things in the right order (nginx first,
+then the replicas drain). Signals always go to a PID (or the group) that local mode started and
+whose command line still matches - never to a process found by name.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+NGINX_CANDIDATES: tuple[str, ...] = (
+    "/usr/sbin/nginx",  # Debian/Ubuntu: not on a non-root user's PATH
+    "/usr/local/sbin/nginx",
+    "/usr/local/bin/nginx",
+    "/opt/homebrew/bin/nginx",  # Homebrew on Apple silicon
+)
+"""Where nginx lives when it is not on PATH."""
+
+NGINX_INSTALL_HINT = (
+    "install it: sudo apt-get install nginx-light (Debian/Ubuntu) or brew install nginx (macOS)"
+)
+
+STATE_FILE = "state.json"
+
+
+class LocalModeError(Exception):
+    """A failure meant for the user: the CLI prints the message alone and exits with 2."""
+
+
+# --- nginx and ports ---------------------------------------------------------------------------
+
+
+def find_nginx(explicit: str | None = None, candidates: Sequence[str] = NGINX_CANDIDATES) -> str:
+    """The nginx binary: `explicit` if given, else PATH, else the usual install locations."""
+    if explicit is not None:
+        path = shutil.which(explicit)
+        if path is None:
+            raise LocalModeError(f"nginx not found at {explicit}; {NGINX_INSTALL_HINT}")
+        return path
+    found = shutil.which("nginx")
+    if found is not None:
+        return found
+    for candidate in candidates:
+        if os.access(candidate, os.X_OK):
+            return candidate
+    raise LocalModeError(f"nginx not found; {NGINX_INSTALL_HINT}")
+
+
+def port_in_use(port: int) -> bool:
+    """True when nothing could listen on 127.0.0.1:`port` right now.
+
+    SO_REUSEADDR mirrors what uvicorn and nginx set, so a port held only by TIME_WAIT
+    connections of a previous run counts as free, as it is for them.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError as exc:
+            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+                return True
+            raise
+    return False
+
+
+# --- processes ---------------------------------------------------------------------------------
+
+
+def spawn(args: Sequence[str], *, log: Path, env: dict[str, str] | None = None,
+          cwd: Path | None = None) -> subprocess.Popen[bytes]:
+    """Start `args` in a new session with stdout and stderr appended to `log`."""
+    with open(log, "ab") as out:  # the child keeps its own descriptor
+        return subprocess.Popen(
+            list(args), cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+
+def cmdline(pid: int) -> str | None:
+    """The command line of `pid` as one string (NULs as spaces); None if it is gone.
+
+    nginx rewrites its title ("nginx: master process /usr/sbin/nginx -p ..."), so callers
+    match substrings, not argv lists.
+    """
+    proc = Path(f"/proc/{pid}/cmdline")
+    if proc.parent.parent.exists():  # Linux
+        try:
+            raw = proc.read_bytes()
+        except OSError:
+            return None
+        return raw.replace(b"\0", b" ").decode(errors="replace").strip() or None
+    result = subprocess.run(["ps", "-o", "command=", "-p", str(pid)], capture_output=True,
+                            text=True, check=False)  # macOS and other systems without /proc
+    return result.stdout.strip() or None
+
+
+def owns(pid: int, markers: Sequence[str]) -> bool:
+    """True when `pid` is alive and its command line contains every marker (not a reused PID)."""
+    line = cmdline(pid)
+    return line is not None and all(marker in line for marker in markers)
+
+
+def alive(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie waiting to be reaped."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    status = Path(f"/proc/{pid}/stat")
+    try:
+        # Field 3, after the parenthesised name, is the state; Z is a zombie.
+        return status.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def signal_group(pid: int, sig: signal.Signals) -> None:
+    """Send `sig` to the process group led by `pid` (a session we started); ignore if gone."""
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def wait_gone(pids: Sequence[int], timeout: float,
+              procs: Sequence[subprocess.Popen[bytes]] = ()) -> list[int]:
+    """Wait until every PID has exited (reaping our own children); return those still alive."""
+    deadline = time.monotonic() + timeout
+    by_pid = {proc.pid: proc for proc in procs}
+    remaining = list(pids)
+    while True:
+        still = []
+        for pid in remaining:
+            proc = by_pid.get(pid)
+            if proc is not None:
+                if proc.poll() is None:
+                    still.append(pid)
+            elif alive(pid):
+                still.append(pid)
+        remaining = still
+        if not remaining or time.monotonic() >= deadline:
+            return remaining
+        time.sleep(0.05)
+
+
+def log_tail(path: Path, lines: int = 20) -> str:
+    """The last `lines` lines of a log, indented for an error message."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "    (no log)"
+    tail = text.rstrip("\n").splitlines()[-lines:]
+    return "\n".join("    " + line for line in tail) if tail else "    (log is empty)"
+
+
+# --- state file --------------------------------------------------------------------------------
+
+
+def write_state(workdir: Path, state: dict[str, Any]) -> None:
+    """Atomically write `state.json` (0600: it holds the API key)."""
+    tmp = workdir / (STATE_FILE + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        json.dump(state, out, indent=2)
+    os.replace(tmp, workdir / STATE_FILE)
+
+
+def read_state(workdir: Path) -> dict[str, Any] | None:
+    """The recorded cluster, or None when no state file exists (or it is unreadable)."""
+    try:
+        return json.loads((workdir / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def remove_state(workdir: Path) -> None:
+    (workdir / STATE_FILE).unlink(missing_ok=True)

@@ -1,0 +1,165 @@
+"""`python -m local` in a subprocess: the printed examples work, `down` stops it, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from local.cluster import REPO_ROOT
+from tests.local.support import FAST_SIM, assert_gone, free_port_range, processes_with
+
+CLI = [sys.executable, "-m", "local"]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    return {**os.environ, **FAST_SIM, **extra}
+
+
+def _run(*args: str, env: dict[str, str] | None = None,
+         timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], cwd=REPO_ROOT, env=env or _env(), capture_output=True,
+                          text=True, timeout=timeout, check=False)
+
+
+def _assert_user_error(result: subprocess.CompletedProcess[str], message: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert re.search(message, result.stderr), result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def _up_args(base: int, workdir: Path, replicas: int = 2) -> list[str]:
+    return ["up", "--replicas", str(replicas), "--port", str(base),
+            "--first-port", str(base + 1), "--workdir", str(workdir)]
+
+
+class _Lines:
+    """Read a process's stdout on a thread so waiting for a line has a deadline."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.seen: list[str] = []
+        assert proc.stdout is not None
+        out = proc.stdout
+        threading.Thread(target=lambda: [self.lines.put(line) for line in out],
+                         daemon=True).start()
+
+    def until(self, needle: str, timeout: float = 30) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            self.seen.append(line)
+            if needle in line:
+                return "".join(self.seen)
+        raise AssertionError(f"no {needle!r} in output:\n{''.join(self.seen)}")
+
+
+@pytest.fixture
+def up(tmp_path: Path):
+    """Run `python -m local up` in the background; make sure it is gone afterwards."""
+    procs: list[subprocess.Popen[str]] = []
+
+    def start(*args: str) -> tuple[subprocess.Popen[str], _Lines]:
+        proc = subprocess.Popen([*CLI, *args], cwd=REPO_ROOT, env=_env(), text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        procs.append(proc)
+        return proc, _Lines(proc)
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)  # the supervisor stops its cluster itself
+            proc.wait(timeout=30)
+
+
+def test_up_prints_working_examples_and_down_stops_it(up, tmp_path: Path) -> None:
+    base = free_port_range(3)
+    workdir = tmp_path / "run"
+    proc, out = up(*_up_args(base, workdir), "--policy", "round_robin", "--api-key", "k-123")
+    text = out.until("stops everything")
+    assert "replica 1/2 on :" in text and "replica 2/2 on :" in text
+    assert f"endpoint  http://127.0.0.1:{base}/v1" in text and "api key   k-123" in text
+
+    # The curl example, pasted into a shell as printed, streams a completion.
+    curl = text[text.index("curl -N"):text.index("\n\n", text.index("curl -N"))]
+    result = subprocess.run(["bash", "-c", curl], capture_output=True, text=True, timeout=30,
+                            check=False)
+    assert result.returncode == 0 and "chat.completion.chunk" in result.stdout
+    assert result.stdout.rstrip().endswith("data: [DONE]")
+
+    # So does the Python example.
+    start = text.index("from openai import OpenAI")
+    snippet = text[start:text.index("\n\n", start)]
+    result = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True,
+                            timeout=30, check=False)
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.split()) >= 5
+
+    state = json.loads((workdir / "state.json").read_text())
+    pids = [state["nginx"]["pid"], *(r["pid"] for r in state["replicas"])]
+    down = _run("down", "--workdir", str(workdir))
+    assert down.returncode == 0, down.stderr
+    assert proc.wait(timeout=30) == 0
+    assert_gone(pids)
+    assert not (workdir / "state.json").exists()
+    assert _run("status", "--workdir", str(workdir)).returncode == 1
+
+
+def test_ctrl_c_stops_everything(up, tmp_path: Path) -> None:
+    base = free_port_range(3)
+    proc, out = up(*_up_args(base, tmp_path / "run"))
+    out.until("stops everything")
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 0
+    assert "stopped" in out.until("stopped")
+    assert_gone([state["nginx"]["pid"], *(r["pid"] for r in state["replicas"])])
+
+
+def test_missing_nginx(tmp_path: Path) -> None:
+    base = free_port_range(3)
+    result = _run(*_up_args(base, tmp_path / "run"), "--nginx", str(tmp_path / "no-nginx"))
+    _assert_user_error(result, r"nginx not found at .*no-nginx; install it: sudo apt-get "
+                               r"install nginx-light \(Debian/Ubuntu\) or brew install nginx")
+    assert not processes_with(f"--port {base + 1} ")
+
+
+def test_port_in_use(tmp_path: Path) -> None:
+    base = free_port_range(4)
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", base + 2))
+        holder.listen()
+        result = _run(*_up_args(base, tmp_path / "run"))
+    _assert_user_error(result, rf"port {base + 2} is in use \(replica 2\); pick "
+                               r"--port/--first-port or stop what holds it")
+    assert not processes_with(f"--port {base + 1} ")
+
+
+def test_replica_failing_shows_its_log(tmp_path: Path) -> None:
+    base = free_port_range(3)
+    result = _run(*_up_args(base, tmp_path / "run"),
+                  env=_env(LLM_MAX_TOKENS="5000"))  # > LLM_MAX_MODEL_LEN: settings fail
+    _assert_user_error(result, r"replica \d on :\d+ exited with code 2 before it was ready; "
+                               r"last lines of .*replica-\d\.log:\n.*LLM_MAX_TOKENS \(5000\) "
+                               r"must be smaller")
+    for port in (base, base + 1, base + 2):
+        assert not processes_with(f"--port {port} ")
+    assert not (tmp_path / "run" / "state.json").exists()
+
+
+def test_down_without_a_cluster_is_harmless(tmp_path: Path) -> None:
+    result = _run("down", "--workdir", str(tmp_path))
+    assert result.returncode == 0 and "nothing to stop" in result.stdout

@@ -70,7 +70,8 @@ class LoadBalancingConfig(Section):
     method: LbMethod = "least_conn"
     """How NGINX picks a replica: round_robin, least_conn (fewest requests in flight),
     random_two_least_conn (the controller's default) or session_hash (consistent hash on
-    `sessionHeader`, for prefix-cache reuse). A benchmark will settle the default."""
+    `sessionHeader`, for prefix-cache reuse). least_conn is the default because it measured best
+    (docs/load-balancing.md)."""
     session_header: str = Field("X-Session-ID", min_length=1, max_length=64)
     """Request header hashed by session_hash; requests without it are spread round robin."""
     per_token_seconds: float = Field(0.1, gt=0, le=60)

@@ -79,6 +79,12 @@ class Settings(BaseSettings):
     """Sim: fixed cost of one engine-wide decode step."""
     sim_decode_ms_per_seq: float = Field(default=0.25, ge=0, le=60_000)
     """Sim: extra decode-step cost per active sequence."""
+    sim_prefix_cache_tokens: int = Field(default=0, ge=0, le=100_000_000)
+    """Sim: prefix-cache capacity in tokens per replica (LRU, whole blocks); 0 turns it off."""
+    sim_prefix_cache_block_tokens: int = Field(default=16, ge=1, le=4096)
+    """Sim: prefix-cache block size; only whole blocks of a shared prefix are reused."""
+    sim_prefill_ms_per_cached_token: float = Field(default=0.0, ge=0, le=60_000)
+    """Sim: prefill cost per prompt token found in the prefix cache."""
 
     @model_validator(mode="after")
     def _check_engine_needs(self) -> Settings:

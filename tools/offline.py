@@ -113,8 +113,20 @@ class RecordingMocks(pulumi.runtime.Mocks):
         return [r for r in self.resources if r.type == typ]
 
 
+def _ensure_event_loop() -> None:
+    """Pulumi's runtime uses the thread's current event loop; code that ran
+    asyncio.run() before (other tests) leaves none, or a closed one."""
+    try:
+        loop = asyncio.get_event_loop_policy().get_event_loop()
+        if loop.is_closed():
+            raise RuntimeError("closed")
+    except RuntimeError:
+        asyncio.set_event_loop(asyncio.new_event_loop())
+
+
 def install_mocks(stack: str = "test") -> RecordingMocks:
     """Fresh mocks and a fresh root stack; mocks are process-global."""
+    _ensure_event_loop()
     pulumi.runtime.settings.ROOT.set(None)
     mocks = RecordingMocks()
     pulumi.runtime.set_mocks(mocks, project=PROJECT, stack=stack, preview=False)

@@ -2,11 +2,17 @@
 
 Model (documented in server/README.md):
 
-* Prefill: a new sequence pays ``prefill_base_ms + prefill_ms_per_token * uncached_tokens`` and
-  then emits its first token. ``uncached_tokens`` is the prompt length minus what the
-  :class:`PrefixCache` reports as already cached; the default cache caches nothing, so a later
-  prefix-cache only has to implement ``PrefixCache`` (no change to the cost formula).
-  Prefills run concurrently with each other and with decoding.
+* Prefill: a new sequence pays ``prefill_base_ms + prefill_ms_per_token * uncached_tokens +
+  prefill_ms_per_cached_token * cached_tokens`` and then emits its first token. ``cached_tokens``
+  is what the :class:`PrefixCache` reports as already cached (a whole number of blocks),
+  ``uncached_tokens`` the rest of the prompt. Prefills run concurrently with each other and
+  with decoding.
+* Prefix cache (:class:`LruPrefixCache`, on when ``LLM_SIM_PREFIX_CACHE_TOKENS`` > 0): like
+  vLLM's automatic prefix caching, per replica, in blocks of
+  ``LLM_SIM_PREFIX_CACHE_BLOCK_TOKENS``.
+  A block is identified by its tokens *and everything before it*, so only a shared prefix hits.
+  A prompt's full blocks are inserted when its prefill ends (generated tokens are not cached);
+  least recently used blocks are evicted beyond the capacity, the tail of a prefix first.
 * Decode: ONE engine-wide loop (like continuous batching). A step takes
   ``decode_base_ms + decode_ms_per_seq * active`` where ``active`` is the number of sequences in
   the batch when the step starts; at its end every one of them receives one token. A sequence that
@@ -31,6 +37,7 @@ import random
 import re
 import time
 import zlib
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -64,6 +71,7 @@ class SimParams:
     prefill_per_token_s: float
     decode_base_s: float
     decode_per_seq_s: float
+    prefill_per_cached_token_s: float = 0.0
 
     @classmethod
     def from_settings(cls, s: Settings) -> SimParams:
@@ -72,17 +80,19 @@ class SimParams:
             prefill_per_token_s=s.sim_prefill_ms_per_token / 1000,
             decode_base_s=s.sim_decode_base_ms / 1000,
             decode_per_seq_s=s.sim_decode_ms_per_seq / 1000,
+            prefill_per_cached_token_s=s.sim_prefill_ms_per_cached_token / 1000,
         )
 
-    def prefill_seconds(self, uncached_tokens: int) -> float:
-        return self.prefill_base_s + self.prefill_per_token_s * uncached_tokens
+    def prefill_seconds(self, uncached_tokens: int, cached_tokens: int = 0) -> float:
+        return (self.prefill_base_s + self.prefill_per_token_s * uncached_tokens
+                + self.prefill_per_cached_token_s * cached_tokens)
 
     def decode_step_seconds(self, active: int) -> float:
         return self.decode_base_s + self.decode_per_seq_s * active
 
 
 class PrefixCache(Protocol):
-    """How many leading prompt tokens are already cached (their prefill is free)."""
+    """How many leading prompt tokens are already cached (their prefill is cheap)."""
 
     def cached_prefix_len(self, prompt_ids: Sequence[int]) -> int: ...
 
@@ -97,6 +107,74 @@ class NoPrefixCache:
         return None
 
 
+class LruPrefixCache:
+    """Block-granular LRU prefix cache holding at most ``capacity_tokens`` tokens.
+
+    Block ``i`` of a prompt is keyed by a hash of the prompt's first ``(i + 1) * block`` tokens
+    (a chain, as in vLLM), so a block is reused only after the same prefix. Only full blocks are
+    cached. ``insert`` refreshes a prompt's blocks from the last to the first, so the first block
+    is the most recently used: eviction then cuts prefixes from their tail, and a cached prefix
+    never has a hole in it. ``hit_tokens`` / ``lookup_tokens`` count what lookups found.
+    """
+
+    def __init__(self, capacity_tokens: int, block_tokens: int = 16) -> None:
+        if block_tokens < 1:
+            raise ValueError(f"block_tokens must be >= 1, got {block_tokens}")
+        if capacity_tokens < 0:
+            raise ValueError(f"capacity_tokens must be >= 0, got {capacity_tokens}")
+        self.block_tokens = block_tokens
+        self.capacity_blocks = capacity_tokens // block_tokens
+        self._blocks: OrderedDict[int, None] = OrderedDict()  # oldest first
+        self.hit_tokens = 0
+        self.lookup_tokens = 0
+        self.lookups = 0
+
+    @property
+    def cached_tokens(self) -> int:
+        return len(self._blocks) * self.block_tokens
+
+    def _keys(self, prompt_ids: Sequence[int]) -> list[int]:
+        b = self.block_tokens
+        keys, h = [], 0
+        for start in range(0, len(prompt_ids) - b + 1, b):
+            h = hash((h, tuple(prompt_ids[start:start + b])))
+            keys.append(h)
+        return keys
+
+    def cached_prefix_len(self, prompt_ids: Sequence[int]) -> int:
+        n = 0
+        for key in self._keys(prompt_ids):
+            if key not in self._blocks:
+                break
+            n += self.block_tokens
+        self.lookups += 1
+        self.lookup_tokens += len(prompt_ids)
+        self.hit_tokens += n
+        return n
+
+    def insert(self, prompt_ids: Sequence[int]) -> None:
+        if self.capacity_blocks == 0:
+            return
+        for key in reversed(self._keys(prompt_ids)):
+            self._blocks[key] = None
+            self._blocks.move_to_end(key)
+        while len(self._blocks) > self.capacity_blocks:
+            self._blocks.popitem(last=False)
+
+    def stats(self) -> dict[str, int]:
+        return {"capacity_tokens": self.capacity_blocks * self.block_tokens,
+                "block_tokens": self.block_tokens, "cached_tokens": self.cached_tokens,
+                "lookups": self.lookups, "lookup_tokens": self.lookup_tokens,
+                "hit_tokens": self.hit_tokens}
+
+
+def prefix_cache_from_settings(s: Settings) -> PrefixCache:
+    """The cache ``LLM_SIM_PREFIX_CACHE_TOKENS`` asks for; 0 caches nothing."""
+    if s.sim_prefix_cache_tokens < s.sim_prefix_cache_block_tokens:
+        return NoPrefixCache()
+    return LruPrefixCache(s.sim_prefix_cache_tokens, s.sim_prefix_cache_block_tokens)
+
+
 @dataclass(eq=False)
 class _Seq:
     tokens: asyncio.Queue[None] = field(default_factory=asyncio.Queue)
@@ -108,7 +186,8 @@ class SimEngine(Engine):
     def __init__(self, settings: Settings, prefix_cache: PrefixCache | None = None) -> None:
         self.params = SimParams.from_settings(settings)
         self._context_length = settings.max_model_len
-        self.prefix_cache: PrefixCache = prefix_cache or NoPrefixCache()
+        self.prefix_cache: PrefixCache = (
+            prefix_cache if prefix_cache is not None else prefix_cache_from_settings(settings))
         # dicts as ordered sets: O(1) leave with hundreds of sequences
         self._active: dict[_Seq, None] = {}
         self._joining: dict[_Seq, None] = {}
@@ -143,7 +222,7 @@ class SimEngine(Engine):
 
     def model_card(self) -> dict[str, Any]:
         p = self.params
-        return {
+        card: dict[str, Any] = {
             "simulated": True,
             "description": (
                 "Simulated model: no weights, deterministic text, latency from a model "
@@ -152,10 +231,15 @@ class SimEngine(Engine):
                 f"{p.decode_per_seq_s * 1000:g} ms per active sequence)"
             ),
         }
+        if isinstance(self.prefix_cache, LruPrefixCache):
+            # Live counters for the benchmark's hit rates (the sim has no other channel that
+            # is not a metrics contract).
+            card["prefix_cache"] = self.prefix_cache.stats()
+        return card
 
     def prefill_seconds(self, prompt_ids: Sequence[int]) -> float:
-        uncached = len(prompt_ids) - self.prefix_cache.cached_prefix_len(prompt_ids)
-        return self.params.prefill_seconds(max(0, uncached))
+        cached = min(len(prompt_ids), self.prefix_cache.cached_prefix_len(prompt_ids))
+        return self.params.prefill_seconds(len(prompt_ids) - cached, cached)
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Token]:
         if self._loop_task is None:

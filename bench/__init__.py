@@ -1,0 +1,1 @@
+"""Load-balancing benchmark: every NGINX policy on the same seeded trace (`python -m bench`)."""

@@ -87,6 +87,15 @@ async def _parse(request: Request, model: type[_SamplingRequest]) -> Any:
         raise invalid(f"Malformed JSON body: {exc}", None, code="invalid_json") from None
     if not isinstance(data, dict):
         raise invalid("The request body must be a JSON object.", None, code="invalid_json")
+    if b"\\u" in raw:
+        # JSON may escape a lone UTF-16 surrogate (`"\\ud800"`): valid JSON, but the str it
+        # decodes to is not Unicode text; tokenizers and error messages echoing it would 500.
+        try:
+            json.dumps(data, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise invalid("The request body contains an unpaired UTF-16 surrogate escape "
+                          "(such as \\ud800), which is not valid Unicode text.", None,
+                          code="invalid_json") from None
     try:
         return model.model_validate(data)
     except ValidationError as exc:

@@ -141,6 +141,10 @@ def run_target(cluster, tr: trace.Trace, target: str, warmup: float, grace: floa
 
 
 def main(argv: list[str] | None = None) -> int:
+    args_in = sys.argv[1:] if argv is None else argv
+    if args_in[:1] == ["faults"]:  # `python -m bench faults [...]`: the fault drills
+        from bench import faults
+        return faults.main(args_in[1:])
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--replicas", type=int, default=4)

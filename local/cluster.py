@@ -226,13 +226,22 @@ class LocalCluster:
         self._wait_ready([replica], timeout)
 
     def restart_replica(self, index: int, timeout: float = 60.0) -> None:
-        """SIGTERM replica `index`, wait for it to drain and exit, start it, wait for ready."""
+        """SIGTERM replica `index`, wait for it to drain and exit, start it, wait for ready,
+        then reload nginx.
+
+        The draining replica's 503s were retried elsewhere but also marked its port failed
+        (max_fails), so nginx would skip the ready replica for fail_timeout; with 2 replicas
+        a second restart inside that window leaves no live upstream (502). Fresh nginx
+        workers start without failure marks.
+        """
         replica = self._replica_at(index)
         if replica.running():
             assert replica.proc is not None
             replica.proc.send_signal(signal.SIGTERM)
             self._wait_or_kill([replica.proc], self._stop_deadline())
         self.start_replica(index, timeout)
+        if self._nginx is not None and self._nginx.poll() is None:
+            self.reload_nginx()
 
     def kill_replica(self, index: int) -> None:
         """SIGKILL replica `index` (fault drills): no drain, connections are reset."""

@@ -224,6 +224,12 @@ async def chat_completions(request: Request) -> Response:
         _log.info("chat template rejected the messages: %s", exc)
         raise invalid(f"The model's chat template rejected the messages: {exc}",
                       "messages") from None
+    limit = st.settings.max_tokens
+    if req.max_completion_tokens and req.max_tokens and req.max_tokens > limit:
+        # max_completion_tokens wins, but an out-of-range max_tokens is still an error:
+        # every field a client sends is validated, none silently ignored.
+        raise invalid(f"max_tokens must be at most {limit} (LLM_MAX_TOKENS); got "
+                      f"{req.max_tokens}.", "max_tokens")
     requested = req.max_completion_tokens or req.max_tokens
     param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
     params = _check_common(st, req, requested, prompt_ids, "messages", param)

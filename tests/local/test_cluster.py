@@ -164,3 +164,33 @@ def test_replica_not_ready_in_time_fails_and_stops_everything(tmp_path: Path) ->
     assert not cluster.running and cluster.replica_pids == [None, None]
     assert not (tmp_path / "run" / "state.json").exists()
     assert not any(port_in_use(base + i) for i in range(3))
+
+
+def test_back_to_back_restarts_of_two_replicas_drop_nothing(make_cluster: Make) -> None:
+    # A draining replica's 503s mark its port failed in nginx for fail_timeout (10 s);
+    # without the reload in restart_replica, restarting the other replica within that
+    # window left no live upstream and nginx answered 502.
+    import threading
+
+    cluster = make_cluster(2)
+    statuses: list[int] = []
+    done = threading.Event()
+
+    def trickle() -> None:
+        while not done.is_set() and len(statuses) < 300:
+            statuses.append(chat(cluster.endpoint, cluster.api_key).status_code)
+            time.sleep(0.01)
+
+    worker = threading.Thread(target=trickle)
+    worker.start()
+    try:
+        time.sleep(0.3)
+        cluster.restart_replica(0, timeout=20)
+        time.sleep(0.5)
+        cluster.restart_replica(1, timeout=20)
+        time.sleep(0.3)
+    finally:
+        done.set()
+        worker.join(timeout=30)
+    assert len(statuses) >= 20
+    assert [s for s in statuses if s != 200] == []

@@ -60,6 +60,9 @@ def assert_error(resp, status: int, param: str | None, code: str | None = None) 
         ({"model": MODEL, "messages": USER, "max_tokens": 17}, "max_tokens"),
         ({"model": MODEL, "messages": USER, "max_completion_tokens": 99},
          "max_completion_tokens"),
+        # max_completion_tokens wins, yet an out-of-range max_tokens is not silently ignored.
+        ({"model": MODEL, "messages": USER, "max_completion_tokens": 4, "max_tokens": 99},
+         "max_tokens"),
         ({"model": MODEL, "messages": USER, "temperature": 2.5}, "temperature"),
         ({"model": MODEL, "messages": USER, "top_p": 0}, "top_p"),
         ({"model": MODEL, "messages": USER, "stream": "yes"}, "stream"),

@@ -48,12 +48,18 @@ def is_content(payload: bytes) -> bool:
 
 
 async def stream_one(client: httpx.AsyncClient, url: str, body: dict, headers: dict[str, str],
-                     rec: Record, clock: Callable[[], float] = time.monotonic) -> None:
-    """POST one streaming chat completion to ``url`` and fill ``rec``."""
+                     rec: Record, clock: Callable[[], float] = time.monotonic,
+                     on_response: Callable[[httpx.Response], None] | None = None) -> None:
+    """POST one streaming chat completion to ``url`` and fill ``rec``.
+
+    ``on_response`` sees the response as soon as its headers arrive (before the body).
+    """
     rec.sent = clock()
     parser = SseParser()
     try:
         async with client.stream("POST", url, json=body, headers=headers) as r:
+            if on_response is not None:
+                on_response(r)
             rec.status = r.status_code
             if r.status_code != 200:
                 rec.error = f"HTTP {r.status_code}: {(await r.aread())[:120]!r}"

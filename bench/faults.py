@@ -35,7 +35,7 @@ from typing import Any
 
 import httpx
 
-from bench.client import SseParser, is_content
+from bench.client import stream_one
 from bench.stats import Record, percentile
 from components.balancing import LoadBalancingConfig
 
@@ -286,33 +286,13 @@ def failed_after(records: Sequence[Record], t: float) -> int:
 
 async def _stream(client: httpx.AsyncClient, url: str, body: dict, headers: dict[str, str],
                   rec: FaultRecord) -> None:
-    """Like bench.client.stream_one, plus header time and Retry-After."""
-    rec.sent = time.monotonic()
-    parser = SseParser()
-    try:
-        async with client.stream("POST", url, json=body, headers=headers) as r:
-            rec.responded = time.monotonic()
-            rec.status = r.status_code
-            rec.retry_after = r.headers.get("retry-after")
-            if r.status_code != 200:
-                rec.error = f"HTTP {r.status_code}: {(await r.aread())[:120]!r}"
-                return
-            async for data in r.aiter_raw():
-                now = time.monotonic()
-                for payload in parser.feed(data):
-                    if payload == b"[DONE]":
-                        rec.done = True
-                    elif is_content(payload):
-                        if rec.last is not None:
-                            rec.gaps.append(now - rec.last)
-                        else:
-                            rec.first = now
-                        rec.last = now
-                        rec.tokens += 1
-            if not rec.done:
-                rec.error = "stream ended without [DONE]"
-    except httpx.HTTPError as exc:
-        rec.error = f"{type(exc).__name__}: {exc}"
+    """bench.client.stream_one, plus the time the headers came and Retry-After."""
+
+    def headers_arrived(response: httpx.Response) -> None:
+        rec.responded = time.monotonic()
+        rec.retry_after = response.headers.get("retry-after")
+
+    await stream_one(client, url, body, headers, rec, on_response=headers_arrived)
 
 
 @dataclass

@@ -19,14 +19,16 @@ class LlmAutoscalerArgs(TypedDict):
 
 
 def _scale_down_behavior(window: int) -> dict[str, Any]:
+    """HPA `behavior`, for the HPA itself and inside KEDA's ScaledObject (a raw custom
+    resource, hence camelCase keys; the typed HPA args accept them as they are)."""
     # Remove one pod at a time, and only after load stayed low for the whole
     # window: a replacement would need the full model load time to come back.
     return {
-        "scale_down": {
-            "stabilization_window_seconds": window,
-            "policies": [{"type": "Pods", "value": 1, "period_seconds": 60}],
+        "scaleDown": {
+            "stabilizationWindowSeconds": window,
+            "policies": [{"type": "Pods", "value": 1, "periodSeconds": 60}],
         },
-        "scale_up": {"stabilization_window_seconds": 0},
+        "scaleUp": {"stabilizationWindowSeconds": 0},
     }
 
 
@@ -128,13 +130,9 @@ class LlmAutoscaler(pulumi.ComponentResource):
                 "pollingInterval": scaling.polling_interval_seconds,
                 # Only used when scaling to zero; kept as long as the HPA window.
                 "cooldownPeriod": window,
-                "advanced": {"horizontalPodAutoscalerConfig": {"behavior": {
-                    "scaleDown": {
-                        "stabilizationWindowSeconds": window,
-                        "policies": [{"type": "Pods", "value": 1, "periodSeconds": 60}],
-                    },
-                    "scaleUp": {"stabilizationWindowSeconds": 0},
-                }}},
+                "advanced": {
+                    "horizontalPodAutoscalerConfig": {"behavior": _scale_down_behavior(window)},
+                },
                 # KEDA scales to the largest replica count any trigger asks for.
                 "triggers": [
                     trigger(profile.waiting_metric, scaling.target_waiting_per_replica),

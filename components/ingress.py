@@ -9,7 +9,7 @@ import pulumi
 import pulumi_kubernetes as k8s
 
 from components.config import NIC_CHART, ControllerConfig
-from components.service import _external_address
+from components.service import external_address
 
 
 class NginxIngressArgs(TypedDict):
@@ -126,7 +126,7 @@ class NginxIngress(pulumi.ComponentResource):
                 opts=pulumi.ResourceOptions(parent=self, depends_on=[release]),
             )
             self.endpoint = service.status.apply(
-                lambda status: f"http://{_external_address(status) or 'pending'}/v1"
+                lambda status: f"http://{external_address(status) or 'pending'}/v1"
             )
         else:
             # An existing controller: its address is not ours to know.

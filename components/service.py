@@ -35,7 +35,7 @@ def _field(obj: Any, snake: str, camel: str) -> Any:
     return getattr(obj, snake, None)
 
 
-def _external_address(status: Any) -> str | None:
+def external_address(status: Any) -> str | None:
     """`ip` or `hostname` of the first load-balancer ingress (clouds differ)."""
     balancer = _field(status, "load_balancer", "loadBalancer")
     ingress = _field(balancer, "ingress", "ingress") or []
@@ -95,7 +95,7 @@ class LlmService(pulumi.ComponentResource):
         )
         if service_type == "LoadBalancer":
             self.address = pulumi.Output.all(service.status, cluster_dns).apply(
-                lambda parts: _external_address(parts[0]) or parts[1]
+                lambda parts: external_address(parts[0]) or parts[1]
             )
         else:
             self.address = cluster_dns

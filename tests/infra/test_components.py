@@ -12,7 +12,7 @@ from components import ApiKey, LlmDeployment, LlmImage, LlmService, LlmStack
 from components.config import Secrets, parse_stack_config
 from components.deployment import RUN_AS_USER, selector_labels, startup_failure_threshold
 from components.engines import VLLM_IMAGE
-from components.service import _external_address
+from components.service import external_address
 from tests.infra.conftest import BASE_CONFIG, GPU_CONFIG, Run
 from tools import offline
 from tools.offline import FAKE_LB_IP, _normalise
@@ -268,9 +268,9 @@ def test_service_rejects_bad_inputs(mocks, args, message):
 
 
 def test_external_address_prefers_ip_then_hostname():
-    assert _external_address({"loadBalancer": {"ingress": [{"hostname": "lb.example"}]}}) == "lb.example"
-    assert _external_address({"loadBalancer": {"ingress": [{"ip": "198.51.100.1"}]}}) == "198.51.100.1"
-    assert _external_address({"loadBalancer": {}}) is None
+    assert external_address({"loadBalancer": {"ingress": [{"hostname": "lb.example"}]}}) == "lb.example"
+    assert external_address({"loadBalancer": {"ingress": [{"ip": "198.51.100.1"}]}}) == "198.51.100.1"
+    assert external_address({"loadBalancer": {}}) is None
 
 
 # --- ApiKey -------------------------------------------------------------------------

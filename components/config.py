@@ -26,6 +26,9 @@ NAMESPACE = "llm-serving"
 SECRET_KEYS = ("apiKey", "hfToken")
 """Top-level keys that must be set with `pulumi config set --secret`."""
 
+API_KEY_MIN_LENGTH = 32
+"""Shortest operator-supplied `apiKey` accepted (generated keys have 48 characters)."""
+
 
 class ConfigError(pulumi.RunError):
     """A stack configuration mistake. RunError: Pulumi prints it without a traceback."""
@@ -591,6 +594,19 @@ def _is_secret(full_key: str) -> bool:
     )
 
 
+def _api_key_problems(key: Any) -> list[str]:
+    """A guessable key is no key: refuse short ones (the message never shows the value)."""
+    if key is None:
+        return []
+    length = len(str(key).strip())
+    if length >= API_KEY_MIN_LENGTH:
+        return []
+    return [
+        f"{NAMESPACE}:apiKey: must be at least {API_KEY_MIN_LENGTH} characters (got {length}); "
+        "generate one with `openssl rand -hex 32`, or unset apiKey to have one generated"
+    ]
+
+
 def load_stack_config() -> tuple[StackConfig, Secrets]:
     """Read and validate this stack's configuration, once, from Pulumi."""
     raw = _namespace_keys()
@@ -600,6 +616,7 @@ def load_stack_config() -> tuple[StackConfig, Secrets]:
         for key in SECRET_KEYS
         if key in raw and not _is_secret(f"{NAMESPACE}:{key}")
     ]
+    problems.extend(_api_key_problems(raw.get("apiKey")))
     try:
         cfg = parse_stack_config(raw)
     except ConfigError as err:

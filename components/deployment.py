@@ -89,7 +89,6 @@ class LlmDeployment(pulumi.ComponentResource):
         if "image_content_id" in args:
             pod_annotations["llm-serving/image-content-id"] = args["image_content_id"]
 
-        gpus = cfg.gpu.count > 0
         autoscaled = cfg.autoscaling.enabled
         deployment = k8s.apps.v1.Deployment(
             f"{name}-deploy",
@@ -99,15 +98,15 @@ class LlmDeployment(pulumi.ComponentResource):
                 "selector": {"match_labels": self.selector},
                 "revision_history_limit": 5,
                 "progress_deadline_seconds": cfg.progress_deadline_seconds,
-                # GPUs are scarce: a surge pod would sit Pending waiting for a GPU
-                # that does not exist, so replace in place. CPU pods can surge.
+                # GPUs are scarce: unless the stack says a spare one exists, a surge pod
+                # would sit Pending, so replace in place; the config parser refuses that
+                # with a single replica unless the stack accepts the downtime.
                 "strategy": {
                     "type": "RollingUpdate",
-                    "rolling_update": (
-                        {"max_surge": 0, "max_unavailable": 1}
-                        if gpus
-                        else {"max_surge": 1, "max_unavailable": 0}
-                    ),
+                    "rolling_update": {
+                        "max_surge": cfg.rollout_max_surge,
+                        "max_unavailable": cfg.rollout_max_unavailable,
+                    },
                 },
                 "template": {
                     "metadata": {"labels": labels, "annotations": pod_annotations},

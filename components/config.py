@@ -18,6 +18,13 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from components.balancing import LoadBalancingConfig
 from components.engines import PROFILES, EngineName, EngineProfile
+from components.pins import (  # noqa: F401  (re-exported: the components import them from here)
+    KEDA_CHART,
+    KEDA_CHART_VERSION,
+    KEDA_REPOSITORY,
+    NIC_CHART,
+    NIC_CHART_VERSION,
+)
 from components.sections import Section
 
 NAMESPACE = "llm-serving"
@@ -249,14 +256,6 @@ class RolloutConfig(Section):
     otherwise, and warned about when allowed."""
 
 
-NIC_CHART = "oci://ghcr.io/nginx/charts/nginx-ingress"
-NIC_CHART_VERSION = "2.4.4"
-"""F5 NGINX Ingress Controller chart, pinned; bump deliberately."""
-KEDA_CHART = "keda"
-KEDA_REPOSITORY = "https://kedacore.github.io/charts"
-KEDA_CHART_VERSION = "2.19.0"
-
-
 DNS_LABEL_MAX = 63
 HELM_RELEASE_NAME_MAX = 53
 """Helm refuses longer release names (its name check, which the provider applies)."""
@@ -280,8 +279,9 @@ class ControllerConfig(Section):
     """Install the F5 NGINX Ingress Controller with Helm; false uses one that already runs."""
     namespace: DnsLabel = "nginx-ingress"
     """Namespace of the controller (created when installing)."""
-    chart_version: NonEmptyStr = NIC_CHART_VERSION
-    """Version of the nginx-ingress chart (oci://ghcr.io/nginx/charts/nginx-ingress)."""
+    chart_version: Literal[NIC_CHART_VERSION] = NIC_CHART_VERSION  # type: ignore[valid-type]
+    """Version of the nginx-ingress chart (oci://ghcr.io/nginx/charts/nginx-ingress): only the
+    version whose controller's rules were checked (components/pins.py, tests/contracts)."""
     replicas: int = Field(2, ge=1, le=100)
     """Controller pods."""
     resources: ResourcesConfig = ResourcesConfig(
@@ -302,7 +302,8 @@ class IngressConfig(Section):
     controller: ControllerConfig = ControllerConfig()
     """The controller release (or the existing controller)."""
     host: NonEmptyStr | None = None
-    """Host name clients use, e.g. llm.example.com; unset answers on any host."""
+    """Host name clients use, e.g. llm.example.com. Unset answers on any host: the installed
+    controller (5.5+) is started with allowEmptyIngressHost; an existing one must allow it too."""
     path: NonEmptyStr = "/"
     """Path prefix routed to the model."""
     tls_secret: DnsLabel | None = None
@@ -625,6 +626,14 @@ def stack_warnings(cfg: StackConfig) -> list[str]:
             f"{NAMESPACE}:rollout.acceptDowntime: every rollout takes the only ready replica down "
             f"for the preStop pause and a full model load (up to model.loadTimeoutSeconds = "
             f"{cfg.model.load_timeout_seconds} s); requests fail meanwhile"
+        )
+    ingress = cfg.ingress
+    if ingress.enabled and not ingress.controller.install and ingress.host is None:
+        warnings.append(
+            f"{NAMESPACE}:ingress.host: unset with an existing controller; NGINX Ingress "
+            "Controller rejects host-less Ingresses unless it runs 5.5+ with "
+            "-allow-empty-ingress-host (chart value controller.allowEmptyIngressHost); "
+            "set ingress.host otherwise"
         )
     return warnings
 

@@ -19,6 +19,8 @@ RUN_AS_USER = 10001
 
 MODEL_DIR = "/models"
 HOME_DIR = "/home/llm"
+RUN_AS_USER_NAME = "llm"
+"""The server image's user of uid RUN_AS_USER; for vLLM only a name (no passwd entry)."""
 
 STARTUP_PERIOD_SECONDS = 10
 READY_PERIOD_SECONDS = 5
@@ -263,7 +265,11 @@ class LlmDeployment(pulumi.ComponentResource):
         plain = {
             **profile.env(cfg),
             "HF_HOME": MODEL_DIR,
+            # The pod runs as uid RUN_AS_USER, which has no passwd entry in the vLLM image:
+            # HOME must be a writable directory (caches under ~/.cache, ~/.config, ~/.triton),
+            # and USER answers getpass.getuser() without a passwd lookup (vLLM issue #44548).
             "HOME": HOME_DIR,
+            "USER": RUN_AS_USER_NAME,
         }
         if cfg.model_cache.type == "baked":
             plain["HF_HUB_OFFLINE"] = "1"  # weights are in the image; never reach the hub

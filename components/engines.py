@@ -9,13 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Literal
 
+from components.pins import VLLM_IMAGE
+
 if TYPE_CHECKING:
     from components.config import StackConfig
 
 EngineName = Literal["server", "vllm"]
-
-VLLM_IMAGE = "vllm/vllm-openai:v0.33.0"
-"""Pinned official vLLM image; bump deliberately, a new tag changes the engine."""
 
 SERVER_KEEPALIVE_SECONDS = 75
 """Idle keep-alive of the engines' HTTP servers (both run uvicorn, default 5 s).

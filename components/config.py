@@ -17,7 +17,7 @@ import pulumi
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from components.balancing import LoadBalancingConfig
-from components.engines import PROFILES, EngineName, EngineProfile
+from components.engines import PROFILES, EngineLaunch, EngineName, EngineProfile
 from components.pins import (  # noqa: F401  (re-exported: the components import them from here)
     KEDA_CHART,
     KEDA_CHART_VERSION,
@@ -400,6 +400,22 @@ class StackConfig(Section):
     @property
     def profile(self) -> EngineProfile:
         return PROFILES[self.engine]
+
+    @property
+    def launch(self) -> EngineLaunch:
+        """What the engine's command line and environment are built from."""
+        model = self.model
+        return EngineLaunch(
+            model_id=model.id,
+            revision=model.revision,
+            served_name=model.served,
+            max_context_length=model.max_context_length,
+            max_output_tokens=model.max_output_tokens,
+            max_concurrency=model.max_concurrency,
+            extra_args=model.extra_args,
+            drain_seconds=self.rollout.drain_seconds,
+            gpu_count=self.gpu.count,
+        )
 
     @property
     def service_type(self) -> str:

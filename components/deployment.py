@@ -204,7 +204,7 @@ class LlmDeployment(pulumi.ComponentResource):
         }
         if profile.command is not None:
             container["command"] = list(profile.command)
-        if engine_args := profile.args(cfg):
+        if engine_args := profile.args(cfg.launch):
             container["args"] = engine_args
         pause = self._pre_stop_seconds()
         if pause > 0:
@@ -263,7 +263,7 @@ class LlmDeployment(pulumi.ComponentResource):
     def _env(self, args: LlmDeploymentArgs) -> list[dict[str, Any]]:
         cfg, profile = self._cfg, self._profile
         plain = {
-            **profile.env(cfg),
+            **profile.env(cfg.launch),
             "HF_HOME": MODEL_DIR,
             # The pod runs as uid RUN_AS_USER, which has no passwd entry in the vLLM image:
             # HOME must be a writable directory (caches under ~/.cache, ~/.config, ~/.triton),

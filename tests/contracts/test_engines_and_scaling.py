@@ -35,7 +35,7 @@ def _vllm_flags() -> set[str]:
 @pytest.mark.parametrize("extra", [{}, {"maxConcurrency": 64}])
 def test_vllm_is_started_only_with_flags_the_pinned_version_has(extra):
     cfg = parse_stack_config({**GPU_CONFIG, "model": {**GPU_CONFIG["model"], **extra}})
-    args = PROFILES["vllm"].args(cfg)
+    args = PROFILES["vllm"].args(cfg.launch)
     assert args[0] == cfg.model.id  # the positional model_tag
     used = {a for a in args[1:] if a.startswith("--")}
     assert used and used <= _vllm_flags(), used - _vllm_flags()
@@ -47,7 +47,7 @@ def test_a_removed_vllm_flag_would_be_caught():
 
 def test_vllm_environment_names_are_ones_the_pinned_version_reads():
     cfg = parse_stack_config(GPU_CONFIG)
-    env = PROFILES["vllm"].env(cfg) | {PROFILES["vllm"].api_key_env: "x"}
+    env = PROFILES["vllm"].env(cfg.launch) | {PROFILES["vllm"].api_key_env: "x"}
     known = VLLM["envVars"]
     assert set(env) <= set(known), set(env) - set(known)
     # The proxy keeps idle upstream connections 60 s; vLLM's own default (5 s) is shorter.

@@ -203,81 +203,8 @@ def lb_method_directive(policy: LoadBalancingConfig) -> str | None:
 
 # --- (a) F5 NGINX Ingress Controller annotations --------------------------------------------
 
-# Every `nginx.org/*` Ingress annotation documented on docs.nginx.com, "NGINX Ingress Controller
-# > Configuration > Ingress resources > Advanced configuration with Annotations"
-# (https://docs.nginx.com/nginx-ingress-controller/configuration/ingress-resources/
-# advanced-configuration-with-annotations/), as of the page for NGINX Ingress Controller 5.4
-# (nginx/documentation commit 08c4aa3). 5.5.0's release notes add `nginx.org/add-header`,
-# `nginx.org/proxy-redirect-from` and `nginx.org/proxy-redirect-to`, not yet on that page and
-# unused here. `nginx.com/*` (NGINX Plus only) and `appprotect*.f5.com/*` keys are left out.
-DOCUMENTED_ANNOTATIONS: frozenset[str] = frozenset({
-    # General customization
-    "nginx.org/proxy-connect-timeout",
-    "nginx.org/proxy-read-timeout",
-    "nginx.org/proxy-send-timeout",
-    "nginx.org/proxy-next-upstream",
-    "nginx.org/proxy-next-upstream-timeout",
-    "nginx.org/proxy-next-upstream-tries",
-    "nginx.org/client-max-body-size",
-    "nginx.org/client-body-buffer-size",
-    "nginx.org/proxy-buffering",
-    "nginx.org/proxy-buffers",
-    "nginx.org/proxy-buffer-size",
-    "nginx.org/proxy-busy-buffers-size",
-    "nginx.org/proxy-max-temp-file-size",
-    "nginx.org/server-tokens",
-    "nginx.org/path-regex",
-    "nginx.org/policies",
-    # Request URI/header manipulation
-    "nginx.org/proxy-hide-headers",
-    "nginx.org/proxy-pass-headers",
-    "nginx.org/rewrites",
-    "nginx.org/rewrite-target",
-    "nginx.org/proxy-set-headers",
-    # Auth and SSL/TLS
-    "nginx.org/app-root",
-    "nginx.org/redirect-to-https",
-    "nginx.org/ssl-redirect",
-    "nginx.org/http-redirect-code",
-    "nginx.org/hsts",
-    "nginx.org/hsts-max-age",
-    "nginx.org/hsts-include-subdomains",
-    "nginx.org/hsts-behind-proxy",
-    "nginx.org/basic-auth-secret",
-    "nginx.org/basic-auth-realm",
-    "nginx.org/ssl-ciphers",
-    "nginx.org/ssl-prefer-server-ciphers",
-    # Listeners
-    "nginx.org/listen-ports",
-    "nginx.org/listen-ports-ssl",
-    # Backend services (upstreams)
-    "nginx.org/lb-method",
-    "nginx.org/ssl-services",
-    "nginx.org/grpc-services",
-    "nginx.org/websocket-services",
-    "nginx.org/max-fails",
-    "nginx.org/max-conns",
-    "nginx.org/upstream-zone-size",
-    "nginx.org/fail-timeout",
-    "nginx.org/sticky-cookie-services",
-    "nginx.org/keepalive",
-    "nginx.org/use-cluster-ip",
-    # Rate limiting
-    "nginx.org/limit-req-rate",
-    "nginx.org/limit-req-key",
-    "nginx.org/limit-req-zone-size",
-    "nginx.org/limit-req-delay",
-    "nginx.org/limit-req-no-delay",
-    "nginx.org/limit-req-burst",
-    "nginx.org/limit-req-dry-run",
-    "nginx.org/limit-req-log-level",
-    "nginx.org/limit-req-reject-code",
-    "nginx.org/limit-req-scale",
-    # Snippets and custom templates (never rendered: they need -enable-snippets)
-    "nginx.org/location-snippets",
-    "nginx.org/server-snippets",
-})
-
+# Which annotations, and which values, the pinned controller reads is upstream fact, kept with
+# its source in tests/contracts/data/nginx-ingress-controller-<version>.json and checked there.
 SNIPPET_ANNOTATIONS = frozenset({"nginx.org/location-snippets", "nginx.org/server-snippets"})
 """Raw-config annotations; this module never emits them (they need snippets enabled)."""
 

@@ -17,7 +17,14 @@ import pulumi
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from components.balancing import LoadBalancingConfig
-from components.engines import PROFILES, EngineName, EngineProfile
+from components.engines import PROFILES, EngineLaunch, EngineName, EngineProfile
+from components.pins import (  # noqa: F401  (re-exported: the components import them from here)
+    KEDA_CHART,
+    KEDA_CHART_VERSION,
+    KEDA_REPOSITORY,
+    NIC_CHART,
+    NIC_CHART_VERSION,
+)
 from components.sections import Section
 
 NAMESPACE = "llm-serving"
@@ -243,14 +250,31 @@ class RolloutConfig(Section):
     """Time in-flight generations get to finish after SIGTERM."""
     pre_stop_seconds: int = Field(5, ge=0, le=300)
     """Pause before SIGTERM so endpoints and proxies stop sending new requests."""
+    max_surge: int | None = Field(None, ge=0, le=100)
+    """Extra pods a rollout starts before old ones stop; with 1 or more no ready replica is taken
+    down. Default: 1 on CPU; 0 on GPUs, where a surge pod waits for a spare GPU that may not exist
+    (set 1 when the cluster has one, or autoscales GPU nodes)."""
+    accept_downtime: bool = False
+    """Allow a rollout that takes the only ready replica down (one replica, no surge); refused
+    otherwise, and warned about when allowed."""
 
 
-NIC_CHART = "oci://ghcr.io/nginx/charts/nginx-ingress"
-NIC_CHART_VERSION = "2.4.4"
-"""F5 NGINX Ingress Controller chart, pinned; bump deliberately."""
-KEDA_CHART = "keda"
-KEDA_REPOSITORY = "https://kedacore.github.io/charts"
-KEDA_CHART_VERSION = "2.19.0"
+DNS_LABEL_MAX = 63
+HELM_RELEASE_NAME_MAX = 53
+"""Helm refuses longer release names (its name check, which the provider applies)."""
+CONTROLLER_SERVICE_SUFFIX = "-controller"
+"""The controller Service is named <release>-controller; the chart truncates names at 63."""
+
+
+def _release_name(value: str) -> str:
+    longest = min(HELM_RELEASE_NAME_MAX, DNS_LABEL_MAX - len(CONTROLLER_SERVICE_SUFFIX))
+    if len(value) > longest:
+        raise ValueError(
+            f"must be at most {longest} characters: it is also the controller's Helm release "
+            f"name (at most {HELM_RELEASE_NAME_MAX}) and, with '{CONTROLLER_SERVICE_SUFFIX}', "
+            f"its Service name (at most {DNS_LABEL_MAX})"
+        )
+    return value
 
 
 class ControllerConfig(Section):
@@ -258,8 +282,9 @@ class ControllerConfig(Section):
     """Install the F5 NGINX Ingress Controller with Helm; false uses one that already runs."""
     namespace: DnsLabel = "nginx-ingress"
     """Namespace of the controller (created when installing)."""
-    chart_version: NonEmptyStr = NIC_CHART_VERSION
-    """Version of the nginx-ingress chart (oci://ghcr.io/nginx/charts/nginx-ingress)."""
+    chart_version: Literal[NIC_CHART_VERSION] = NIC_CHART_VERSION  # type: ignore[valid-type]
+    """Version of the nginx-ingress chart (oci://ghcr.io/nginx/charts/nginx-ingress): only the
+    version whose controller's rules were checked (components/pins.py, tests/contracts)."""
     replicas: int = Field(2, ge=1, le=100)
     """Controller pods."""
     resources: ResourcesConfig = ResourcesConfig(
@@ -273,12 +298,15 @@ class ControllerConfig(Section):
 class IngressConfig(Section):
     enabled: bool = False
     """Put the F5 NGINX Ingress Controller in front of the model, with the loadBalancing policy."""
-    class_name: DnsLabel = "llm-nginx"
-    """IngressClass of this stack's controller; its own, so it cannot clash with another controller."""
+    class_name: Annotated[DnsLabel, AfterValidator(_release_name)] = "llm-nginx"
+    """IngressClass of this stack's controller; its own, so it cannot clash with another controller.
+    Also the controller's Helm release name, and with `-controller` its Service name, hence at
+    most 52 characters."""
     controller: ControllerConfig = ControllerConfig()
     """The controller release (or the existing controller)."""
     host: NonEmptyStr | None = None
-    """Host name clients use, e.g. llm.example.com; unset answers on any host."""
+    """Host name clients use, e.g. llm.example.com. Unset answers on any host: the installed
+    controller (5.5+) is started with allowEmptyIngressHost; an existing one must allow it too."""
     path: NonEmptyStr = "/"
     """Path prefix routed to the model."""
     tls_secret: DnsLabel | None = None
@@ -382,6 +410,22 @@ class StackConfig(Section):
         return PROFILES[self.engine]
 
     @property
+    def launch(self) -> EngineLaunch:
+        """What the engine's command line and environment are built from."""
+        model = self.model
+        return EngineLaunch(
+            model_id=model.id,
+            revision=model.revision,
+            served_name=model.served,
+            max_context_length=model.max_context_length,
+            max_output_tokens=model.max_output_tokens,
+            max_concurrency=model.max_concurrency,
+            extra_args=model.extra_args,
+            drain_seconds=self.rollout.drain_seconds,
+            gpu_count=self.gpu.count,
+        )
+
+    @property
     def service_type(self) -> str:
         if self.service.type is not None:
             return self.service.type
@@ -409,6 +453,29 @@ class StackConfig(Section):
     def scale_down_window_seconds(self) -> int:
         window = self.autoscaling.scale_down_stabilization_seconds
         return self.model.load_timeout_seconds if window is None else window
+
+    @property
+    def rollout_max_surge(self) -> int:
+        if self.rollout.max_surge is not None:
+            return self.rollout.max_surge
+        return 0 if self.gpu.count > 0 else 1
+
+    @property
+    def rollout_max_unavailable(self) -> int:
+        """0 when surging (every ready replica keeps serving); else one pod at a time, as
+        Kubernetes refuses maxSurge and maxUnavailable both 0."""
+        return 0 if self.rollout_max_surge > 0 else 1
+
+    @property
+    def fewest_replicas(self) -> int:
+        """Replicas the stack may be down to when a rollout starts."""
+        return self.autoscaling.min_replicas if self.autoscaling.enabled else self.replicas
+
+    @property
+    def rollout_downtime(self) -> bool:
+        """True when a rollout can take the ready replicas to zero."""
+        fewest = self.fewest_replicas
+        return fewest > 0 and fewest - self.rollout_max_unavailable < 1
 
     @property
     def startup_budget_seconds(self) -> int:
@@ -566,6 +633,14 @@ def _cross_check(cfg: StackConfig) -> list[str]:
                 f"{NAMESPACE}:resources.requests.cpu: CPU autoscaling measures utilisation "
                 "against the request; set one"
             )
+    if cfg.rollout_downtime and not cfg.rollout.accept_downtime:
+        replicas_key = "autoscaling.minReplicas" if scaling.enabled else "replicas"
+        problems.append(
+            f"{NAMESPACE}:rollout.maxSurge: a rollout would take the only ready replica down "
+            f"({replicas_key} {cfg.fewest_replicas}, rollout.maxSurge {cfg.rollout_max_surge}); "
+            f"set {replicas_key} to 2 or more, rollout.maxSurge to 1 (needs room for one more "
+            "pod, a spare GPU on GPU stacks), or rollout.acceptDowntime: true"
+        )
     if cfg.ingress.tls_secret is not None and cfg.ingress.host is None:
         problems.append(f"{NAMESPACE}:ingress.tlsSecret: needs ingress.host (the certificate's name)")
     if cfg.service.source_ranges and cfg.service_type != "LoadBalancer":
@@ -583,6 +658,26 @@ def _cross_check(cfg: StackConfig) -> list[str]:
                 f"{where}.tolerationSeconds: only allowed with effect 'NoExecute'"
             )
     return problems
+
+
+def stack_warnings(cfg: StackConfig) -> list[str]:
+    """Settings that are allowed but that an operator should see at every preview."""
+    warnings = []
+    if cfg.rollout_downtime:  # only reachable with rollout.acceptDowntime
+        warnings.append(
+            f"{NAMESPACE}:rollout.acceptDowntime: every rollout takes the only ready replica down "
+            f"for the preStop pause and a full model load (up to model.loadTimeoutSeconds = "
+            f"{cfg.model.load_timeout_seconds} s); requests fail meanwhile"
+        )
+    ingress = cfg.ingress
+    if ingress.enabled and not ingress.controller.install and ingress.host is None:
+        warnings.append(
+            f"{NAMESPACE}:ingress.host: unset with an existing controller; NGINX Ingress "
+            "Controller rejects host-less Ingresses unless it runs 5.5+ with "
+            "-allow-empty-ingress-host (chart value controller.allowEmptyIngressHost); "
+            "set ingress.host otherwise"
+        )
+    return warnings
 
 
 def parse_stack_config(raw: Mapping[str, Any]) -> StackConfig:

@@ -19,6 +19,8 @@ RUN_AS_USER = 10001
 
 MODEL_DIR = "/models"
 HOME_DIR = "/home/llm"
+RUN_AS_USER_NAME = "llm"
+"""The server image's user of uid RUN_AS_USER; for vLLM only a name (no passwd entry)."""
 
 STARTUP_PERIOD_SECONDS = 10
 READY_PERIOD_SECONDS = 5
@@ -89,7 +91,6 @@ class LlmDeployment(pulumi.ComponentResource):
         if "image_content_id" in args:
             pod_annotations["llm-serving/image-content-id"] = args["image_content_id"]
 
-        gpus = cfg.gpu.count > 0
         autoscaled = cfg.autoscaling.enabled
         deployment = k8s.apps.v1.Deployment(
             f"{name}-deploy",
@@ -99,15 +100,15 @@ class LlmDeployment(pulumi.ComponentResource):
                 "selector": {"match_labels": self.selector},
                 "revision_history_limit": 5,
                 "progress_deadline_seconds": cfg.progress_deadline_seconds,
-                # GPUs are scarce: a surge pod would sit Pending waiting for a GPU
-                # that does not exist, so replace in place. CPU pods can surge.
+                # GPUs are scarce: unless the stack says a spare one exists, a surge pod
+                # would sit Pending, so replace in place; the config parser refuses that
+                # with a single replica unless the stack accepts the downtime.
                 "strategy": {
                     "type": "RollingUpdate",
-                    "rolling_update": (
-                        {"max_surge": 0, "max_unavailable": 1}
-                        if gpus
-                        else {"max_surge": 1, "max_unavailable": 0}
-                    ),
+                    "rolling_update": {
+                        "max_surge": cfg.rollout_max_surge,
+                        "max_unavailable": cfg.rollout_max_unavailable,
+                    },
                 },
                 "template": {
                     "metadata": {"labels": labels, "annotations": pod_annotations},
@@ -203,7 +204,7 @@ class LlmDeployment(pulumi.ComponentResource):
         }
         if profile.command is not None:
             container["command"] = list(profile.command)
-        if engine_args := profile.args(cfg):
+        if engine_args := profile.args(cfg.launch):
             container["args"] = engine_args
         pause = self._pre_stop_seconds()
         if pause > 0:
@@ -262,9 +263,13 @@ class LlmDeployment(pulumi.ComponentResource):
     def _env(self, args: LlmDeploymentArgs) -> list[dict[str, Any]]:
         cfg, profile = self._cfg, self._profile
         plain = {
-            **profile.env(cfg),
+            **profile.env(cfg.launch),
             "HF_HOME": MODEL_DIR,
+            # The pod runs as uid RUN_AS_USER, which has no passwd entry in the vLLM image:
+            # HOME must be a writable directory (caches under ~/.cache, ~/.config, ~/.triton),
+            # and USER answers getpass.getuser() without a passwd lookup (vLLM issue #44548).
             "HOME": HOME_DIR,
+            "USER": RUN_AS_USER_NAME,
         }
         if cfg.model_cache.type == "baked":
             plain["HF_HUB_OFFLINE"] = "1"  # weights are in the image; never reach the hub

@@ -7,21 +7,33 @@ engine means adding a row here, not touching the Deployment.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Literal
+from typing import Callable, Literal
 
-if TYPE_CHECKING:
-    from components.config import StackConfig
+from components.pins import VLLM_IMAGE
 
 EngineName = Literal["server", "vllm"]
-
-VLLM_IMAGE = "vllm/vllm-openai:v0.33.0"
-"""Pinned official vLLM image; bump deliberately, a new tag changes the engine."""
 
 SERVER_KEEPALIVE_SECONDS = 75
 """Idle keep-alive of the engines' HTTP servers (both run uvicorn, default 5 s).
 The NGINX Ingress Controller keeps idle upstream connections for nginx's 60 s
 and exposes no setting for it; a server that closes first makes the proxy
 reuse a dead connection. So the servers wait longer than the proxy."""
+
+
+@dataclass(frozen=True)
+class EngineLaunch:
+    """The part of a stack's configuration an engine's command line and environment are built
+    from (`StackConfig.launch`); engines know nothing else of the stack."""
+
+    model_id: str
+    revision: str
+    served_name: str
+    max_context_length: int
+    max_output_tokens: int
+    max_concurrency: int | None
+    extra_args: tuple[str, ...]
+    drain_seconds: int
+    gpu_count: int
 
 
 @dataclass(frozen=True)
@@ -52,45 +64,45 @@ class EngineProfile:
     """What autoscaling follows: CPU (HPA) or the engine's queue metrics (KEDA)."""
     command: tuple[str, ...] | None
     """Container command; None keeps the image's own."""
-    args: Callable[["StackConfig"], list[str]]
+    args: Callable[[EngineLaunch], list[str]]
     """Container arguments for a stack."""
-    env: Callable[["StackConfig"], dict[str, str]]
+    env: Callable[[EngineLaunch], dict[str, str]]
     """Plain (non-secret) environment for a stack."""
 
 
-def _server_env(cfg: "StackConfig") -> dict[str, str]:
+def _server_env(launch: EngineLaunch) -> dict[str, str]:
     # The names are the server's settings contract (server/README.md).
     env = {
         "LLM_ENGINE": "transformers",
-        "LLM_MODEL": cfg.model.id,
-        "LLM_MODEL_REVISION": cfg.model.revision,
-        "LLM_SERVED_MODEL_NAME": cfg.model.served,
-        "LLM_MAX_MODEL_LEN": str(cfg.model.max_context_length),
-        "LLM_MAX_TOKENS": str(cfg.model.max_output_tokens),
-        "LLM_DRAIN_SECONDS": str(cfg.rollout.drain_seconds),
+        "LLM_MODEL": launch.model_id,
+        "LLM_MODEL_REVISION": launch.revision,
+        "LLM_SERVED_MODEL_NAME": launch.served_name,
+        "LLM_MAX_MODEL_LEN": str(launch.max_context_length),
+        "LLM_MAX_TOKENS": str(launch.max_output_tokens),
+        "LLM_DRAIN_SECONDS": str(launch.drain_seconds),
         # uvicorn reads its CLI options from UVICORN_* variables.
         "UVICORN_TIMEOUT_KEEP_ALIVE": str(SERVER_KEEPALIVE_SECONDS),
     }
-    if cfg.model.max_concurrency is not None:
-        env["LLM_MAX_CONCURRENCY"] = str(cfg.model.max_concurrency)
+    if launch.max_concurrency is not None:
+        env["LLM_MAX_CONCURRENCY"] = str(launch.max_concurrency)
     return env
 
 
-def _vllm_args(cfg: "StackConfig") -> list[str]:
+def _vllm_args(launch: EngineLaunch) -> list[str]:
     args = [
-        cfg.model.id,
-        "--revision", cfg.model.revision,
-        "--served-model-name", cfg.model.served,
-        "--max-model-len", str(cfg.model.max_context_length),
-        "--tensor-parallel-size", str(max(cfg.gpu.count, 1)),
+        launch.model_id,
+        "--revision", launch.revision,
+        "--served-model-name", launch.served_name,
+        "--max-model-len", str(launch.max_context_length),
+        "--tensor-parallel-size", str(max(launch.gpu_count, 1)),
         "--port", "8000",
     ]
-    if cfg.model.max_concurrency is not None:
-        args += ["--max-num-seqs", str(cfg.model.max_concurrency)]
-    return args + list(cfg.model.extra_args)
+    if launch.max_concurrency is not None:
+        args += ["--max-num-seqs", str(launch.max_concurrency)]
+    return args + list(launch.extra_args)
 
 
-def _vllm_env(cfg: "StackConfig") -> dict[str, str]:
+def _vllm_env(launch: EngineLaunch) -> dict[str, str]:
     # vLLM exposes no per-request output cap flag; the ingress policy bounds
     # generation time instead. Usage stats would try to phone home.
     return {
@@ -119,7 +131,7 @@ PROFILES: dict[str, EngineProfile] = {
         # On CPU nodes generation is CPU-bound, so utilisation tracks load.
         scale_signal="cpu",
         command=None,
-        args=lambda cfg: [],
+        args=lambda launch: [],
         env=_server_env,
     ),
     # The official vLLM OpenAI server: GPU stacks. Its /health answers before the

@@ -8,7 +8,7 @@ from typing import Any, Mapping, NotRequired, TypedDict
 import pulumi
 import pulumi_kubernetes as k8s
 
-from components.config import NIC_CHART, ControllerConfig
+from components.config import CONTROLLER_SERVICE_SUFFIX, NIC_CHART, ControllerConfig
 from components.service import external_address
 
 
@@ -30,21 +30,36 @@ class NginxIngressArgs(TypedDict):
     labels: NotRequired[Mapping[str, str]]
 
 
-def controller_values(class_name: str, release: str, cfg: ControllerConfig, watch_namespace: Any) -> dict[str, Any]:
-    """Helm values for the nginx-ingress chart; names are fixed so other objects can find them."""
+def controller_values(
+    class_name: str, release: str, cfg: ControllerConfig, watch_namespaces: Any, hostless: bool
+) -> dict[str, Any]:
+    """Helm values for the nginx-ingress chart; names are fixed so other objects can find them.
+
+    Every key is one the pinned chart reads (tests/contracts checks them: Helm itself would
+    accept a misspelt key silently, the chart's schema allows unknown keys).
+    """
+    controller: dict[str, Any] = {
+        "replicaCount": cfg.replicas,
+        "ingressClass": {"name": class_name, "create": True, "setAsDefaultIngress": False},
+        # The model's namespace and the controller's own (comma-separated): the controller
+        # sees Services only in watched namespaces, and it must see its own LoadBalancer
+        # Service (-external-service) to publish the Ingress's address, which `pulumi up`
+        # waits for. Nothing else in the cluster can be published through it.
+        "watchNamespace": watch_namespaces,
+        # Writes status.loadBalancer on the Ingress from that Service (the chart's default,
+        # pinned here because the Ingress await depends on it).
+        "reportIngressStatus": {"enable": True},
+        "enableSnippets": False,
+        "resources": cfg.resources.model_dump(exclude_none=True),
+        "service": {"type": "LoadBalancer", "annotations": dict(cfg.service_annotations)},
+    }
+    if hostless:
+        # The controller rejects a rule without a host unless told otherwise (5.5+).
+        controller["allowEmptyIngressHost"] = True
     return {
         "fullnameOverride": release,
-        "serviceNameOverride": f"{release}-controller",
-        "controller": {
-            "replicaCount": cfg.replicas,
-            "ingressClass": {"name": class_name, "create": True, "setAsDefaultIngress": False},
-            # Watch only the model's namespace: the controller cannot be used to
-            # publish anything else in the cluster.
-            "watchNamespace": watch_namespace,
-            "enableSnippets": False,
-            "resources": cfg.resources.model_dump(exclude_none=True),
-            "service": {"type": "LoadBalancer", "annotations": dict(cfg.service_annotations)},
-        },
+        "serviceNameOverride": f"{release}{CONTROLLER_SERVICE_SUFFIX}",
+        "controller": controller,
     }
 
 
@@ -121,7 +136,7 @@ class NginxIngress(pulumi.ComponentResource):
             service = k8s.core.v1.Service.get(
                 f"{name}-controller-svc",
                 pulumi.Output.concat(
-                    release.status.namespace, "/", f"{self.release_name}-controller"
+                    release.status.namespace, "/", f"{self.release_name}{CONTROLLER_SERVICE_SUFFIX}"
                 ),
                 opts=pulumi.ResourceOptions(parent=self, depends_on=[release]),
             )
@@ -151,7 +166,11 @@ class NginxIngress(pulumi.ComponentResource):
             version=controller.chart_version,
             namespace=namespace.metadata.name,
             values=controller_values(
-                args["class_name"], self.release_name, controller, args["namespace"]
+                args["class_name"],
+                self.release_name,
+                controller,
+                pulumi.Output.concat(args["namespace"], ",", controller.namespace),
+                hostless=not args.get("host"),
             ),
             # Wait for the controller's pods and LoadBalancer before the Ingress.
             skip_await=False,

@@ -11,9 +11,9 @@ import pulumi_kubernetes as k8s
 from components.api_key import ApiKey
 from components.autoscaling import LlmAutoscaler
 from components.balancing import ingress_annotations
-from components.config import Secrets, StackConfig
+from components.config import Secrets, StackConfig, stack_warnings
 from components.deployment import HF_TOKEN_SECRET_KEY, LlmDeployment
-from components.image import LlmImage, LlmImageArgs
+from components.image import HF_TOKEN_BUILD_SECRET, LlmImage, LlmImageArgs
 from components.ingress import NginxIngress, controller_pod_labels
 from components.monitoring import LlmServiceMonitor
 from components.policies import PodPolicies
@@ -36,6 +36,8 @@ class LlmStack(pulumi.ComponentResource):
     ) -> None:
         super().__init__("llm-serving:index:LlmStack", name, None, opts)
         cfg, secrets = args["config"], args["secrets"]
+        for warning in stack_warnings(cfg):
+            pulumi.log.warn(warning, resource=self)
         child = pulumi.ResourceOptions(parent=self)
         labels = {
             **cfg.labels,
@@ -71,7 +73,7 @@ class LlmStack(pulumi.ComponentResource):
             )
             hf_secret_name = hf_secret.metadata.name
 
-        image = LlmImage(f"{name}-image", _image_args(cfg), opts=child)
+        image = LlmImage(f"{name}-image", _image_args(cfg, secrets), opts=child)
 
         deployment = LlmDeployment(
             f"{name}-model",
@@ -179,7 +181,7 @@ class LlmStack(pulumi.ComponentResource):
         })
 
 
-def _image_args(cfg: StackConfig) -> LlmImageArgs:
+def _image_args(cfg: StackConfig, secrets: Secrets) -> LlmImageArgs:
     image, profile = cfg.image, cfg.profile
     if not image.build:
         reference = image.reference if image.reference is not None else profile.prebuilt_image
@@ -194,9 +196,13 @@ def _image_args(cfg: StackConfig) -> LlmImageArgs:
     base_image = image.base_image if image.base_image is not None else profile.prebuilt_image
     if base_image is not None:
         build_args["BASE_IMAGE"] = base_image
+    build_secrets: dict[str, pulumi.Input[str]] = {}
     if cfg.model_cache.type == "baked":
         build_args["MODEL_ID"] = cfg.model.id
         build_args["MODEL_REVISION"] = cfg.model.revision
+        if secrets.hf_token is not None:
+            # A gated model: the download step reads the token from a BuildKit secret.
+            build_secrets[HF_TOKEN_BUILD_SECRET] = secrets.hf_token
     return {
         "build": True,
         "image_name": image.name,
@@ -205,4 +211,5 @@ def _image_args(cfg: StackConfig) -> LlmImageArgs:
         "platform": image.platform,
         "push": image.push,
         "build_args": build_args,
+        "build_secrets": build_secrets,
     }

@@ -42,6 +42,8 @@ class Recorded:
     outputs: dict[str, Any]
     read: bool = False
     """A lookup of an existing object (`.get`), not one the program creates."""
+    secret_paths: frozenset[str] = frozenset()
+    """Dotted paths of the inputs that arrived as Pulumi secrets (e.g. `secrets.hf_token`)."""
 
 
 def _digest(*parts: Any) -> str:
@@ -52,14 +54,19 @@ _SIG = "4dabf18193072939515e22adb298388d"
 _SECRET_SIG = "1b47061264138c4ac30d75fd1eb44270"
 
 
-def _unwrap(value: Any) -> Any:
-    """Secret inputs reach mocks wrapped in Pulumi's wire envelope; take the value out."""
+def _unwrap(value: Any, path: str = "", secrets: set[str] | None = None) -> Any:
+    """Secret inputs reach mocks wrapped in Pulumi's wire envelope; take the value out,
+    noting each secret's dotted path in `secrets`."""
     if isinstance(value, dict):
         if value.get(_SIG) == _SECRET_SIG:
-            return _unwrap(value.get("value"))
-        return {k: _unwrap(v) for k, v in value.items()}
+            if secrets is not None:
+                secrets.add(path)
+            return _unwrap(value.get("value"), path, secrets)
+        return {
+            k: _unwrap(v, f"{path}.{k}" if path else k, secrets) for k, v in value.items()
+        }
     if isinstance(value, list):
-        return [_unwrap(v) for v in value]
+        return [_unwrap(v, f"{path}[{i}]", secrets) for i, v in enumerate(value)]
     return value
 
 
@@ -70,7 +77,8 @@ class RecordingMocks(pulumi.runtime.Mocks):
         self.resources: list[Recorded] = []
 
     def new_resource(self, args: pulumi.runtime.MockResourceArgs) -> tuple[str, dict]:
-        inputs = _unwrap(dict(args.inputs))
+        secret_paths: set[str] = set()
+        inputs = _unwrap(dict(args.inputs), secrets=secret_paths)
         outputs = copy.deepcopy(inputs)
         if args.typ.startswith("kubernetes:") and not args.typ.startswith("kubernetes:helm"):
             metadata = outputs.setdefault("metadata", {})
@@ -98,11 +106,25 @@ class RecordingMocks(pulumi.runtime.Mocks):
             outputs["repoDigest"] = (
                 content if inputs.get("skipPush") else f"{repository}@{content}"
             )
+        elif args.typ == "docker-build:index:Image":
+            # Digest and context hash over the non-secret inputs only.
+            public = {k: v for k, v in inputs.items() if k != "secrets"}
+            content = "sha256:" + _digest(public)
+            outputs["contextHash"] = _digest("context", public)
+            if inputs.get("push"):
+                outputs["digest"] = content
+                outputs["ref"] = f"{inputs['tags'][0]}@{content}"
+            else:
+                outputs["digest"] = ""
+                outputs["ref"] = inputs["tags"][0]
         elif args.typ == "random:index/randomPassword:RandomPassword":
             length = int(inputs.get("length", 16))
             outputs["result"] = (_digest(args.name) * 4)[:length]
         self.resources.append(
-            Recorded(args.typ, args.name, inputs, outputs, read=bool(args.resource_id))
+            Recorded(
+                args.typ, args.name, inputs, outputs, read=bool(args.resource_id),
+                secret_paths=frozenset(secret_paths),
+            )
         )
         return f"{args.name}-id", outputs
 
@@ -227,6 +249,26 @@ def is_kubernetes_object(resource: Recorded) -> bool:
     return not resource.read and resource.type.startswith("kubernetes:") and not resource.type.startswith(
         ("kubernetes:helm.sh", "kubernetes:yaml", "kubernetes:kustomize")
     )
+
+
+def is_helm_release(resource: Recorded) -> bool:
+    return resource.type == "kubernetes:helm.sh/v3:Release"
+
+
+def to_helm_release(resource: Recorded) -> dict[str, Any]:
+    """What a Helm release would install: chart, version, where, and the full values."""
+    inputs = _normalise(resource.inputs)
+    release = {
+        "name": inputs.get("name", resource.name),
+        "namespace": resource.outputs.get("status", {}).get("namespace", inputs.get("namespace")),
+        "chart": inputs["chart"],
+        "version": inputs.get("version"),
+    }
+    repository = inputs.get("repositoryOpts", {}).get("repo")
+    if repository:
+        release["repository"] = repository
+    release["values"] = inputs.get("values", {})
+    return release
 
 
 def to_manifest(resource: Recorded) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from components.balancing import nginx_conf
-from components.config import ConfigError, parse_stack_config
+from components.config import ConfigError, StackConfig, parse_stack_config, stack_warnings
 from tools import offline
 
 
@@ -82,9 +82,8 @@ SERVER_DEFAULT_QUEUE = 128
 """LLM_MAX_QUEUE's default (server/settings.py); the stack does not set it."""
 
 
-def _local_nginx_conf(config: dict[str, str], out: Path) -> str:
+def _local_nginx_conf(cfg: StackConfig, out: Path) -> str:
     """The same loadBalancing policy as plain nginx.conf, for replicas on 127.0.0.1:8000+."""
-    cfg = parse_stack_config(offline.namespace_values(config))
     replicas = max(cfg.autoscaling.min_replicas if cfg.autoscaling.enabled else cfg.replicas, 1)
     upstreams = [f"127.0.0.1:{LOCAL_FIRST_PORT + i}" for i in range(replicas)]
     admitted = None
@@ -109,6 +108,7 @@ def render(stack: str, out: Path | None, stack_file: Path | None = None) -> int:
         print(f"error: {stack_file.name} is not valid YAML: {err}", file=sys.stderr)
         return 2
     try:
+        cfg = parse_stack_config(offline.namespace_values(config))
         run = offline.run_program(config, secret_keys, stack=stack)
     except ConfigError as err:
         print(f"error: {stack_file.name}: {err}", file=sys.stderr)
@@ -118,13 +118,21 @@ def render(stack: str, out: Path | None, stack_file: Path | None = None) -> int:
     rows += [(r.type, r.name, _facts(r)) for r in run.resources]
     print(_table(rows))
 
+    for warning in stack_warnings(cfg):
+        print(f"warning: {warning}", file=sys.stderr)
+
     manifests = [offline.to_manifest(r) for r in run.resources if offline.is_kubernetes_object(r)]
+    releases = [offline.to_helm_release(r) for r in run.resources if offline.is_helm_release(r)]
     problems = [p for m in manifests for p in offline.schema_problems(m)]
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         for manifest in manifests:
             (out / _file_name(manifest)).write_text(yaml.safe_dump(manifest, sort_keys=False))
-        (out / "nginx.conf").write_text(_local_nginx_conf(config, out))
+        for release in releases:
+            (out / f"helmrelease-{release['name']}.yaml").write_text(
+                yaml.safe_dump(release, sort_keys=False)
+            )
+        (out / "nginx.conf").write_text(_local_nginx_conf(cfg, out))
 
     print()
     for name, value in sorted(run.exports.items()):
@@ -137,7 +145,10 @@ def render(stack: str, out: Path | None, stack_file: Path | None = None) -> int:
         for problem in problems:
             print(f"  {problem}", file=sys.stderr)
         return 1
-    where = f", written to {out} with the local-mode nginx.conf" if out is not None else ""
+    where = (
+        f", written to {out} with {len(releases)} Helm release file(s) and the local-mode "
+        "nginx.conf" if out is not None else ""
+    )
     print(
         f"\n{len(manifests)} manifests valid against Kubernetes {versions}{where} "
         f"({elapsed:.1f} s)"

@@ -19,6 +19,8 @@ BASE_CONFIG: dict[str, Any] = {"model": {"id": "Qwen/Qwen2.5-0.5B-Instruct"}}
 GPU_CONFIG: dict[str, Any] = {
     "engine": "vllm",
     "model": {"id": "Qwen/Qwen2.5-7B-Instruct", "loadTimeoutSeconds": 1800},
+    # Two: a GPU rollout replaces pods in place, and one replica would mean downtime.
+    "replicas": 2,
     "gpu": {
         "count": 2,
         "nodeSelector": {"nvidia.com/gpu.present": "true"},

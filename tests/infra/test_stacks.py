@@ -14,6 +14,7 @@ import yaml
 from components.config import ConfigError
 from tests.infra.test_balancing import needs_nginx
 from tests.infra.nginx_support import NGINX
+from components.config import KEDA_REPOSITORY, NIC_CHART, NIC_CHART_VERSION
 from tools import offline
 
 STACK_FILES = sorted(offline.PROJECT_DIR.glob("Pulumi.*.yaml"))
@@ -108,9 +109,17 @@ def test_render_cli_writes_valid_manifests(tmp_path: Path):
     assert "output apiKey: [secret]" in result.stdout
     written = sorted({p.name.split("-")[0] for p in tmp_path.glob("*.yaml")})
     assert (tmp_path / "nginx.conf").exists()
-    assert written == ["deployment", "ingress", "namespace", "networkpolicy",
+    assert written == ["deployment", "helmrelease", "ingress", "namespace", "networkpolicy",
                        "poddisruptionbudget", "scaledobject", "secret", "service",
                        "servicemonitor"]
+    # Each Helm release the stack installs, with its chart, version and full values.
+    releases = {p.name: yaml.safe_load(p.read_text()) for p in tmp_path.glob("helmrelease-*.yaml")}
+    assert set(releases) == {"helmrelease-llm-nginx.yaml", "helmrelease-keda.yaml"}
+    controller = releases["helmrelease-llm-nginx.yaml"]
+    assert controller["chart"] == NIC_CHART and controller["version"] == NIC_CHART_VERSION
+    assert controller["namespace"] == "nginx-ingress"
+    assert controller["values"]["controller"]["ingressClass"]["name"] == "llm-nginx"
+    assert releases["helmrelease-keda.yaml"]["repository"] == KEDA_REPOSITORY
     deployment = yaml.safe_load(next(tmp_path.glob("deployment-*.yaml")).read_text())
     assert isinstance(deployment["spec"]["replicas"], int)
     assert "startupProbe" in deployment["spec"]["template"]["spec"]["containers"][0]

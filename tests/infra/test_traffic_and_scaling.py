@@ -7,10 +7,12 @@ from typing import Any
 
 import pytest
 
-from components.balancing import DOCUMENTED_ANNOTATIONS, ingress_annotations
+from components.balancing import ingress_annotations
 from components.config import ConfigError, Secrets, parse_stack_config
 from components.ingress import NginxIngress
+from components.pins import NIC_CHART_VERSION
 from components.stack import LlmStack
+from tests.contracts import facts
 from tests.infra.conftest import BASE_CONFIG, GPU_CONFIG, Run
 from tools import offline
 from tools.offline import FAKE_LB_IP, _normalise
@@ -55,10 +57,16 @@ def test_ingress_installs_its_own_controller_and_routes_to_the_model_service(run
     result = stack(run, raw)
     release = result.one(RELEASE)
     assert release.inputs["chart"] == "oci://ghcr.io/nginx/charts/nginx-ingress"
-    assert release.inputs["version"] == "2.4.4"
+    assert release.inputs["version"] == NIC_CHART_VERSION
     controller = release.inputs["values"]["controller"]
     assert controller["ingressClass"]["name"] == "llm-nginx"
-    assert controller["watchNamespace"] == "llm"
+    # The model's namespace, and the controller's own, where its LoadBalancer Service lives:
+    # without it the controller never learns its address and never publishes Ingress status.
+    assert controller["watchNamespace"].split(",") == ["llm", "nginx-ingress"]
+    assert controller["reportIngressStatus"] == {"enable": True}
+    # No host configured: the controller must be told to accept a host-less rule.
+    assert controller["allowEmptyIngressHost"] is True
+    assert "host" not in spec(result.one(INGRESS))["rules"][0]
     assert controller["enableSnippets"] is False
     assert controller["service"]["type"] == "LoadBalancer"
 
@@ -81,7 +89,7 @@ def test_ingress_annotations_are_streaming_safe_and_documented(run):
            "ingress": {"enabled": True}, "loadBalancing": {"perTokenSeconds": 0.1}}
     result = stack(run, raw)
     annotations = result.one(INGRESS).inputs["metadata"]["annotations"]
-    assert set(annotations) <= DOCUMENTED_ANNOTATIONS
+    assert facts.annotation_problems(annotations, facts.pinned("nginx-ingress-controller")) == []
     assert annotations["nginx.org/proxy-buffering"].lower() == "false"
     assert annotations["nginx.org/proxy-read-timeout"] == "400s"  # 4000 tokens x 0.1 s
     assert annotations["nginx.org/lb-method"] == "least_conn"

@@ -1,0 +1,38 @@
+"""Every upstream version the stacks deploy, in one place.
+
+Each pin has a facts file beside the tests (`tests/contracts/data/<component>-<version>.json`):
+what that exact version accepts (annotations, chart values, flags, metrics), read from its
+source at the tag. The contract tests fail when a pin moves without its facts, or when the code
+emits something the pinned version does not accept. Bump a pin and its facts together.
+"""
+
+from __future__ import annotations
+
+NIC_CHART = "oci://ghcr.io/nginx/charts/nginx-ingress"
+"""F5 NGINX Ingress Controller Helm chart (nginx/kubernetes-ingress, charts/nginx-ingress)."""
+NIC_CHART_VERSION = "2.6.4"
+"""Chart version; its appVersion is NIC_CONTROLLER_VERSION."""
+NIC_CONTROLLER_VERSION = "5.5.4"
+"""The controller the chart installs. 5.5 is the first that accepts hostless Ingresses
+(controller.allowEmptyIngressHost) and 5.4 the first that reads nginx.org/proxy-next-upstream*."""
+
+KEDA_CHART = "keda"
+KEDA_REPOSITORY = "https://kedacore.github.io/charts"
+KEDA_CHART_VERSION = "2.19.0"
+"""kedacore/keda chart; installs KEDA of the same version."""
+KEDA_VERSION = "2.19.0"
+
+VLLM_VERSION = "0.33.0"
+VLLM_IMAGE = f"vllm/vllm-openai:v{VLLM_VERSION}"
+"""Official vLLM image; a new tag changes the engine's flags, metrics and routes."""
+
+PULUMI_DOCKER_BUILD_VERSION = "0.0.22"
+"""pulumi-docker-build (requirements.txt pins the same): builds that need BuildKit secrets."""
+
+PINNED: dict[str, str] = {
+    "nginx-ingress-controller": NIC_CONTROLLER_VERSION,
+    "keda": KEDA_VERSION,
+    "vllm": VLLM_VERSION,
+    "pulumi-docker-build": PULUMI_DOCKER_BUILD_VERSION,
+}
+"""component -> version: each must have a facts file under tests/contracts/data/."""

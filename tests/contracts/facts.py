@@ -1,0 +1,88 @@
+"""Upstream facts, one JSON file per pinned component version, and the checks that hold the
+code to them.
+
+Each file under `data/` is `<component>-<version>.json` with at least `component`, `version`,
+`read` (the date it was read) and `sources` (fact -> `owner/repo@tag:path[:line]`): what that
+exact version accepts, read from its source at the tag. Mocks show what the program asks for;
+these facts say what the deployed version will accept.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from components.pins import PINNED
+
+DATA = Path(__file__).parent / "data"
+
+
+@functools.cache
+def load(component: str, version: str) -> dict[str, Any]:
+    path = DATA / f"{component}-{version}.json"
+    if not path.exists():
+        raise FileNotFoundError(
+            f"no facts for {component} {version}: read that version's source at its tag and "
+            f"record what the code relies on in {path.relative_to(DATA.parent.parent.parent)}"
+        )
+    return json.loads(path.read_text())
+
+
+def pinned(component: str) -> dict[str, Any]:
+    """The facts of the version components/pins.py pins."""
+    return load(component, PINNED[component])
+
+
+def all_files() -> list[Path]:
+    return sorted(DATA.glob("*.json"))
+
+
+# --- NGINX Ingress Controller ----------------------------------------------------------------
+
+
+def annotation_problems(annotations: Mapping[str, str], facts: Mapping[str, Any]) -> list[str]:
+    """Annotations the controller version would ignore, or whose value it would reject."""
+    problems = []
+    known = set(facts["annotations"])
+    patterns = facts.get("valuePatterns", {})
+    version = facts["version"]
+    for key, value in annotations.items():
+        if key not in known:
+            problems.append(f"{key}: not read by controller {version} (silently ignored)")
+            continue
+        pattern = patterns.get(key)
+        if pattern is not None and not re.match(pattern, value):
+            problems.append(f"{key}: value {value!r} fails controller {version}'s rule {pattern}")
+    if "nginx.org/proxy-next-upstream" in annotations:
+        tokens = annotations["nginx.org/proxy-next-upstream"].split()
+        if len(tokens) != len(set(tokens)):
+            problems.append("nginx.org/proxy-next-upstream: duplicate token (rejected)")
+    return problems
+
+
+def value_paths(values: Mapping[str, Any], prefix: str = "") -> Iterable[str]:
+    """Dotted paths of the leaves of a Helm values tree."""
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            yield from value_paths(value, f"{path}.")
+        else:
+            yield path
+
+
+def chart_value_problems(values: Mapping[str, Any], facts: Mapping[str, Any]) -> list[str]:
+    """Values the chart does not read. Helm accepts unknown keys silently (the chart's schema
+    does not forbid them), so a misspelt key would simply do nothing."""
+    chart = facts["chartValues"]
+    known = set(chart["values"])
+    top_level = set(chart["schemaTopLevelKeys"]) | set(chart["templateOnlyTopLevelKeys"])
+    problems = []
+    for path in value_paths(values):
+        # A value may be an object the chart passes through whole (resources, annotations).
+        parents = [path.rsplit(".", n)[0] for n in range(path.count(".") + 1)]
+        if not any(p in known for p in parents) and path not in top_level:
+            problems.append(f"{path}: not a value chart {facts['chartVersion']} reads")
+    return problems

@@ -1,0 +1,162 @@
+"""What the pinned F5 NGINX Ingress Controller and its chart accept, held against what the stack
+renders: annotations it reads (and their value rules), chart values it reads, host rules,
+watched namespaces and name limits."""
+
+from __future__ import annotations
+
+import itertools
+import pytest
+
+from components.balancing import LoadBalancingConfig, ingress_annotations
+from components.config import parse_stack_config, stack_warnings
+from components.ingress import controller_pod_labels
+from tests.contracts import facts
+from tests.infra.conftest import BASE_CONFIG
+from tests.infra.test_traffic_and_scaling import INGRESS, RELEASE, spec, stack
+from tools import offline
+
+CONTROLLER = facts.pinned("nginx-ingress-controller")
+OLD_CONTROLLER = facts.load("nginx-ingress-controller", "5.3.4")
+METHODS = ("round_robin", "least_conn", "random_two_least_conn", "session_hash")
+RATE_LIMITS = (None, {"requestsPerSecond": 5, "burst": 10})
+
+
+def policies() -> list[LoadBalancingConfig]:
+    return [
+        LoadBalancingConfig.model_validate({"method": m, "rateLimit": r})
+        for m, r in itertools.product(METHODS, RATE_LIMITS)
+    ]
+
+
+@pytest.mark.parametrize("policy", policies(), ids=lambda p: f"{p.method}-{bool(p.rate_limit)}")
+def test_every_annotation_is_read_and_valid_on_the_pinned_controller(policy):
+    annotations = ingress_annotations(policy, 2048)
+    assert facts.annotation_problems(annotations, CONTROLLER) == []
+    assert not set(annotations) & set(CONTROLLER["plusOnlyAnnotations"])
+
+
+def test_the_old_pin_would_have_ignored_the_retry_annotations():
+    """The check that keeps the pin honest: 5.3.4 (chart 2.4.4) never read proxy-next-upstream*."""
+    problems = facts.annotation_problems(ingress_annotations(policies()[0], 2048), OLD_CONTROLLER)
+    ignored = {p.split(":")[0] for p in problems}
+    assert {"nginx.org/proxy-next-upstream", "nginx.org/proxy-next-upstream-tries",
+            "nginx.org/proxy-next-upstream-timeout"} <= ignored
+
+
+@pytest.mark.parametrize("value, ok", [
+    ("120s", True), ("2m", True), ("1h 30m", True), ("120", True), ("120 s", False), ("2 minutes", False),
+])
+def test_the_time_rule_is_the_controllers(value, ok):
+    rule = {"nginx.org/proxy-read-timeout": value}
+    assert (facts.annotation_problems(rule, CONTROLLER) == []) is ok
+
+
+def test_duplicate_retry_tokens_are_caught():
+    bad = {"nginx.org/proxy-next-upstream": "error error"}
+    assert facts.annotation_problems(bad, CONTROLLER)
+
+
+# --- the rendered stacks --------------------------------------------------------------------
+
+
+def _render(stack_name: str) -> offline.ProgramRun:
+    config, secret_keys = offline.read_stack_file(offline.PROJECT_DIR / f"Pulumi.{stack_name}.yaml")
+    return offline.run_program(config, secret_keys, stack=stack_name)
+
+
+def _one(run: offline.ProgramRun, typ: str) -> offline.Recorded:
+    [found] = [r for r in run.resources if r.type == typ and not r.read
+               and (typ != RELEASE or r.inputs["chart"] == CONTROLLER["chartReference"])]
+    return found
+
+
+@pytest.fixture(scope="module")
+def prod() -> offline.ProgramRun:
+    return _render("prod")
+
+
+def test_prod_ingress_is_one_the_pinned_controller_accepts(prod):
+    ingress = offline.to_manifest(_one(prod, INGRESS))
+    values = _one(prod, RELEASE).inputs["values"]
+    assert facts.annotation_problems(ingress["metadata"]["annotations"], CONTROLLER) == []
+    for rule in ingress["spec"]["rules"]:
+        if not rule.get("host"):
+            # Accepted only with the flag, which the chart renders only with custom resources on.
+            assert CONTROLLER["hostRequired"]["allowEmptyHost"]["chartValue"] == (
+                "controller.allowEmptyIngressHost: true"
+            )
+            assert values["controller"]["allowEmptyIngressHost"] is True
+            assert values["controller"].get("enableCustomResources", True) is not False
+            assert not ingress["spec"].get("tls"), "hostless TLS comes from the default server"
+
+
+def test_a_hostless_ingress_on_the_old_pin_would_be_rejected():
+    assert OLD_CONTROLLER["hostRequired"]["value"] is True
+    assert OLD_CONTROLLER["hostRequired"]["allowEmptyHost"] is None
+
+
+def test_prod_controller_values_are_all_read_by_the_pinned_chart(prod):
+    release = _one(prod, RELEASE)
+    assert release.inputs["version"] == CONTROLLER["chartVersion"]
+    assert facts.chart_value_problems(release.inputs["values"], CONTROLLER) == []
+
+
+def test_a_misspelt_value_is_caught():
+    values = {"controller": {"watchNamespaces": "a"}, "fullnameOverride": "x"}
+    assert facts.chart_value_problems(values, CONTROLLER) == [
+        f"controller.watchNamespaces: not a value chart {CONTROLLER['chartVersion']} reads"
+    ]
+
+
+def test_prod_controller_watches_the_namespace_of_its_own_service(prod):
+    """The controller learns its address only from its own Service, seen only through a watched
+    namespace; without it the Ingress never gets status and `pulumi up` times out."""
+    release = _one(prod, RELEASE)
+    values = release.inputs["values"]
+    watched = values["controller"]["watchNamespace"].split(",")
+    assert "format" in CONTROLLER["watchNamespace"] and "comma-separated" in CONTROLLER["watchNamespace"]["format"]
+    assert release.outputs["status"]["namespace"] in watched
+    assert _one(prod, INGRESS).inputs["metadata"]["namespace"] in watched
+    assert values["controller"]["reportIngressStatus"]["enable"] is True
+
+
+def test_the_service_the_stack_reads_back_is_the_one_the_chart_names(prod):
+    values = _one(prod, RELEASE).inputs["values"]
+    service_name = values["serviceNameOverride"][:63].rstrip("-")  # the chart's trunc 63
+    [lookup] = [r for r in prod.resources if r.type == "kubernetes:core/v1:Service" and r.read]
+    assert lookup.name.endswith("-controller-svc")
+    assert service_name == values["serviceNameOverride"]  # never truncated: className <= 52
+    assert "trunc 63" in CONTROLLER["nameLimits"]["serviceName"]
+
+
+def test_controller_selector_labels_match_the_chart():
+    rule = CONTROLLER["nameLimits"]["selectorLabels"]
+    labels = controller_pod_labels("llm-nginx")
+    assert labels == {"app.kubernetes.io/name": "nginx-ingress", "app.kubernetes.io/instance": "llm-nginx"}
+    assert "app.kubernetes.io/name: <nginx-ingress.name>" in rule and "app.kubernetes.io/instance: <Release.Name>" in rule
+
+
+def test_with_a_host_the_controller_keeps_requiring_hosts(run):
+    raw = {**BASE_CONFIG, "ingress": {"enabled": True, "host": "llm.example.com"}}
+    result = stack(run, raw)
+    values = result.one(RELEASE).inputs["values"]
+    assert "allowEmptyIngressHost" not in values["controller"]
+    assert spec(result.one(INGRESS))["rules"][0]["host"] == "llm.example.com"
+
+
+def test_existing_controller_without_host_is_warned_about():
+    cfg = parse_stack_config({**BASE_CONFIG, "ingress": {"enabled": True,
+                                                         "controller": {"install": False}}})
+    [warning] = stack_warnings(cfg)
+    assert warning.startswith("llm-serving:ingress.host:") and "allow-empty-ingress-host" in warning
+
+
+def test_only_the_verified_chart_version_is_accepted():
+    from components.config import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        parse_stack_config({**BASE_CONFIG, "ingress": {"enabled": True,
+                                                       "controller": {"chartVersion": "2.4.4"}}})
+    [problem] = caught.value.problems
+    assert problem.startswith("llm-serving:ingress.controller.chartVersion:")
+    assert CONTROLLER["chartVersion"] in problem

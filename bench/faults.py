@@ -735,7 +735,7 @@ def main(argv: list[str] | None = None) -> int:
             ap.error("--rate must be positive")
         plan = replace(plan, rate=args.rate)
 
-    from bench.__main__ import free_ports
+    from bench.ports import free_ports
     from local.cluster import LocalCluster
 
     rng = random.Random(args.seed)

@@ -36,10 +36,11 @@ tests/scaling cite the worked examples):
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
 from components.sections import Section
 
@@ -51,6 +52,18 @@ KEDA_CHART_VERSION = "2.19.0"
 HPA_TOLERANCE = 0.1
 """kube-controller-manager `--horizontal-pod-autoscaler-tolerance` default (both directions)."""
 
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+
+def _dns_label(value: str) -> str:
+    # components/config.py has the same rule; it imports this module, so it cannot lend it.
+    if not _DNS_LABEL.match(value):
+        raise ValueError("must be a DNS-1123 label: lower-case letters, digits and '-', "
+                         "starting and ending with a letter or digit, at most 63 characters")
+    return value
+
+
+DnsLabel = Annotated[str, AfterValidator(_dns_label)]
 PolicyType = Literal["Pods", "Percent"]
 SelectPolicy = Literal["Max", "Min", "Disabled"]
 
@@ -72,7 +85,7 @@ class AutoscalingConfig(Section):
     """Prometheus KEDA queries, e.g. http://prometheus-operated.monitoring.svc:9090 (GPU engines)."""
     install_keda: bool = False
     """Install KEDA with Helm into `kedaNamespace`; false expects it installed."""
-    keda_namespace: str = Field("keda", pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+    keda_namespace: DnsLabel = "keda"
     """Namespace KEDA is installed into."""
     keda_chart_version: str = Field(KEDA_CHART_VERSION, min_length=1)
     """Version of the kedacore/keda chart."""

@@ -226,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="time compression (default 30, quick 80)")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--slo", type=float, default=SLO_SECONDS, help="TTFT objective, seconds")
+    ap.add_argument("--runs", default=None,
+                    help="only these runs of the plan, 1-based, e.g. 2,4 (static max and the "
+                         "surge runs you compare need to be among them)")
     ap.add_argument("--out", type=Path, default=ROOT / "docs")
     args = ap.parse_args(argv)
     factor = args.factor or (80.0 if args.quick else 30.0)
@@ -240,6 +243,12 @@ def main(argv: list[str] | None = None) -> int:
     cap = measure_capacity(model, 5.0 if args.quick else 10.0, args.seed)
     runs: list[Run] = []
     steps = plan(args.quick)
+    if args.runs:
+        try:
+            picked = [int(x) for x in args.runs.split(",") if x.strip()]
+            steps = [steps[i - 1] for i in picked]
+        except (ValueError, IndexError):
+            ap.error(f"--runs: 1-based run numbers up to {len(steps)}, got {args.runs!r}")
     for i, (setting, shape, load_s) in enumerate(steps, 1):
         title = f"{i}/{len(steps)} {shape.name} {setting.name} load {load_s:g}s"
         say(f"run {title}: {shape.seconds / 60:.0f} trace minutes = "
@@ -270,9 +279,15 @@ def report(runs: list[Run], args: argparse.Namespace, factor: float, cap: float,
                  if r.setting.replicas == MAX_REPLICAS}
     surge_auto = [r for r in runs if r.setting.autoscaled and r.trace.shape is SURGE
                   and r.load_s == 30.0]
+    if "surge" not in reference or not surge_auto:
+        say("the surge trace's static max run and an autoscaled surge run (load 30 s) are "
+            "needed for the summary; pick them with --runs")
+        return 2
     static_max = reference["surge"]
     best = best_setting(surge_auto, static_max, args.slo)
     name = "autoscale-quick" if args.quick else "autoscale"
+    if args.runs or args.factor:
+        name += f"-x{factor:g}"  # a partial or re-timed run keeps the full results
     png = args.out / f"{name}.png"
     shown = [static_max, *surge_auto] + [r for r in runs if r.setting.replicas == 1
                                           and r.trace.shape is SURGE]

@@ -213,10 +213,9 @@ def plot(runs: Sequence[Run], path: Path, title: str) -> None:
     first = runs[0].trace
     minutes = first.factor / 60
     xs = [i * first.wall_seconds / 400 for i in range(401)]
-    axes[0].plot([x * minutes for x in xs],
-                 [first.shape.load_at(x * first.factor) * first.capacity * first.factor * 60
-                  for x in xs], color="k")
-    axes[0].set_ylabel("offered,\nrequests/min")
+    axes[0].plot([x * minutes for x in xs], [first.shape.load_at(x * first.factor) for x in xs],
+                 color="k")
+    axes[0].set_ylabel("offered load,\nx one replica's\ncapacity")
     for i, run in enumerate(runs):
         color = f"C{i}"
         name = f"{label(run)}, load {run.load_s:g} s"

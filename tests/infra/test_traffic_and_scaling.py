@@ -166,7 +166,7 @@ def test_one_setting_changes_both_the_scaled_object_and_the_local_rule(run, mock
     """The ScaledObject and the rule local mode runs come from one ScalingPolicy: a changed
     setting shows up in both renderings."""
     changed = copy.deepcopy(GPU_SCALING)
-    changed["autoscaling"]["targetWaitingPerReplica"] = 4
+    changed["autoscaling"]["targetWaitingPerReplica"] = 4  # default 1
     changed["autoscaling"]["scaleDownStabilizationSeconds"] = 2400
     rendered, local = [], []
     for raw in (GPU_SCALING, changed):
@@ -177,13 +177,13 @@ def test_one_setting_changes_both_the_scaled_object_and_the_local_rule(run, mock
     thresholds = [o["triggers"][0]["metadata"]["threshold"] for o in objects]
     windows = [o["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"][
         "stabilizationWindowSeconds"] for o in objects]
-    assert thresholds == ["2", "4"] and windows == [1800, 2400]
-    # 8 waiting over 2 replicas: target 2 asks for 4 replicas, target 4 keeps 2.
-    assert [p.rule().evaluate(0.0, 2, (8.0, 0.0)).desired for p in local] == [4, 2]
+    assert thresholds == ["1", "4"] and windows == [1800, 2400]
+    # 8 waiting over 2 replicas: target 1 asks for 8 replicas (max 6), target 4 keeps 2.
+    assert [p.rule().evaluate(0.0, 2, (8.0, 0.0)).desired for p in local] == [6, 2]
     assert [p.scale_down.stabilization_window_seconds for p in local] == [1800, 2400]
     # Same thresholds and windows, the same namespace in the query; only the metric name is
     # the local server's.
-    assert [t.threshold for t in local[1].triggers] == [4, 32]
+    assert [t.threshold for t in local[1].triggers] == [4, 24]
     assert local[1].triggers[0].query == 'sum(llm_requests_waiting{namespace="llm-serving"})'
 
 

@@ -143,7 +143,7 @@ class LocalAutoscaler:
             wait = min(HOUSEKEEPING_SECONDS, max(0.0, next_poll - self._clock()))
             self._stop.wait(wait)
 
-    # --- helpers ---
+    # --- internals ---
 
     def _sync_targets(self) -> None:
         self.prometheus.set_targets(self.cluster.serving_ports)

@@ -126,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     if args_in[:1] == ["faults"]:  # `python -m bench faults [...]`: the fault drills
         from bench import faults
         return faults.main(args_in[1:])
+    if args_in[:1] == ["autoscale"]:  # `python -m bench autoscale [...]`: docs/autoscaling.md
+        from bench import autoscale
+        return autoscale.main(args_in[1:])
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--replicas", type=int, default=4)

@@ -17,15 +17,10 @@ import pulumi
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from components.balancing import LoadBalancingConfig
-from components.engines import PROFILES, EngineLaunch, EngineName, EngineProfile
-from components.pins import (  # noqa: F401  (re-exported: the components import them from here)
-    KEDA_CHART,
-    KEDA_CHART_VERSION,
-    KEDA_REPOSITORY,
-    NIC_CHART,
-    NIC_CHART_VERSION,
-)
 from components.config_types import DnsLabel, NonEmptyStr
+from components.engines import PROFILES, EngineLaunch, EngineName, EngineProfile
+from components.pins import NIC_CHART_VERSION
+from components.scaling import AutoscalingConfig
 from components.sections import Section
 from components.tls import CertManagerConfig
 
@@ -318,34 +313,6 @@ class IngressConfig(Section):
     @property
     def tls_on(self) -> bool:
         return self.tls_secret is not None or self.cert_manager.enabled
-
-
-class AutoscalingConfig(Section):
-    enabled: bool = False
-    """Scale replicas automatically: HPA on CPU for the server engine, KEDA on queue depth for GPU engines."""
-    min_replicas: int = Field(1, ge=1, le=1000)
-    """Fewest replicas; `replicas` is ignored while autoscaling is on."""
-    max_replicas: int = Field(4, ge=1, le=1000)
-    """Most replicas (GPU stacks: no more than the GPUs you can get)."""
-    target_cpu_utilization: int = Field(70, ge=1, le=100)
-    """Server engine: average CPU utilisation (% of requests) the HPA keeps."""
-    target_waiting_per_replica: int = Field(2, ge=1)
-    """GPU engines: queued requests per replica before KEDA adds one."""
-    target_running_per_replica: int = Field(32, ge=1)
-    """GPU engines: sequences in generation per replica before KEDA adds one."""
-    prometheus_url: NonEmptyStr | None = None
-    """Prometheus KEDA queries, e.g. http://prometheus-operated.monitoring.svc:9090 (GPU engines)."""
-    install_keda: bool = False
-    """Install KEDA with Helm into `kedaNamespace`; false expects it installed."""
-    keda_namespace: DnsLabel = "keda"
-    """Namespace KEDA is installed into."""
-    keda_chart_version: NonEmptyStr = KEDA_CHART_VERSION
-    """Version of the kedacore/keda chart."""
-    polling_interval_seconds: int = Field(15, ge=5, le=3600)
-    """How often KEDA queries Prometheus."""
-    scale_down_stabilization_seconds: int | None = Field(None, ge=0, le=86_400)
-    """Window before replicas are removed; at least model.loadTimeoutSeconds (its default), so a
-    loading pod is never scaled away."""
 
 
 class DisruptionBudgetConfig(Section):

@@ -20,7 +20,6 @@ from typing import Any, Mapping, NotRequired, TypedDict
 
 import pulumi
 import pulumi_kubernetes as k8s
-from pydantic import Field
 
 from components.config_types import DnsLabel, NonEmptyStr
 from components.pins import CERT_MANAGER_CHART, CERT_MANAGER_REPOSITORY, CERT_MANAGER_VERSION

@@ -14,7 +14,7 @@ import yaml
 from components.config import ConfigError
 from tests.infra.test_balancing import needs_nginx
 from tests.infra.nginx_support import NGINX
-from components.config import KEDA_REPOSITORY, NIC_CHART, NIC_CHART_VERSION
+from components.pins import KEDA_REPOSITORY, NIC_CHART, NIC_CHART_VERSION
 from tools import offline
 
 STACK_FILES = sorted(offline.PROJECT_DIR.glob("Pulumi.*.yaml"))

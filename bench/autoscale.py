@@ -1,0 +1,323 @@
+"""Benchmark autoscaling on time-varying traffic: ``python -m bench autoscale [--quick]``.
+
+Measures one sim replica's capacity, then replays seeded open-loop traces (``SURGE``: quiet at
+0.5x one replica's capacity, a step to 2.5x, quiet again; ``RAMP``: the same peak reached
+slowly) through nginx against static ``minReplicas`` and ``maxReplicas`` clusters and against
+clusters scaled by the local autoscaler (a real Prometheus, the rule the ScaledObject renders)
+with several ``targetWaitingPerReplica`` / scale-down window settings and two model load
+times. Time is compressed by ONE factor (``--factor``) applied alike to the trace, the load
+times, the polling interval, the scrape interval, the rate-limit periods and the windows;
+request processing itself (prefill, decode) runs at its own speed. Every figure is reported on
+the trace (uncompressed) clock unless marked "wall".
+
+Writes ``autoscale[-quick]-results.md`` and ``autoscale[-quick].png`` to ``--out`` and prints,
+last, ``autoscale: slo <P>% (static max <Q>%), replica-seconds <R> of static max`` for the
+best autoscaled setting on the surge trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import os
+import random
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from bench import capacity, client, trace
+from bench.autoscale_report import Run, Sample, Setting, label, phase_table, plot, summary_table
+from bench.autoscale_trace import RAMP, SURGE, Shape, build
+from bench.ports import free_ports
+from components.engines import PROFILES
+from components.scaling import AutoscalingConfig, ScalingPolicy
+
+ROOT = Path(__file__).resolve().parent.parent
+NAMESPACE = "llm-serving"
+MAX_REPLICAS = 4
+SLO_SECONDS = 2.0
+"""TTFT objective: ~15x this sim's unloaded TTFT (~0.13 s), so a request misses it only when
+it waited for a slot, which is what scaling is for; 2 s is also where chat users start to
+notice a stall before the first word."""
+SERVER = PROFILES["server"]
+
+
+@dataclass(frozen=True)
+class Model:
+    """Sim replica: 8 slots, ~38 ms decode steps at full batch, like the balancing bench."""
+
+    slots: int = 8
+    prefill_base_ms: float = 50
+    prefill_ms_per_token: float = 0.25
+    decode_base_ms: float = 30
+    decode_ms_per_seq: float = 1.0
+    max_tokens: int = 384
+
+    def env(self, load_wall_s: float) -> dict[str, str]:
+        return {
+            "LLM_MAX_CONCURRENCY": str(self.slots), "LLM_MAX_QUEUE": "256",
+            "LLM_MAX_TOKENS": str(self.max_tokens), "LLM_MAX_MODEL_LEN": "4096",
+            "LLM_SIM_PREFILL_BASE_MS": str(self.prefill_base_ms),
+            "LLM_SIM_PREFILL_MS_PER_TOKEN": str(self.prefill_ms_per_token),
+            "LLM_SIM_DECODE_BASE_MS": str(self.decode_base_ms),
+            "LLM_SIM_DECODE_MS_PER_SEQ": str(self.decode_ms_per_seq),
+            "LLM_SIM_LOAD_SECONDS": f"{load_wall_s:.3f}",
+            # Drain is about request length, which is not compressed.
+            "LLM_DRAIN_SECONDS": "30", "LLM_LOG_LEVEL": "warning",
+        }
+
+
+def say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def policy_for(setting: Setting, factor: float) -> ScalingPolicy:
+    """The stack's policy (defaults but the benchmarked settings), compressed by `factor`."""
+    scaling = AutoscalingConfig(enabled=True, min_replicas=setting.min_replicas,
+                                max_replicas=MAX_REPLICAS,
+                                target_waiting_per_replica=setting.target_waiting,
+                                target_running_per_replica=setting.target_running)
+    return ScalingPolicy.from_config(
+        scaling, waiting_metric=SERVER.waiting_metric, running_metric=SERVER.running_metric,
+        namespace=NAMESPACE, scale_down_window_seconds=setting.window_s).compressed(factor)
+
+
+def measure_capacity(model: Model, seconds: float, seed: int) -> float:
+    """Requests/s one replica sustains on this workload (closed loop, saturated)."""
+    from local.cluster import LocalCluster
+
+    base = free_ports(2, random.Random(seed))
+    pool = trace.generate(50, 40, seed + 1000, trace.Workload(), 4096).requests
+    with LocalCluster(1, port=base, first_replica_port=base + 1, server_env=model.env(0),
+                      max_output_tokens=model.max_tokens) as cluster:
+        cap, tps, errors = asyncio.run(capacity.measure(
+            cluster.replica_urls, cluster.model_name, cluster.api_key, pool, model.slots,
+            warmup=min(4.0, seconds / 2), duration=seconds, salt="cap"))
+    say(f"capacity of one replica: {cap:.2f} requests/s ({tps:.0f} tokens/s, {errors} errors)")
+    return cap
+
+
+class Sampler(threading.Thread):
+    """Every 0.25 s: replicas by state and the queue, read from each replica's /metrics; a
+    progress line every 5 s."""
+
+    def __init__(self, cluster: object, title: str, timed: object, t0_hint: float) -> None:
+        super().__init__(name="autoscale-sampler", daemon=True)
+        self.cluster, self.title, self.timed, self.t0 = cluster, title, timed, t0_hint
+        self.samples: list[Sample] = []
+        self.stop_event = threading.Event()
+
+    def run(self) -> None:
+        next_note = time.monotonic()
+        with httpx.Client(timeout=0.5) as http:
+            while not self.stop_event.is_set():
+                c = self.cluster
+                waiting = running = 0.0
+                for port in list(c.serving_ports):
+                    try:
+                        for line in http.get(f"http://127.0.0.1:{port}/metrics").text.splitlines():
+                            if line.startswith("llm_requests_waiting "):
+                                waiting += float(line.split()[-1])
+                            elif line.startswith("llm_requests_running "):
+                                running += float(line.split()[-1])
+                    except httpx.HTTPError:
+                        pass
+                now = time.monotonic()
+                self.samples.append(Sample(now, c.serving, c.starting, c.draining, waiting,
+                                           running))
+                if now >= next_note:
+                    next_note = now + 5.0
+                    t = now - self.t0
+                    phase = self.timed.phase_of(max(0.0, t)) if t >= 0 else "setup"
+                    say(f"  [{self.title}] {phase:>9}, {max(0.0, t):5.1f}/"
+                        f"{self.timed.wall_seconds:.0f} s wall, replicas {c.serving} serving"
+                        f" + {c.starting} loading + {c.draining} draining, queue {waiting:.0f}")
+                self.stop_event.wait(0.25)
+
+
+def run_one(setting: Setting, shape: Shape, load_s: float, factor: float, cap: float,
+            model: Model, seed: int, title: str) -> Run:
+    from local.autoscaler import LocalAutoscaler
+    from local.cluster import LocalCluster
+    from local.prometheus import LocalPrometheus
+
+    timed = build(shape, factor, cap, seed)
+    rng = random.Random(f"{seed}-{title}")
+    base = free_ports(2 * MAX_REPLICAS + 3, rng)
+    start_replicas = setting.replicas or setting.min_replicas
+    cluster = LocalCluster(start_replicas, port=base, first_replica_port=base + 1,
+                           server_env=model.env(load_s / factor),
+                           max_output_tokens=model.max_tokens)
+    prometheus = scaler = None
+    with cluster:
+        try:
+            if setting.autoscaled:
+                prometheus = LocalPrometheus(cluster.workdir, namespace=NAMESPACE,
+                                             port=base + 2 * MAX_REPLICAS + 2,
+                                             scrape_interval_seconds=max(0.25, 15 / factor))
+                prometheus.set_targets(cluster.serving_ports)
+                prometheus.start()
+                deadline = time.monotonic() + 20
+                up = f'count(up{{namespace="{NAMESPACE}"}} == 1)'
+                while prometheus.query(up) < start_replicas:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("prometheus did not scrape the first replica")
+                    time.sleep(0.1)
+                scaler = LocalAutoscaler(cluster, prometheus, policy_for(setting, factor),
+                                         log=cluster.workdir / "autoscaler.jsonl")
+            sampler = Sampler(cluster, title, timed, time.monotonic() + 0.2)
+            sampler.start()
+            if scaler is not None:
+                scaler.start()
+            records = asyncio.run(client.replay(
+                timed.requests, lambda _r: f"{cluster.endpoint}/chat/completions",
+                cluster.model_name, api_key=cluster.api_key, salt=title, grace=90.0))
+            if scaler is not None:
+                scaler.stop()
+            sampler.stop_event.set()
+            sampler.join(timeout=5)
+        finally:
+            if scaler is not None:
+                scaler.stop()
+            if prometheus is not None:
+                prometheus.close()
+    t0 = records[0].scheduled - timed.requests[0].arrival if records else time.monotonic()
+    run = Run(setting, timed, load_s, records, t0)
+    run.samples = [Sample(s.t - t0, s.serving, s.starting, s.draining, s.waiting, s.running)
+                   for s in sampler.samples]
+    if scaler is not None:
+        run.events = [(t - t0, kind, index) for t, kind, index in scaler.events]
+        if scaler.errors:
+            say(f"  [{title}] autoscaler errors: {scaler.errors[:3]}")
+    return run
+
+
+def auto(waiting: int, running: int = 6, window: float = 300) -> Setting:
+    return Setting(f"auto-w{waiting}-r{running}-{window:g}s", None, waiting, running, window)
+
+
+def plan(quick: bool) -> list[tuple[Setting, Shape, float]]:
+    """(setting, trace, load time in trace seconds) of every run, in order."""
+    static_min, static_max = Setting("static-min", replicas=1), Setting("static-max", MAX_REPLICAS)
+    if quick:
+        return [(static_max, SURGE, 30.0), (auto(2), SURGE, 30.0), (auto(1), SURGE, 30.0)]
+    return [
+        (static_min, SURGE, 30.0), (static_max, SURGE, 30.0),
+        # running 32 = 4x the slots: the running trigger never fires (waiting only).
+        (auto(2, running=32), SURGE, 30.0),
+        (auto(1), SURGE, 30.0), (auto(2), SURGE, 30.0), (auto(4), SURGE, 30.0),
+        (auto(2, window=1800), SURGE, 30.0),
+        (auto(2), SURGE, 120.0),
+        (static_max, RAMP, 30.0), (auto(2), RAMP, 30.0),
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench autoscale", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true",
+                    help="3 runs of the surge trace at a higher compression (< 3 min)")
+    ap.add_argument("--factor", type=float, default=None,
+                    help="time compression (default 30, quick 80)")
+    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--slo", type=float, default=SLO_SECONDS, help="TTFT objective, seconds")
+    ap.add_argument("--runs", default=None,
+                    help="only these runs of the plan, 1-based, e.g. 2,4 (static max and the "
+                         "surge runs you compare need to be among them)")
+    ap.add_argument("--out", type=Path, default=ROOT / "docs")
+    args = ap.parse_args(argv)
+    factor = args.factor or (80.0 if args.quick else 30.0)
+    if factor <= 0:
+        ap.error("--factor must be positive")
+    model = Model()
+    started = time.monotonic()
+    say(f"sim replica: {model.slots} slots, prefill {model.prefill_base_ms:g} ms + "
+        f"{model.prefill_ms_per_token:g} ms/token, decode {model.decode_base_ms:g} ms + "
+        f"{model.decode_ms_per_seq:g} ms x active; time compressed {factor:g}x; "
+        f"{os.cpu_count()} cores")
+    cap = measure_capacity(model, 5.0 if args.quick else 10.0, args.seed)
+    runs: list[Run] = []
+    steps = plan(args.quick)
+    if args.runs:
+        try:
+            picked = [int(x) for x in args.runs.split(",") if x.strip()]
+            steps = [steps[i - 1] for i in picked]
+        except (ValueError, IndexError):
+            ap.error(f"--runs: 1-based run numbers up to {len(steps)}, got {args.runs!r}")
+    for i, (setting, shape, load_s) in enumerate(steps, 1):
+        title = f"{i}/{len(steps)} {shape.name} {setting.name} load {load_s:g}s"
+        say(f"run {title}: {shape.seconds / 60:.0f} trace minutes = "
+            f"{shape.seconds / factor:.0f} s wall")
+        run = run_one(setting, shape, load_s, factor, cap, model, args.seed, title)
+        runs.append(run)
+        say(f"  -> {label(run)}: {run.slo_share(args.slo):.1%} within SLO, "
+            f"{run.failed} failed ({run.failed_by_scale_down()} by scale-down), "
+            f"{run.replica_seconds():,.0f} replica-s")
+    return report(runs, args, factor, cap, time.monotonic() - started)
+
+
+COST_BUDGET = 0.70
+"""The issue's bar: at most 70 % of static max's replica-seconds."""
+
+
+def best_setting(runs: list[Run], static_max: Run, slo: float) -> Run:
+    """The highest SLO share among autoscaled runs within the cost budget (else among all);
+    ties go to the cheaper one."""
+    budget = static_max.replica_seconds() * COST_BUDGET
+    within = [r for r in runs if r.replica_seconds() <= budget] or runs
+    return max(within, key=lambda r: (round(r.slo_share(slo), 3), -r.replica_seconds()))
+
+
+def report(runs: list[Run], args: argparse.Namespace, factor: float, cap: float,
+           elapsed: float) -> int:
+    reference = {r.trace.shape.name: r for r in runs
+                 if r.setting.replicas == MAX_REPLICAS}
+    surge_auto = [r for r in runs if r.setting.autoscaled and r.trace.shape is SURGE
+                  and r.load_s == 30.0]
+    if "surge" not in reference or not surge_auto:
+        say("the surge trace's static max run and an autoscaled surge run (load 30 s) are "
+            "needed for the summary; pick them with --runs")
+        return 2
+    static_max = reference["surge"]
+    best = best_setting(surge_auto, static_max, args.slo)
+    name = "autoscale-quick" if args.quick else "autoscale"
+    if args.runs or args.factor:
+        name += f"-x{factor:g}"  # a partial or re-timed run keeps the full results
+    png = args.out / f"{name}.png"
+    shown = [static_max, *surge_auto] + [r for r in runs if r.setting.replicas == 1
+                                          and r.trace.shape is SURGE]
+    plot(shown, png, f"surge trace, seed {args.seed}, compressed {factor:g}x, "
+                     f"one replica = {cap:.2f} req/s wall")
+    ramp = [r for r in runs if r.trace.shape is RAMP]
+    if ramp:
+        plot(ramp, args.out / f"{name}-ramp.png", f"ramp trace, seed {args.seed}, "
+                                                  f"compressed {factor:g}x")
+    table, phases = summary_table(runs, args.slo, reference), phase_table(runs)
+    scale_down_failures = sum(r.failed_by_scale_down() for r in runs if r.setting.autoscaled)
+    command = " ".join(["python -m bench autoscale", *(sys.argv[2:] if len(sys.argv) > 2 else [])])
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{name}-results.md").write_text("\n".join([
+        f"# Autoscaling benchmark results ({'quick' if args.quick else 'full'})", "",
+        f"`{command}` — {elapsed:.0f} s on {os.cpu_count()} cores; time compressed "
+        f"{factor:g}x (trace, load times, polling, scrape interval, periods, windows); "
+        "figures in trace seconds.", "",
+        f"- One replica's measured capacity: {cap:.2f} requests/s (wall).",
+        f"- SLO: TTFT ≤ {args.slo:g} s. Failed requests attributable to scale-down, all "
+        f"autoscaled runs: {scale_down_failures}.", "",
+        table, "", "Per phase:", "", phases, "", f"![replicas, queue and p99 TTFT]({png.name})",
+        ""]))
+    say("")
+    say(table)
+    say(f"failed requests attributable to scale-down (all autoscaled runs): "
+        f"{scale_down_failures}")
+    say(f"wrote {args.out / (name + '-results.md')} and {png} in {elapsed:.0f} s")
+    share = best.replica_seconds() / static_max.replica_seconds()
+    say(f"autoscale: slo {best.slo_share(args.slo) * 100:.1f}% (static max "
+        f"{static_max.slo_share(args.slo) * 100:.1f}%), replica-seconds "
+        f"{share * 100:.0f}% of static max")
+    return 0 if not math.isnan(share) else 1

@@ -15,6 +15,8 @@ from components.config import Secrets, StackConfig
 from components.deployment import HF_TOKEN_SECRET_KEY, LlmDeployment
 from components.image import LlmImage, LlmImageArgs
 from components.ingress import NginxIngress, controller_pod_labels
+from components.alerting import LlmAlertRules
+from components.dashboard import LlmDashboard
 from components.monitoring import LlmServiceMonitor
 from components.policies import PodPolicies
 from components.service import LlmService
@@ -165,6 +167,25 @@ class LlmStack(pulumi.ComponentResource):
                     "interval_seconds": cfg.monitoring.interval_seconds,
                     "labels": {**labels, **cfg.monitoring.labels},
                 },
+                opts=child,
+            )
+
+        monitoring = cfg.monitoring
+        if monitoring.rules:
+            LlmAlertRules(
+                f"{name}-alerts",
+                {"config": cfg, "namespace": ns_name, "labels": {**labels, **monitoring.labels}},
+                opts=child,
+            )
+        if monitoring.dashboard:
+            dashboard_ns = (
+                monitoring.dashboard_namespace
+                if monitoring.dashboard_namespace is not None
+                else ns_name
+            )
+            LlmDashboard(
+                f"{name}-dashboard",
+                {"config": cfg, "namespace": dashboard_ns, "labels": labels},
                 opts=child,
             )
 

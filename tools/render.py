@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from components.alerting import alert_policy, rules_file
 from components.balancing import nginx_conf
 from components.config import ConfigError, parse_stack_config
 from tools import offline
@@ -91,6 +92,12 @@ def _local_nginx_conf(config: dict[str, str], out: Path) -> str:
     )
 
 
+def _local_rules(config: dict[str, str]) -> str:
+    """The same alerting policy as a plain rule file, scoped to local mode's scrape job."""
+    cfg = parse_stack_config(offline.namespace_values(config))
+    return rules_file(alert_policy(cfg, "local"))
+
+
 def render(stack: str, out: Path | None, stack_file: Path | None = None) -> int:
     stack_file = stack_file or offline.PROJECT_DIR / f"Pulumi.{stack}.yaml"
     if not stack_file.exists():
@@ -120,6 +127,7 @@ def render(stack: str, out: Path | None, stack_file: Path | None = None) -> int:
         for manifest in manifests:
             (out / _file_name(manifest)).write_text(yaml.safe_dump(manifest, sort_keys=False))
         (out / "nginx.conf").write_text(_local_nginx_conf(config, out))
+        (out / "prometheus-rules.yml").write_text(_local_rules(config))
 
     print()
     for name, value in sorted(run.exports.items()):
@@ -132,7 +140,10 @@ def render(stack: str, out: Path | None, stack_file: Path | None = None) -> int:
         for problem in problems:
             print(f"  {problem}", file=sys.stderr)
         return 1
-    where = f", written to {out} with the local-mode nginx.conf" if out is not None else ""
+    where = (
+        f", written to {out} with the local-mode nginx.conf and prometheus-rules.yml"
+        if out is not None else ""
+    )
     print(
         f"\n{len(manifests)} manifests valid against Kubernetes {versions}{where} "
         f"({elapsed:.1f} s)"

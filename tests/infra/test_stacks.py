@@ -108,9 +108,10 @@ def test_render_cli_writes_valid_manifests(tmp_path: Path):
     assert "output apiKey: [secret]" in result.stdout
     written = sorted({p.name.split("-")[0] for p in tmp_path.glob("*.yaml")})
     assert (tmp_path / "nginx.conf").exists()
-    assert written == ["deployment", "ingress", "namespace", "networkpolicy",
-                       "poddisruptionbudget", "scaledobject", "secret", "service",
-                       "servicemonitor"]
+    assert (tmp_path / "prometheus-rules.yml").exists()
+    assert written == ["configmap", "deployment", "ingress", "namespace", "networkpolicy",
+                       "poddisruptionbudget", "prometheusrule", "scaledobject", "secret",
+                       "service", "servicemonitor"]
     deployment = yaml.safe_load(next(tmp_path.glob("deployment-*.yaml")).read_text())
     assert isinstance(deployment["spec"]["replicas"], int)
     assert "startupProbe" in deployment["spec"]["template"]["spec"]["containers"][0]

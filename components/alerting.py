@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 Target = Literal["cluster", "local"]
 
-LOCAL_JOB = "llm-replicas"
+LOCAL_JOB = "llm-serving-local"
 """Scrape job name of the local replicas in local mode's Prometheus."""
 
 RECORD_PREFIX = "llm_serving"

@@ -1,5 +1,9 @@
 """LlmAutoscaler: replicas that follow load. CPU engines scale on utilisation
-(HPA); GPU engines on their own queue metrics read from Prometheus (KEDA)."""
+(HPA); GPU engines on their own queue metrics read from Prometheus (KEDA).
+
+Everything but the CPU metric comes from `components.scaling.ScalingPolicy`, the object
+local mode evaluates too (`local.autoscaler`), so what a local benchmark measures is what
+the cluster runs."""
 
 from __future__ import annotations
 
@@ -8,7 +12,8 @@ from typing import Any, Mapping, NotRequired, TypedDict
 import pulumi
 import pulumi_kubernetes as k8s
 
-from components.config import KEDA_CHART, KEDA_REPOSITORY, StackConfig
+from components.config import StackConfig
+from components.scaling import KEDA_CHART, KEDA_REPOSITORY, ScalingPolicy
 
 
 class LlmAutoscalerArgs(TypedDict):
@@ -16,25 +21,6 @@ class LlmAutoscalerArgs(TypedDict):
     namespace: pulumi.Input[str]
     deployment_name: pulumi.Input[str]
     labels: NotRequired[Mapping[str, str]]
-
-
-def _scale_down_behavior(window: int) -> dict[str, Any]:
-    """HPA `behavior`, for the HPA itself and inside KEDA's ScaledObject (a raw custom
-    resource, hence camelCase keys; the typed HPA args accept them as they are)."""
-    # Remove one pod at a time, and only after load stayed low for the whole
-    # window: a replacement would need the full model load time to come back.
-    return {
-        "scaleDown": {
-            "stabilizationWindowSeconds": window,
-            "policies": [{"type": "Pods", "value": 1, "periodSeconds": 60}],
-        },
-        "scaleUp": {"stabilizationWindowSeconds": 0},
-    }
-
-
-def queue_queries(metric: str, namespace: str) -> str:
-    """PromQL summing an engine gauge over the stack's namespace (one stack per namespace)."""
-    return f'sum({metric}{{namespace="{namespace}"}})'
 
 
 class LlmAutoscaler(pulumi.ComponentResource):
@@ -78,7 +64,7 @@ class LlmAutoscaler(pulumi.ComponentResource):
                         },
                     },
                 }],
-                "behavior": _scale_down_behavior(cfg.scale_down_window_seconds),
+                "behavior": ScalingPolicy.for_stack(cfg).hpa_behavior(),
             },
             opts=pulumi.ResourceOptions(parent=self),
         )
@@ -86,7 +72,7 @@ class LlmAutoscaler(pulumi.ComponentResource):
     def _scaled_object(
         self, name: str, cfg: StackConfig, args: LlmAutoscalerArgs, metadata: dict
     ) -> None:
-        scaling, profile = cfg.autoscaling, cfg.profile
+        scaling = cfg.autoscaling
         depends: list[pulumi.Resource] = []
         if scaling.install_keda:
             keda_ns = k8s.core.v1.Namespace(
@@ -103,42 +89,17 @@ class LlmAutoscaler(pulumi.ComponentResource):
                 namespace=keda_ns.metadata.name,
                 opts=pulumi.ResourceOptions(parent=self),
             ))
-        window = cfg.scale_down_window_seconds
-        namespace = pulumi.Output.from_input(args["namespace"])
-
-        def trigger(metric: str, threshold: int) -> dict[str, Any]:
-            return {
-                "type": "prometheus",
-                "metadata": {
-                    "serverAddress": scaling.prometheus_url,
-                    "query": namespace.apply(lambda ns: queue_queries(metric, ns)),
-                    # AverageValue: KEDA divides the sum by the replica count.
-                    "threshold": str(threshold),
-                },
-            }
-
+        # The query names the namespace the pods run in (an Output, in case it differs
+        # from the configured name); everything else is the policy's.
+        spec = pulumi.Output.all(args["namespace"], args["deployment_name"]).apply(
+            lambda a: ScalingPolicy.for_stack(cfg.model_copy(update={"namespace": a[0]}))
+            .scaled_object_spec(a[1]))
         k8s.apiextensions.CustomResource(
             f"{name}-scaledobject",
             api_version="keda.sh/v1alpha1",
             kind="ScaledObject",
             metadata=metadata,
-            spec={
-                "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment",
-                                   "name": args["deployment_name"]},
-                "minReplicaCount": scaling.min_replicas,
-                "maxReplicaCount": scaling.max_replicas,
-                "pollingInterval": scaling.polling_interval_seconds,
-                # Only used when scaling to zero; kept as long as the HPA window.
-                "cooldownPeriod": window,
-                "advanced": {
-                    "horizontalPodAutoscalerConfig": {"behavior": _scale_down_behavior(window)},
-                },
-                # KEDA scales to the largest replica count any trigger asks for.
-                "triggers": [
-                    trigger(profile.waiting_metric, scaling.target_waiting_per_replica),
-                    trigger(profile.running_metric, scaling.target_running_per_replica),
-                ],
-            },
+            spec=spec,
             # The ScaledObject CRD arrives with the KEDA chart.
             opts=pulumi.ResourceOptions(parent=self, depends_on=depends),
         )

@@ -18,6 +18,12 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from components.balancing import LoadBalancingConfig
 from components.engines import PROFILES, EngineName, EngineProfile
+from components.scaling import (  # noqa: F401 - re-exported: the chart pin's historic home
+    KEDA_CHART,
+    KEDA_CHART_VERSION,
+    KEDA_REPOSITORY,
+    AutoscalingConfig,
+)
 from components.sections import Section
 
 NAMESPACE = "llm-serving"
@@ -245,11 +251,6 @@ class RolloutConfig(Section):
 NIC_CHART = "oci://ghcr.io/nginx/charts/nginx-ingress"
 NIC_CHART_VERSION = "2.4.4"
 """F5 NGINX Ingress Controller chart, pinned; bump deliberately."""
-KEDA_CHART = "keda"
-KEDA_REPOSITORY = "https://kedacore.github.io/charts"
-KEDA_CHART_VERSION = "2.19.0"
-
-
 class ControllerConfig(Section):
     install: bool = True
     """Install the F5 NGINX Ingress Controller with Helm; false uses one that already runs."""
@@ -280,34 +281,6 @@ class IngressConfig(Section):
     """Path prefix routed to the model."""
     tls_secret: DnsLabel | None = None
     """Kubernetes TLS Secret (in the stack's namespace) for `host`; unset serves plain HTTP."""
-
-
-class AutoscalingConfig(Section):
-    enabled: bool = False
-    """Scale replicas automatically: HPA on CPU for the server engine, KEDA on queue depth for GPU engines."""
-    min_replicas: int = Field(1, ge=1, le=1000)
-    """Fewest replicas; `replicas` is ignored while autoscaling is on."""
-    max_replicas: int = Field(4, ge=1, le=1000)
-    """Most replicas (GPU stacks: no more than the GPUs you can get)."""
-    target_cpu_utilization: int = Field(70, ge=1, le=100)
-    """Server engine: average CPU utilisation (% of requests) the HPA keeps."""
-    target_waiting_per_replica: int = Field(2, ge=1)
-    """GPU engines: queued requests per replica before KEDA adds one."""
-    target_running_per_replica: int = Field(32, ge=1)
-    """GPU engines: sequences in generation per replica before KEDA adds one."""
-    prometheus_url: NonEmptyStr | None = None
-    """Prometheus KEDA queries, e.g. http://prometheus-operated.monitoring.svc:9090 (GPU engines)."""
-    install_keda: bool = False
-    """Install KEDA with Helm into `kedaNamespace`; false expects it installed."""
-    keda_namespace: DnsLabel = "keda"
-    """Namespace KEDA is installed into."""
-    keda_chart_version: NonEmptyStr = KEDA_CHART_VERSION
-    """Version of the kedacore/keda chart."""
-    polling_interval_seconds: int = Field(15, ge=5, le=3600)
-    """How often KEDA queries Prometheus."""
-    scale_down_stabilization_seconds: int | None = Field(None, ge=0, le=86_400)
-    """Window before replicas are removed; at least model.loadTimeoutSeconds (its default), so a
-    loading pod is never scaled away."""
 
 
 class DisruptionBudgetConfig(Section):

@@ -13,7 +13,6 @@ still alive after that deadline gets SIGKILL. Everything started is recorded in
 from __future__ import annotations
 
 import os
-import pwd
 import secrets
 import shutil
 import signal
@@ -25,22 +24,26 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Self
 
 import httpx
 
-from components.balancing import HEALTH_PATH, LoadBalancingConfig, nginx_conf
+from components.balancing import LoadBalancingConfig
 from local import procs
+from local.elastic import Elastic
+from local.nginx import NginxControl, answers, children, policy_label  # noqa: F401 - public
+from local.state import (  # noqa: F401 - public here too
+    DEFAULT_DRAIN_SECONDS,
+    KILL_GRACE_SECONDS,
+    recorded_alive,
+    stop_recorded,
+)
 from local.procs import LocalModeError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 """Replicas run `uvicorn server:app` from here."""
 
 ENGINES = ("sim", "transformers")
-DEFAULT_DRAIN_SECONDS = 30.0
-"""The server's own default for LLM_DRAIN_SECONDS (server/settings.py)."""
-KILL_GRACE_SECONDS = 5.0
-"""Added to the drain deadline before SIGKILL: process exit and nginx's own wind-down."""
 _POLL_SECONDS = 0.05
 _WAITING_NOTE_EVERY = 10.0
 
@@ -51,6 +54,10 @@ class _Replica:
     port: int
     log: Path
     proc: subprocess.Popen[bytes] | None = None
+    admitted: bool = True
+    """In nginx's upstream; False while a replica added by scaling still loads."""
+    retired_at: float | None = None
+    """When scale-down sent SIGTERM (monotonic), for the kill deadline."""
 
     @property
     def url(self) -> str:
@@ -69,7 +76,7 @@ class _Replica:
         return self.proc is not None and self.proc.poll() is None
 
 
-class LocalCluster:
+class LocalCluster(NginxControl, Elastic):
     """Replicas of the OpenAI-compatible server on consecutive ports, behind nginx.
 
     Use as a context manager (`with LocalCluster(3) as c:`) or call `start()`/`stop()`.
@@ -129,6 +136,8 @@ class LocalCluster:
         self._owned_workdir = workdir is None
         self.workdir: Path | None = None if workdir is None else Path(workdir).resolve()
         self._replicas = [self._replica(i) for i in range(replicas)]
+        self._draining: list[_Replica] = []
+        """Replicas removed by scale-down that are still finishing their requests."""
         self._nginx: subprocess.Popen[bytes] | None = None
         self._stopped = True
 
@@ -279,7 +288,7 @@ class LocalCluster:
         surplus = self._replicas[wanted:]
         self._write_conf(self._replicas[:wanted])
         self._check_conf()
-        before = _children(self._nginx.pid)
+        before = children(self._nginx.pid)
         self._nginx.send_signal(signal.SIGHUP)
         self._wait_new_workers(before)
         self._progress(f"nginx reloaded: {policy_label(self.policy)} over {wanted} replica(s)")
@@ -353,13 +362,14 @@ class LocalCluster:
             "replicas": [
                 {"index": r.index, "port": r.port, "log": str(r.log),
                  "pid": r.proc.pid if r.running() and r.proc else None, "markers": r.markers}
-                for r in self._replicas
+                for r in self._replicas + self._draining
             ],
         })
 
     def _finish_stop(self) -> None:
         for replica in self._replicas:
             self._reap(replica)
+        self._draining.clear()
         self._nginx = None
         self._stopped = True
         if self.workdir is not None:
@@ -400,7 +410,7 @@ class LocalCluster:
                         raise LocalModeError(
                             f"{replica.label} exited with code {code} before it was ready; "
                             f"last lines of {replica.log}:\n{procs.log_tail(replica.log)}")
-                    if _answers(client, replica.url + "/ready"):
+                    if answers(client, replica.url + "/ready"):
                         pending.remove(replica)
                         self._progress(f"replica {replica.index + 1}/{total} on "
                                        f":{replica.port} ready ({time.monotonic() - start:.1f} s)")
@@ -437,98 +447,10 @@ class LocalCluster:
         except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError):
             return self.model_name
 
-    # --- nginx --------------------------------------------------------------------------------
-
-    @property
-    def _prefix(self) -> Path:
-        assert self.workdir is not None
-        return self.workdir / "nginx"
-
-    @property
-    def _conf_path(self) -> Path:
-        return self._prefix / "nginx.conf"
-
-    def _nginx_args(self, *extra: str) -> list[str]:
-        assert self._nginx_bin is not None
-        # -e: nginx opens its compiled-in error log (under /var/log) before reading the config.
-        return [self._nginx_bin, "-p", f"{self._prefix}/", "-c", str(self._conf_path),
-                "-e", str(self._prefix / "error.log"), *extra]
-
-    def _write_conf(self, replicas: list[_Replica]) -> None:
-        # As root, nginx's workers would run as `nobody` and could not write temp files into a
-        # private prefix; run them as the prefix's owner instead.
-        user = pwd.getpwuid(self._prefix.stat().st_uid).pw_name if os.geteuid() == 0 else None
-        try:
-            conf = nginx_conf(
-                self.policy, [f"127.0.0.1:{r.port}" for r in replicas], self.port,
-                self.max_output_tokens, prefix=self._prefix, daemon=False,
-                worker_processes=self.workers, user=user,
-            )
-        except ValueError as exc:  # e.g. a workdir path with spaces, which nginx.conf rejects
-            raise LocalModeError(f"cannot render nginx.conf: {exc}; pick another --workdir") \
-                from None
-        self._conf_path.write_text(conf)
-
-    def _check_conf(self) -> None:
-        result = subprocess.run(self._nginx_args("-t", "-q"), capture_output=True, text=True,
-                                timeout=30, check=False)
-        if result.returncode != 0:
-            raise LocalModeError(f"nginx rejected {self._conf_path}:\n"
-                                 + (result.stderr or result.stdout).strip())
-
-    def _start_nginx(self, timeout: float) -> None:
-        self._write_conf(self._replicas)
-        self._check_conf()
-        start = time.monotonic()
-        log = self.workdir / "nginx.log" if self.workdir else Path("nginx.log")
-        self._nginx = procs.spawn(self._nginx_args(), log=log)
-        self._save_state()
-        with httpx.Client(timeout=1.0) as client:
-            while True:
-                code = self._nginx.poll()
-                if code is not None:
-                    error_log = self._prefix / "error.log"
-                    raise LocalModeError(
-                        f"nginx exited with code {code}; last lines of {error_log}:\n"
-                        + procs.log_tail(error_log) + "\n" + procs.log_tail(log))
-                if _answers(client, f"http://127.0.0.1:{self.port}{HEALTH_PATH}"):
-                    break
-                if time.monotonic() - start > timeout:
-                    raise LocalModeError(f"nginx did not answer {HEALTH_PATH} on :{self.port} "
-                                         f"within {timeout:.0f} s")
-                time.sleep(_POLL_SECONDS)
-        self._progress(f"nginx on :{self.port} ready, {policy_label(self.policy)} over "
-                       f"{self.replicas} replica(s) ({time.monotonic() - start:.1f} s)")
-
-    def _wait_new_workers(self, before: set[int] | None, timeout: float = 5.0,
-                          old_grace: float = 2.0) -> None:
-        """Return once the new config is live: new workers run and the old ones are gone.
-
-        Until an old worker has processed its QUIT it still accepts connections with the old
-        upstreams. One that stays longer serves in-flight requests (streams) but no longer
-        accepts, so after `old_grace` it is left to finish on its own.
-        """
-        if before is None:
-            time.sleep(0.5)  # no /proc children list: give the master time to swap workers
-            return
-        assert self._nginx is not None
-        deadline = time.monotonic() + timeout
-        while True:
-            now = _children(self._nginx.pid) or set()
-            if now - before:
-                break
-            if time.monotonic() > deadline:
-                raise LocalModeError(f"nginx did not start new workers within {timeout:.0f} s "
-                                     f"after reload; see {self._prefix / 'error.log'}")
-            time.sleep(_POLL_SECONDS)
-        old_deadline = time.monotonic() + old_grace
-        while before & (_children(self._nginx.pid) or set()) and time.monotonic() < old_deadline:
-            time.sleep(_POLL_SECONDS)
-
     # --- stopping -----------------------------------------------------------------------------
 
     def _procs(self) -> list[subprocess.Popen[bytes]]:
-        found = [r.proc for r in self._replicas if r.proc is not None]
+        found = [r.proc for r in self._replicas + self._draining if r.proc is not None]
         return found + ([self._nginx] if self._nginx is not None else [])
 
     def _stop_deadline(self) -> float:
@@ -561,68 +483,6 @@ class LocalCluster:
 # --- module helpers ---------------------------------------------------------------------------
 
 
-def policy_label(policy: LoadBalancingConfig) -> str:
-    if policy.method == "session_hash":
-        return f"session_hash on {policy.session_header}"
-    return policy.method
-
-
-def recorded_alive(state: Mapping[str, Any]) -> bool:
-    """True when any process recorded in a state file still runs (with its command line)."""
-    entries = [state.get("supervisor"), state.get("nginx"), *state.get("replicas", [])]
-    return any(entry and entry.get("pid") and procs.owns(entry["pid"], entry["markers"])
-               for entry in entries)
-
-
-def stop_recorded(workdir: Path, on_progress: Callable[[str], None] = lambda _m: None) -> bool:
-    """Stop the cluster recorded in `workdir/state.json` (`python -m local down`).
-
-    The supervisor (`python -m local up`), if alive, gets SIGTERM and stops everything in
-    order itself; whatever is left (a supervisor that was SIGKILLed) is stopped here the same
-    way. Returns False when nothing was recorded.
-    """
-    state = procs.read_state(workdir)
-    if state is None:
-        return False
-    deadline = float(state.get("stop_timeout", DEFAULT_DRAIN_SECONDS + KILL_GRACE_SECONDS))
-    supervisor = state.get("supervisor")
-    if supervisor and procs.owns(supervisor["pid"], supervisor["markers"]):
-        on_progress(f"stopping the supervisor (pid {supervisor['pid']})")
-        os.kill(supervisor["pid"], signal.SIGTERM)
-        procs.wait_gone([supervisor["pid"]], deadline + KILL_GRACE_SECONDS)
-    nginx = state.get("nginx")
-    leftovers: list[int] = []
-    if nginx and procs.owns(nginx["pid"], nginx["markers"]):
-        on_progress(f"stopping nginx (pid {nginx['pid']})")
-        os.kill(nginx["pid"], signal.SIGQUIT)
-        leftovers.append(nginx["pid"])
-    for replica in state.get("replicas", []):
-        if replica.get("pid") and procs.owns(replica["pid"], replica["markers"]):
-            on_progress(f"stopping replica {replica['index'] + 1} (pid {replica['pid']})")
-            os.kill(replica["pid"], signal.SIGTERM)
-            leftovers.append(replica["pid"])
-    for pid in procs.wait_gone(leftovers, deadline):
-        procs.signal_group(pid, signal.SIGKILL)  # each was started as its own group leader
-    procs.remove_state(workdir)
-    return True
-
-
 def _check_port(what: str, port: int) -> None:
     if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65_535:
         raise ValueError(f"{what} must be a port 1-65535, got {port!r}")
-
-
-def _answers(client: httpx.Client, url: str) -> bool:
-    try:
-        return client.get(url).status_code == 200
-    except httpx.TransportError:
-        return False
-
-
-def _children(pid: int) -> set[int] | None:
-    """Child PIDs from /proc (Linux); None where the kernel does not list them."""
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    try:
-        return {int(child) for child in path.read_text().split()}
-    except (OSError, ValueError):
-        return None

@@ -71,6 +71,8 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     """`transformers` only: weight dtype; `auto` is float32 on CPU, bfloat16/float16 on CUDA."""
 
+    sim_load_seconds: float = Field(default=0.0, ge=0, le=86_400)
+    """Sim: how long loading takes before /ready answers 200 (a model's cold start)."""
     sim_prefill_base_ms: float = Field(default=100.0, ge=0, le=600_000)
     """Sim: fixed cost of a prefill."""
     sim_prefill_ms_per_token: float = Field(default=0.5, ge=0, le=60_000)

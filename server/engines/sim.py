@@ -19,6 +19,8 @@ Model (documented in server/README.md):
   finishes prefill joins at the next step boundary.
 * The slot limit (LLM_MAX_CONCURRENCY) and the wait queue are enforced by the admission controller
   in front of every engine.
+* Load: ``load()`` sleeps ``LLM_SIM_LOAD_SECONDS`` (0 by default) before the engine is ready,
+  like reading weights, so a new replica's cold start is realistic.
 * Text is deterministic: words drawn from a fixed vocabulary by a PRNG seeded with
   ``(seed or 0, prompt token ids)``. The sequence never ends by itself (no end-of-sequence), so
   completions run to ``max_tokens`` unless a stop string matches.
@@ -186,6 +188,7 @@ class SimEngine(Engine):
     def __init__(self, settings: Settings, prefix_cache: PrefixCache | None = None) -> None:
         self.params = SimParams.from_settings(settings)
         self._context_length = settings.max_model_len
+        self.load_seconds = settings.sim_load_seconds
         self.prefix_cache: PrefixCache = (
             prefix_cache if prefix_cache is not None else prefix_cache_from_settings(settings))
         # dicts as ordered sets: O(1) leave with hundreds of sequences
@@ -204,6 +207,10 @@ class SimEngine(Engine):
         return len(self._active) + len(self._joining)
 
     async def load(self) -> None:
+        # Stands in for reading weights: /ready stays 503 until it is over, so autoscaling
+        # sees the cold start of a real model (LLM_SIM_LOAD_SECONDS).
+        if self.load_seconds > 0:
+            await asyncio.sleep(self.load_seconds)
         if self._loop_task is None:
             self._loop_task = asyncio.create_task(self._decode_loop(), name="sim-decode-loop")
 

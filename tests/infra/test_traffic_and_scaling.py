@@ -9,7 +9,9 @@ import pytest
 
 from components.balancing import DOCUMENTED_ANNOTATIONS, ingress_annotations
 from components.config import ConfigError, Secrets, parse_stack_config
+from components.engines import PROFILES
 from components.ingress import NginxIngress
+from components.scaling import ScalingPolicy
 from components.stack import LlmStack
 from tests.infra.conftest import BASE_CONFIG, GPU_CONFIG, Run
 from tools import offline
@@ -158,6 +160,31 @@ def test_gpu_engine_scales_on_waiting_and_running_requests_with_keda(run):
     assert keda.inputs["repositoryOpts"]["repo"] == "https://kedacore.github.io/charts"
     assert not result.mocks.of_type(HPA)
     assert offline.schema_problems(offline.to_manifest(result.one(SCALED_OBJECT))) == []
+
+
+def test_one_setting_changes_both_the_scaled_object_and_the_local_rule(run, mocks):
+    """The ScaledObject and the rule local mode runs come from one ScalingPolicy: a changed
+    setting shows up in both renderings."""
+    changed = copy.deepcopy(GPU_SCALING)
+    changed["autoscaling"]["targetWaitingPerReplica"] = 4
+    changed["autoscaling"]["scaleDownStabilizationSeconds"] = 2400
+    rendered, local = [], []
+    for raw in (GPU_SCALING, changed):
+        stack(run, raw)
+        local.append(ScalingPolicy.for_stack(parse_stack_config(raw), PROFILES["server"]))
+    objects = [spec(r) for r in mocks.of_type(SCALED_OBJECT)]
+    assert len(objects) == 2
+    thresholds = [o["triggers"][0]["metadata"]["threshold"] for o in objects]
+    windows = [o["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"][
+        "stabilizationWindowSeconds"] for o in objects]
+    assert thresholds == ["2", "4"] and windows == [1800, 2400]
+    # 8 waiting over 2 replicas: target 2 asks for 4 replicas, target 4 keeps 2.
+    assert [p.rule().evaluate(0.0, 2, (8.0, 0.0)).desired for p in local] == [4, 2]
+    assert [p.scale_down.stabilization_window_seconds for p in local] == [1800, 2400]
+    # Same thresholds and windows, the same namespace in the query; only the metric name is
+    # the local server's.
+    assert [t.threshold for t in local[1].triggers] == [4, 32]
+    assert local[1].triggers[0].query == 'sum(llm_requests_waiting{namespace="llm-serving"})'
 
 
 def test_keda_is_not_installed_unless_asked(run):

@@ -1,0 +1,161 @@
+"""The local autoscaler: the cluster's scaling rule, run against a real Prometheus.
+
+Every polling interval it sends each trigger's PromQL (the text the ScaledObject carries) to
+Prometheus, feeds the values to `ScalingPolicy.rule()` (the HPA algorithm) and scales the
+`LocalCluster`: up by starting replicas that join nginx once `/ready`, down by taking a
+replica out of nginx and then letting it drain (see `local.elastic`). Between polls it admits
+replicas that turned ready and reaps drained ones, like the endpoints and ReplicaSet
+controllers do between two HPA syncs.
+
+As in the cluster, the replica count the rule sees is the scale target's (pods that exist,
+loading ones included; draining ones not), and Prometheus scrapes only replicas that serve
+(a Service's endpoints hold Ready pods only).
+
+Every decision goes to `<workdir>/autoscaler.jsonl`; changes (and, with `verbose`, every
+decision) are also reported through `on_event`.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from components.scaling import Decision, ScalingPolicy
+from local.procs import LocalModeError
+from local.prometheus import LocalPrometheus
+
+HOUSEKEEPING_SECONDS = 0.2
+"""How often, between polls, ready replicas are admitted and drained ones reaped."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """The cluster at one instant (for plots and replica-seconds)."""
+
+    at: float
+    serving: int
+    starting: int
+    draining: int
+
+    @property
+    def processes(self) -> int:
+        """Replicas that cost money: loading, serving or draining."""
+        return self.serving + self.starting + self.draining
+
+
+class LocalAutoscaler:
+    """Run with `start()` (a background thread) and `stop()`, or call `step()` yourself."""
+
+    def __init__(self, cluster: Any, prometheus: LocalPrometheus, policy: ScalingPolicy, *,
+                 on_event: Callable[[str], None] | None = None, log: Path | None = None,
+                 verbose: bool = False, clock: Callable[[], float] = time.monotonic) -> None:
+        self.cluster = cluster
+        self.prometheus = prometheus
+        self.policy = policy
+        self.rule = policy.rule()
+        self.decisions: list[Decision] = []
+        self.samples: list[Sample] = []
+        self.events: list[tuple[float, str, int]] = []
+        """(time, "added" | "serving" | "retired" | "drained", replica index)."""
+        self.errors: list[str] = []
+        self._say = on_event or (lambda _m: None)
+        self._log = log
+        self._verbose = verbose
+        self._clock = clock
+        self._t0 = clock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._sync_targets()
+
+    # --- one poll ---
+
+    def step(self) -> Decision:
+        """Query, decide, act (one HPA sync)."""
+        now = self._clock()
+        values = tuple(self.prometheus.query(t.query) for t in self.policy.triggers)
+        current = self.cluster.replicas
+        decision = self.rule.evaluate(now, current, values)
+        self.decisions.append(decision)
+        changed = decision.desired != current
+        if changed:
+            for _ in range(decision.desired - current):
+                index = self.cluster.add_replica()
+                self._event(now, "added", index)
+            for _ in range(current - decision.desired):
+                index = self.cluster.retire_replica()
+                if index is not None:
+                    self._event(now, "retired", index)
+            self._sync_targets()
+        line = self.describe(decision)
+        if changed or self._verbose:
+            self._say(line)
+        self._write_log(decision)
+        return decision
+
+    def housekeeping(self) -> None:
+        now = self._clock()
+        for index in self.cluster.admit_ready():
+            self._event(now, "serving", index)
+            self._sync_targets()
+        for index in self.cluster.reap_draining():
+            self._event(now, "drained", index)
+        self.samples.append(Sample(now, self.cluster.serving, self.cluster.starting,
+                                   self.cluster.draining))
+
+    def describe(self, d: Decision) -> str:
+        metrics = ", ".join(f"{t.metric}={v:g} (target {t.threshold:g}/replica)"
+                            for t, v in zip(self.policy.triggers, d.metrics))
+        arrow = f"{d.current} -> {d.desired}" if d.desired != d.current else f"stay {d.current}"
+        return f"[autoscaler +{d.at - self._t0:7.1f}s] {arrow}: {metrics}; {d.reason}"
+
+    # --- loop ---
+
+    def start(self) -> LocalAutoscaler:
+        self._thread = threading.Thread(target=self._run, name="local-autoscaler", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def _run(self) -> None:
+        next_poll = self._clock()
+        while not self._stop.is_set():
+            try:
+                self.housekeeping()
+                if self._clock() >= next_poll:
+                    self.step()
+                    # A slow step (an nginx reload) delays the next poll rather than
+                    # bunching polls up to catch up.
+                    next_poll = max(next_poll + self.policy.polling_interval_seconds,
+                                    self._clock())
+            except LocalModeError as exc:  # reported, and the loop goes on (as the HPA does)
+                self.errors.append(str(exc))
+                self._say(f"[autoscaler] error: {exc}")
+            wait = min(HOUSEKEEPING_SECONDS, max(0.0, next_poll - self._clock()))
+            self._stop.wait(wait)
+
+    # --- helpers ---
+
+    def _sync_targets(self) -> None:
+        self.prometheus.set_targets(self.cluster.serving_ports)
+
+    def _event(self, now: float, kind: str, index: int) -> None:
+        self.events.append((now, kind, index))
+        if kind in ("serving", "drained"):
+            self._say(f"[autoscaler +{now - self._t0:7.1f}s] replica {index + 1} {kind}")
+
+    def _write_log(self, decision: Decision) -> None:
+        if self._log is None:
+            return
+        record = asdict(decision) | {"t": round(decision.at - self._t0, 3)}
+        with open(self._log, "a") as out:
+            out.write(json.dumps(record) + "\n")

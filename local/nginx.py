@@ -1,0 +1,149 @@
+"""nginx in a private prefix for `LocalCluster`: render, check, start, reload.
+
+`NginxControl` is a mixin: `LocalCluster` provides `workdir`, `policy`, `port`, `workers`,
+`max_output_tokens`, `_nginx_bin`, `_nginx`, `_replicas`, `_progress` and `_save_state`.
+The configuration comes from `components.balancing.nginx_conf`, the recipe cluster mode uses.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from components.balancing import HEALTH_PATH, LoadBalancingConfig, nginx_conf
+from local import procs
+from local.procs import LocalModeError
+
+POLL_SECONDS = 0.05
+
+
+class NginxControl:
+    workdir: Path | None
+    policy: LoadBalancingConfig
+    port: int
+    workers: int
+    max_output_tokens: int
+    _nginx_bin: str | None
+    _nginx: subprocess.Popen[bytes] | None
+    _replicas: list[Any]
+    _progress: Any
+
+    def _save_state(self) -> None:
+        raise NotImplementedError
+
+    # --- nginx --------------------------------------------------------------------------------
+
+    @property
+    def _prefix(self) -> Path:
+        assert self.workdir is not None
+        return self.workdir / "nginx"
+
+    @property
+    def _conf_path(self) -> Path:
+        return self._prefix / "nginx.conf"
+
+    def _nginx_args(self, *extra: str) -> list[str]:
+        assert self._nginx_bin is not None
+        # -e: nginx opens its compiled-in error log (under /var/log) before reading the config.
+        return [self._nginx_bin, "-p", f"{self._prefix}/", "-c", str(self._conf_path),
+                "-e", str(self._prefix / "error.log"), *extra]
+
+    def _write_conf(self, replicas: list[Any]) -> None:
+        replicas = [r for r in replicas if r.admitted]  # loading replicas join once ready
+        # As root, nginx's workers would run as `nobody` and could not write temp files into a
+        # private prefix; run them as the prefix's owner instead.
+        user = pwd.getpwuid(self._prefix.stat().st_uid).pw_name if os.geteuid() == 0 else None
+        try:
+            conf = nginx_conf(
+                self.policy, [f"127.0.0.1:{r.port}" for r in replicas], self.port,
+                self.max_output_tokens, prefix=self._prefix, daemon=False,
+                worker_processes=self.workers, user=user,
+            )
+        except ValueError as exc:  # e.g. a workdir path with spaces, which nginx.conf rejects
+            raise LocalModeError(f"cannot render nginx.conf: {exc}; pick another --workdir") \
+                from None
+        self._conf_path.write_text(conf)
+
+    def _check_conf(self) -> None:
+        result = subprocess.run(self._nginx_args("-t", "-q"), capture_output=True, text=True,
+                                timeout=30, check=False)
+        if result.returncode != 0:
+            raise LocalModeError(f"nginx rejected {self._conf_path}:\n"
+                                 + (result.stderr or result.stdout).strip())
+
+    def _start_nginx(self, timeout: float) -> None:
+        self._write_conf(self._replicas)
+        self._check_conf()
+        start = time.monotonic()
+        log = self.workdir / "nginx.log" if self.workdir else Path("nginx.log")
+        self._nginx = procs.spawn(self._nginx_args(), log=log)
+        self._save_state()
+        with httpx.Client(timeout=1.0) as client:
+            while True:
+                code = self._nginx.poll()
+                if code is not None:
+                    error_log = self._prefix / "error.log"
+                    raise LocalModeError(
+                        f"nginx exited with code {code}; last lines of {error_log}:\n"
+                        + procs.log_tail(error_log) + "\n" + procs.log_tail(log))
+                if answers(client, f"http://127.0.0.1:{self.port}{HEALTH_PATH}"):
+                    break
+                if time.monotonic() - start > timeout:
+                    raise LocalModeError(f"nginx did not answer {HEALTH_PATH} on :{self.port} "
+                                         f"within {timeout:.0f} s")
+                time.sleep(POLL_SECONDS)
+        self._progress(f"nginx on :{self.port} ready, {policy_label(self.policy)} over "
+                       f"{self.replicas} replica(s) ({time.monotonic() - start:.1f} s)")
+
+    def _wait_new_workers(self, before: set[int] | None, timeout: float = 5.0,
+                          old_grace: float = 2.0) -> None:
+        """Return once the new config is live: new workers run and the old ones are gone.
+
+        Until an old worker has processed its QUIT it still accepts connections with the old
+        upstreams. One that stays longer serves in-flight requests (streams) but no longer
+        accepts, so after `old_grace` it is left to finish on its own.
+        """
+        if before is None:
+            time.sleep(0.5)  # no /proc children list: give the master time to swap workers
+            return
+        assert self._nginx is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            now = children(self._nginx.pid) or set()
+            if now - before:
+                break
+            if time.monotonic() > deadline:
+                raise LocalModeError(f"nginx did not start new workers within {timeout:.0f} s "
+                                     f"after reload; see {self._prefix / 'error.log'}")
+            time.sleep(POLL_SECONDS)
+        old_deadline = time.monotonic() + old_grace
+        while before & (children(self._nginx.pid) or set()) and time.monotonic() < old_deadline:
+            time.sleep(POLL_SECONDS)
+
+
+def policy_label(policy: LoadBalancingConfig) -> str:
+    if policy.method == "session_hash":
+        return f"session_hash on {policy.session_header}"
+    return policy.method
+
+
+def answers(client: httpx.Client, url: str) -> bool:
+    try:
+        return client.get(url).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def children(pid: int) -> set[int] | None:
+    """Child PIDs from /proc (Linux); None where the kernel does not list them."""
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    try:
+        return {int(child) for child in path.read_text().split()}
+    except (OSError, ValueError):
+        return None

@@ -1,0 +1,61 @@
+"""The stack's rules in local mode's real Prometheus: the backlog alert fires
+under a queue and resolves when it drains; the drill's timing arithmetic."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from bench.alert_timing import AlertWatch
+from components.alerting import LOCAL_JOB
+from local.prometheus import JOB
+from tests.local.conftest import make_cluster  # noqa: F401  (fixture; skips without nginx)
+from tests.local.support import FAST_SIM
+from tests.observability.test_top import _burst
+
+
+def test_local_rules_select_the_job_local_prometheus_scrapes() -> None:
+    assert LOCAL_JOB == JOB
+
+
+class _Stub:
+    replica_urls = ["http://127.0.0.1:1"]
+
+
+def test_timing_counts_from_the_fault_start_and_end(tmp_path: Path) -> None:
+    watch = AlertWatch(_Stub(), tmp_path)  # not started: only the arithmetic
+    watch.transitions = [(5.0, True), (9.0, False), (20.0, True), (22.0, False)]
+    timing = watch.timing(started=3.5, ended=8.0)
+    assert (timing.fired_after, timing.resolved_after) == (1.5, 1.0)
+    # A fire before the fault started is not this fault's.
+    assert watch.timing(started=6.0, ended=21.0).fired_after == 14.0
+    assert watch.timing(started=30.0, ended=31.0).fired_after is None
+    assert "fired 1.5 s" in timing.notes()[0] and "for 2 s" in timing.notes()[0]
+    assert "resolved 1.0 s after its end" in timing.notes()[0]
+    # The rule file Prometheus loads is the stack's, on the drill's clock.
+    text = (tmp_path / "alert-rules.yml").read_text()
+    assert 'llm_serving:waiting_per_replica:avg{job="llm-serving-local"} > 2' in text
+    assert "for: 2s" in text
+
+
+@pytest.mark.skipif(shutil.which("prometheus") is None, reason="prometheus not installed")
+def test_backlog_alert_fires_and_resolves_in_a_real_prometheus(make_cluster, tmp_path: Path) -> None:
+    env = {**FAST_SIM, "LLM_MAX_CONCURRENCY": "1", "LLM_MAX_QUEUE": "8",
+           "LLM_SIM_DECODE_BASE_MS": "40"}
+    cluster = make_cluster(1, workdir=tmp_path / "run", server_env=env)
+    with AlertWatch(cluster, tmp_path / "run", for_seconds=1) as watch:
+        started = time.monotonic()
+        load = threading.Thread(target=_burst, args=(cluster.endpoint, cluster.api_key,
+                                                     cluster.model_name, 9))
+        load.start()
+        load.join()
+        ended = time.monotonic()
+        watch.wait_resolved(15)
+        timing = watch.timing(started, ended)
+    assert timing.fired_after is not None, watch.transitions
+    assert timing.resolved_after is not None, watch.transitions
+    assert 1.0 <= timing.fired_after < ended - started

@@ -28,6 +28,7 @@ from local.cluster import (
     recorded_alive,
     stop_recorded,
 )
+from local.autoscaler import stack_config, start_autoscaling
 from local.procs import LocalModeError, log_tail, owns, read_state
 
 DEFAULT_WORKDIR = REPO_ROOT / ".local-run"
@@ -54,7 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser("up", help="start replicas behind nginx and wait for Ctrl-C")
-    up.add_argument("--replicas", type=int, default=3, help="server processes (default 3)")
+    up.add_argument("--replicas", type=int, default=None,
+                    help="server processes (default 3; with autoscaling minReplicas)")
     up.add_argument("--engine", choices=("sim", "transformers"), default=None,
                     help="default: sim, or transformers when --model is given")
     up.add_argument("--model", default=None,
@@ -76,6 +78,15 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--nginx", default=None, help="nginx binary (default: PATH, /usr/sbin)")
     up.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
                     help="logs, nginx prefix and state.json (default .local-run/)")
+    up.add_argument("--autoscale", action="store_true",
+                    help="run Prometheus and the stack's scaling rule (docs/autoscaling.md)")
+    up.add_argument("--stack", type=Path, default=None,
+                    help="Pulumi.<stack>.yaml whose autoscaling section to run (implies "
+                         "--autoscale when it enables autoscaling)")
+    up.add_argument("--prometheus-port", type=int, default=9090,
+                    help="port of the local Prometheus (default 9090)")
+    up.add_argument("--time-factor", type=float, default=1.0,
+                    help="run polling, windows and periods this many times faster (default 1)")
     up.set_defaults(run=_up)
 
     down = sub.add_parser("down", help="stop the cluster that `up` started")
@@ -100,10 +111,20 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _up(args: argparse.Namespace) -> int:
+    scaling_cfg = None
+    if args.autoscale or args.stack is not None:
+        cfg = stack_config(args.stack)
+        if args.autoscale or cfg.autoscaling.enabled:
+            scaling_cfg = cfg
+    if args.replicas is None:
+        args.replicas = scaling_cfg.autoscaling.min_replicas if scaling_cfg else 3
+    if args.time_factor <= 0:
+        raise LocalModeError(f"--time-factor must be positive, got {args.time_factor}")
     cluster = _cluster(args)
     cluster.supervisor_markers = ["local", "up"]
     _interrupt_on_sigterm()
     engine = cluster.engine
+    prometheus = scaler = None
     timeout = args.timeout if args.timeout is not None else (
         SIM_TIMEOUT if engine == "sim" else MODEL_TIMEOUT)
     try:
@@ -111,11 +132,25 @@ def _up(args: argparse.Namespace) -> int:
              f"-{args.first_port + args.replicas - 1} and nginx on :{args.port}"
              f" (logs in {args.workdir})")
         cluster.start(timeout=timeout)
+        if scaling_cfg is not None:
+            prometheus, scaler = start_autoscaling(
+                cluster, scaling_cfg, port=args.prometheus_port, time_factor=args.time_factor,
+                on_event=_say)
         _say(banner(cluster))
+        if scaling_cfg is not None:
+            _say(f"autoscaling: {scaler.policy.min_replicas}-{scaler.policy.max_replicas} "
+                 f"replicas; Prometheus {prometheus.url}; queries: "
+                 + "; ".join(f"{t.query} target {t.threshold:g}/replica"
+                             for t in scaler.policy.triggers)
+                 + f"; decisions in {cluster.workdir}/autoscaler.jsonl")
         return _supervise(cluster)
     except KeyboardInterrupt:
         return 0
     finally:
+        if scaler is not None:
+            scaler.stop()
+        if prometheus is not None:
+            prometheus.close()
         if cluster.running:
             _say("stopping (replicas drain in-flight requests; Ctrl-C again to kill)")
             try:
@@ -225,6 +260,10 @@ def _status(args: argparse.Namespace) -> int:
         _say(f"no local cluster running from {workdir}")
         return 1
     _say(f"endpoint {state['endpoint']}  model {state['model']}  policy {state['policy']}")
+    prom = state.get("prometheus")
+    if prom:
+        running = "running" if owns(prom["pid"], prom["markers"]) else "stopped"
+        _say(f"  prometheus {prom['url']}  pid {prom['pid']}  {running}")
     nginx = state.get("nginx")
     _say(f"  nginx      pid {nginx['pid'] if nginx else '-'}  "
          f"{'running' if nginx and owns(nginx['pid'], nginx['markers']) else 'stopped'}")

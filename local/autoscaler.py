@@ -159,3 +159,59 @@ class LocalAutoscaler:
         record = asdict(decision) | {"t": round(decision.at - self._t0, 3)}
         with open(self._log, "a") as out:
             out.write(json.dumps(record) + "\n")
+
+
+# --- wiring for `python -m local up --autoscale` ------------------------------------------------
+
+
+def stack_config(path: Path | None) -> Any:
+    """The `StackConfig` of a Pulumi stack file, or, without one, the defaults with
+    autoscaling on (secrets are not needed here and are skipped)."""
+    import yaml
+
+    from components.config import ConfigError, parse_stack_config
+
+    raw: dict[str, Any] = {"model": {"id": "sim-llm"}, "autoscaling": {"enabled": True}}
+    if path is not None:
+        try:
+            document = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise LocalModeError(f"cannot read stack file {path}: {exc}") from None
+        prefix = "llm-serving:"
+        raw = {k.removeprefix(prefix): v for k, v in (document.get("config") or {}).items()
+               if k.startswith(prefix)}
+    try:
+        return parse_stack_config(raw)
+    except ConfigError as exc:
+        raise LocalModeError(str(exc)) from None
+
+
+def local_policy(cfg: Any, time_factor: float = 1.0) -> ScalingPolicy:
+    """The stack's policy with the local server's metric names, on a clock `time_factor`
+    times faster (1: the cluster's own periods and windows)."""
+    from components.engines import PROFILES
+
+    policy = ScalingPolicy.for_stack(cfg, PROFILES["server"])
+    return policy if time_factor == 1 else policy.compressed(time_factor)
+
+
+def start_autoscaling(cluster: Any, cfg: Any, *, port: int, time_factor: float = 1.0,
+                      on_event: Callable[[str], None] | None = None,
+                      verbose: bool = False) -> tuple[LocalPrometheus, LocalAutoscaler]:
+    """Start Prometheus under the cluster's workdir and the autoscaler loop."""
+    policy = local_policy(cfg, time_factor)
+    interval = max(0.25, cfg.monitoring.interval_seconds / time_factor)
+    prometheus = LocalPrometheus(cluster.workdir, namespace=cfg.namespace, port=port,
+                                 scrape_interval_seconds=interval)
+    prometheus.set_targets(cluster.serving_ports)
+    prometheus.start()
+    cluster.extra_state["prometheus"] = {"pid": prometheus.pid, "markers": prometheus.markers,
+                                         "url": prometheus.url}
+    cluster.save_state()
+    try:
+        scaler = LocalAutoscaler(cluster, prometheus, policy, on_event=on_event,
+                                 log=cluster.workdir / "autoscaler.jsonl", verbose=verbose)
+    except BaseException:
+        prometheus.close()
+        raise
+    return prometheus, scaler.start()

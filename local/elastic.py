@@ -37,13 +37,8 @@ class Elastic:
     _draining: list[Any]
     _nginx: subprocess.Popen[bytes] | None
 
-    # Provided by LocalCluster.
-    def _replica(self, index: int) -> Any: raise NotImplementedError
-    def _spawn_replica(self, replica: Any) -> None: raise NotImplementedError
-    def _save_state(self) -> None: raise NotImplementedError
-    def _stop_deadline(self) -> float: raise NotImplementedError
-    def reload_nginx(self, replicas: int | None = None, policy: Any = None) -> None:
-        raise NotImplementedError
+    # Also provided by LocalCluster: _replica, _spawn_replica, _save_state, _stop_deadline,
+    # reload_nginx.
 
     @property
     def serving(self) -> int:

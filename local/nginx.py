@@ -33,9 +33,7 @@ class NginxControl:
     _nginx: subprocess.Popen[bytes] | None
     _replicas: list[Any]
     _progress: Any
-
-    def _save_state(self) -> None:
-        raise NotImplementedError
+    # Also provided by LocalCluster: _save_state.
 
     # --- nginx --------------------------------------------------------------------------------
 

@@ -19,7 +19,8 @@ KILL_GRACE_SECONDS = 5.0
 
 def recorded_alive(state: Mapping[str, Any]) -> bool:
     """True when any process recorded in a state file still runs (with its command line)."""
-    entries = [state.get("supervisor"), state.get("nginx"), *state.get("replicas", [])]
+    entries = [state.get("supervisor"), state.get("nginx"), state.get("prometheus"),
+               *state.get("replicas", [])]
     return any(entry and entry.get("pid") and procs.owns(entry["pid"], entry["markers"])
                for entry in entries)
 
@@ -51,6 +52,11 @@ def stop_recorded(workdir: Path, on_progress: Callable[[str], None] = lambda _m:
             on_progress(f"stopping replica {replica['index'] + 1} (pid {replica['pid']})")
             os.kill(replica["pid"], signal.SIGTERM)
             leftovers.append(replica["pid"])
+    prometheus = state.get("prometheus")
+    if prometheus and procs.owns(prometheus["pid"], prometheus["markers"]):
+        on_progress(f"stopping prometheus (pid {prometheus['pid']})")
+        os.kill(prometheus["pid"], signal.SIGTERM)
+        leftovers.append(prometheus["pid"])
     for pid in procs.wait_gone(leftovers, deadline):
         procs.signal_group(pid, signal.SIGKILL)  # each was started as its own group leader
     procs.remove_state(workdir)

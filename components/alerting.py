@@ -17,6 +17,7 @@ the replica count differ:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal, Mapping, NotRequired, TypedDict
 
@@ -248,6 +249,24 @@ def rules_file(policy: AlertPolicy) -> str:
         f"target: {policy.target}.\n"
     )
     return header + yaml.safe_dump({"groups": rule_groups(policy)}, sort_keys=False)
+
+
+def local_rules(cfg: "StackConfig", time_factor: float = 1.0,
+                scrape_seconds: float | None = None, job: str = LOCAL_JOB) -> str:
+    """The rule file local mode's Prometheus loads: the stack's policy, its `for` and rate
+    windows divided by `time_factor` (local mode's compressed clock), a window never shorter
+    than four scrapes."""
+    if time_factor <= 0:
+        raise ValueError(f"local_rules: 'time_factor' must be positive, got {time_factor}")
+    policy = alert_policy(cfg, "local", job=job)
+    if time_factor != 1:
+        scrape = scrape_seconds if scrape_seconds is not None else cfg.monitoring.interval_seconds
+        window = max(policy.window_seconds / time_factor, 4 * scrape)
+        policy = policy.with_timing(
+            for_seconds=max(1, math.ceil(policy.for_seconds / time_factor)),
+            window_seconds=max(2, math.ceil(window)),
+        )
+    return rules_file(policy)
 
 
 class LlmAlertRulesArgs(TypedDict):

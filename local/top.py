@@ -4,8 +4,9 @@ Every interval it reads each replica's /metrics (the ports come from the state
 file `up` writes) and shows, per replica, sequences running and waiting and
 the requests it finished and refused; over a rolling window, the TTFT p50/p99
 (from the TTFT histogram's bucket increase, as `histogram_quantile` computes
-it), requests/s and 429s/s; the replica count; and the last autoscaling
-decisions when the autoscaler writes its log. q or Ctrl-C quits.
+it), requests/s and 429s/s; the replica count; the last autoscaling
+decisions when the autoscaler writes its log; and the stack's pending and
+firing alerts when `up --autoscale` runs Prometheus with them. q or Ctrl-C quits.
 
 Metric names come from the server engine's profile (components/engines.py).
 """
@@ -117,6 +118,8 @@ class Frame:
     ttft_p50: float | None
     ttft_p99: float | None
     decisions: list[dict[str, Any]] | None
+    alerts: list[tuple[str, str]] | None = None
+    """(alert name, state) from local mode's Prometheus; None when none runs."""
 
     @property
     def requests_per_second(self) -> float:
@@ -142,6 +145,19 @@ class Top:
         if state is None:
             return []
         return [(r["index"], r["port"]) for r in state.get("replicas", []) if r.get("pid")]
+
+    def alerts(self, client: httpx.Client) -> list[tuple[str, str]] | None:
+        """Pending and firing alerts of the stack's rules, when `up --autoscale` runs Prometheus."""
+        state = read_state(self.workdir) or {}
+        prometheus = state.get("prometheus")
+        if not prometheus or not prometheus.get("url"):
+            return None
+        try:
+            answer = client.get(prometheus["url"] + "/api/v1/alerts").json()
+            return sorted((a["labels"]["alertname"], a["state"])
+                          for a in answer["data"]["alerts"])
+        except (httpx.HTTPError, ValueError, KeyError):
+            return None
 
     def scrape(self, client: httpx.Client) -> list[ReplicaRow]:
         rows = []
@@ -243,7 +259,11 @@ def render(frame: Frame) -> Group:
             for d in frame.decisions
         ]
         scaling = Text("\n".join(lines))
-    return Group(head, summary, window, table, scaling)
+    parts = [head, summary, window, table, scaling]
+    if frame.alerts is not None:
+        shown = ", ".join(f"{name} {state}" for name, state in frame.alerts) or "none"
+        parts.append(Text(f"alerts (local Prometheus): {shown}"))
+    return Group(*parts)
 
 
 @dataclass
@@ -278,7 +298,9 @@ class _Keys:
 def frames(top: Top, interval: float) -> Iterator[Frame]:
     with httpx.Client(timeout=min(interval, 2.0)) as client:
         while True:
-            yield top.frame(top.scrape(client))
+            frame = top.frame(top.scrape(client))
+            frame.alerts = top.alerts(client)
+            yield frame
 
 
 def run(workdir: Path, interval: float = 1.0, window: float = 30.0,

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from bench.alert_timing import AlertWatch
 from components.alerting import LOCAL_JOB
@@ -59,3 +60,43 @@ def test_backlog_alert_fires_and_resolves_in_a_real_prometheus(make_cluster, tmp
     assert timing.fired_after is not None, watch.transitions
     assert timing.resolved_after is not None, watch.transitions
     assert 1.0 <= timing.fired_after < ended - started
+
+
+def test_local_rules_compress_the_clock_but_keep_the_thresholds() -> None:
+    from components.alerting import local_rules
+    from components.config import parse_stack_config
+
+    cfg = parse_stack_config({"model": {"id": "m/x"}, "monitoring": {"slo": {"ttftP99Seconds": 3}}})
+    fast = yaml.safe_load(local_rules(cfg, time_factor=60, scrape_seconds=0.25))
+    alerts = {r["alert"]: r for r in fast["groups"][1]["rules"]}
+    assert alerts["LlmTtftP99AboveSlo"]["for"] == "5s"  # 5 min / 60
+    assert alerts["LlmTtftP99AboveSlo"]["expr"].endswith("> 3.0")
+    recording = {r["record"]: r["expr"] for r in fast["groups"][0]["rules"]}
+    assert "[5s]" in recording["llm_serving:ttft_seconds:p99"]
+    slow = yaml.safe_load(local_rules(cfg))
+    assert {r["alert"]: r["for"] for r in slow["groups"][1]["rules"]}["LlmQueueBacklog"] == "5m"
+    with pytest.raises(ValueError, match="time_factor"):
+        local_rules(cfg, time_factor=0)
+
+
+@pytest.mark.skipif(shutil.which("prometheus") is None, reason="prometheus not installed")
+def test_local_up_autoscale_prometheus_loads_the_stack_rules(make_cluster, tmp_path: Path) -> None:
+    import httpx
+
+    from local.autoscaler import stack_config, start_autoscaling
+    from local.top import Top
+    from tests.local.support import free_port_range
+
+    cluster = make_cluster(1, workdir=tmp_path / "run")
+    prometheus, scaler = start_autoscaling(cluster, stack_config(None),
+                                           port=free_port_range(1), time_factor=60)
+    try:
+        groups = httpx.get(prometheus.url + "/api/v1/rules", timeout=5).json()["data"]["groups"]
+        names = {r["name"] for g in groups for r in g["rules"]}
+        assert {"LlmQueueBacklog", "LlmNoReadyReplica", "llm_serving:ttft_seconds:p99"} <= names
+        assert all(r["health"] != "err" for g in groups for r in g["rules"])
+        with httpx.Client(timeout=5) as client:
+            assert Top(workdir=tmp_path / "run").alerts(client) is not None
+    finally:
+        scaler.stop()
+        prometheus.close()

@@ -11,7 +11,7 @@ import pulumi
 import pulumi_kubernetes as k8s
 
 if TYPE_CHECKING:
-    from components.config import StackConfig
+    from components.config import MonitoringConfig, StackConfig
 
 
 class LlmServiceMonitorArgs(TypedDict):
@@ -72,14 +72,15 @@ def controller_metrics_enabled(cfg: "StackConfig") -> bool:
     )
 
 
-def controller_metrics_values(cfg: "StackConfig") -> dict[str, Any]:
+def controller_metrics_values(monitoring: "MonitoringConfig") -> dict[str, Any]:
     """Chart values that expose the controller's Prometheus endpoint and let the chart
-    create the Service and ServiceMonitor that scrape it; {} when monitoring is off.
+    create the Service and ServiceMonitor that scrape it; {} unless monitoring.serviceMonitor.
 
-    The chart's own ServiceMonitor selects its own headless Service by the
-    chart's selector labels, so no object here has to guess them.
+    For the values of a controller this stack installs (merge them into its chart values
+    with `merge_values`). The chart's own ServiceMonitor selects its own headless Service
+    by the chart's selector labels, so no object here has to guess them.
     """
-    if not controller_metrics_enabled(cfg):
+    if not monitoring.service_monitor:
         return {}
     return {
         "controller": {"enableLatencyMetrics": True},
@@ -90,10 +91,10 @@ def controller_metrics_values(cfg: "StackConfig") -> dict[str, Any]:
             "service": {"create": True},
             "serviceMonitor": {
                 "create": True,
-                "labels": dict(cfg.monitoring.labels),
+                "labels": dict(monitoring.labels),
                 "endpoints": [{
                     "port": "prometheus",
-                    "interval": f"{cfg.monitoring.interval_seconds}s",
+                    "interval": f"{monitoring.interval_seconds}s",
                 }],
             },
         },

@@ -11,6 +11,7 @@ from components.ingress import controller_values
 from components.monitoring import (
     CONTROLLER_LATENCY_METRIC,
     CONTROLLER_METRICS_PORT,
+    controller_metrics_enabled,
     controller_metrics_values,
     merge_values,
 )
@@ -35,7 +36,7 @@ def _leaves(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def test_values_use_only_keys_the_chart_defines_with_their_types() -> None:
-    values = controller_metrics_values(parse_stack_config(ON))
+    values = controller_metrics_values(parse_stack_config(ON).monitoring)
     leaves = _leaves(values)
     assert leaves, "monitoring on must produce values"
     for key, value in leaves.items():
@@ -44,7 +45,7 @@ def test_values_use_only_keys_the_chart_defines_with_their_types() -> None:
 
 
 def test_values_turn_on_the_endpoint_latency_histogram_and_its_service_monitor() -> None:
-    leaves = _leaves(controller_metrics_values(parse_stack_config(ON)))
+    leaves = _leaves(controller_metrics_values(parse_stack_config(ON).monitoring))
     assert leaves["prometheus.create"] and leaves["prometheus.service.create"]
     assert leaves["prometheus.serviceMonitor.create"]
     assert leaves["controller.enableLatencyMetrics"]
@@ -58,18 +59,22 @@ def test_values_turn_on_the_endpoint_latency_histogram_and_its_service_monitor()
     ]
 
 
-def test_nothing_when_monitoring_or_the_installed_controller_is_off() -> None:
-    assert controller_metrics_values(parse_stack_config({"model": {"id": "m/x"}})) == {}
+def test_nothing_when_monitoring_is_off() -> None:
+    assert controller_metrics_values(parse_stack_config({"model": {"id": "m/x"}}).monitoring) == {}
+
+
+def test_metrics_count_as_on_only_for_a_controller_the_stack_installs() -> None:
+    assert controller_metrics_enabled(parse_stack_config(ON))
     no_ingress = {**ON, "ingress": {"enabled": False}}
-    assert controller_metrics_values(parse_stack_config(no_ingress)) == {}
+    assert not controller_metrics_enabled(parse_stack_config(no_ingress))
     existing = {**ON, "ingress": {"enabled": True, "controller": {"install": False}}}
-    assert controller_metrics_values(parse_stack_config(existing)) == {}
+    assert not controller_metrics_enabled(parse_stack_config(existing))
 
 
 def test_merging_into_the_controller_values_keeps_both() -> None:
     cfg = parse_stack_config(ON)
     base = controller_values("llm-nginx", "rel", cfg.ingress.controller, "ns")
-    merged = merge_values(base, controller_metrics_values(cfg))
+    merged = merge_values(base, controller_metrics_values(cfg.monitoring))
     assert merged["controller"]["enableLatencyMetrics"] is True
     assert merged["controller"]["ingressClass"] == base["controller"]["ingressClass"]
     assert merged["prometheus"]["create"] is True

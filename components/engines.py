@@ -174,7 +174,7 @@ PROFILES: dict[str, EngineProfile] = {
         # tests/contracts/data/vllm-0.33.0.metrics.json lists these with their source.
         ttft_histogram="vllm:time_to_first_token_seconds",
         e2e_histogram="vllm:e2e_request_latency_seconds",
-        itl_histogram="vllm:time_per_output_token_seconds",
+        itl_histogram="vllm:inter_token_latency_seconds",
         kv_cache_metric="vllm:kv_cache_usage_perc",
         # vLLM queues requests beyond --max-num-seqs rather than refusing them,
         # and counts no HTTP status codes of its own.

@@ -69,15 +69,17 @@ class AlertPolicy:
 
 
 def alert_policy(
-    cfg: "StackConfig", target: Target = "cluster", job: str = LOCAL_JOB
+    cfg: "StackConfig", target: Target = "cluster", job: str = LOCAL_JOB,
+    profile: EngineProfile | None = None,
 ) -> AlertPolicy:
-    """The policy of one stack; `target` picks how its series are scoped."""
+    """The policy of one stack; `target` picks how its series are scoped, `profile` the
+    engine whose metric names the rules read (default: the stack's engine)."""
     if target not in ("cluster", "local"):
         raise ValueError(f"alert_policy: 'target' must be 'cluster' or 'local', not {target!r}")
     slo = cfg.monitoring.slo
     scope = (("namespace", cfg.namespace),) if target == "cluster" else (("job", job),)
     return AlertPolicy(
-        profile=cfg.profile,
+        profile=profile if profile is not None else cfg.profile,
         scope=scope,
         target=target,
         model=cfg.model.served,
@@ -252,13 +254,15 @@ def rules_file(policy: AlertPolicy) -> str:
 
 
 def local_rules(cfg: "StackConfig", time_factor: float = 1.0,
-                scrape_seconds: float | None = None, job: str = LOCAL_JOB) -> str:
-    """The rule file local mode's Prometheus loads: the stack's policy, its `for` and rate
+                scrape_seconds: float | None = None, job: str = LOCAL_JOB,
+                profile: EngineProfile | None = None) -> str:
+    """The rule file local mode's Prometheus loads: the stack's policy (read with `profile`'s
+    metric names: local mode runs the server engine whatever the stack's), its `for` and rate
     windows divided by `time_factor` (local mode's compressed clock), a window never shorter
     than four scrapes."""
     if time_factor <= 0:
         raise ValueError(f"local_rules: 'time_factor' must be positive, got {time_factor}")
-    policy = alert_policy(cfg, "local", job=job)
+    policy = alert_policy(cfg, "local", job=job, profile=profile)
     if time_factor != 1:
         scrape = scrape_seconds if scrape_seconds is not None else cfg.monitoring.interval_seconds
         window = max(policy.window_seconds / time_factor, 4 * scrape)

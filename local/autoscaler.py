@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from components.alerting import local_rules
+from components.engines import PROFILES
 from components.scaling import Decision, ScalingPolicy
 from local.procs import LocalModeError
 from local.prometheus import LocalPrometheus
@@ -204,7 +205,8 @@ def start_autoscaling(cluster: Any, cfg: Any, *, port: int, time_factor: float =
     interval = max(0.25, cfg.monitoring.interval_seconds / time_factor)
     # The stack's alert and recording rules, on the same compressed clock.
     rules = cluster.workdir / "prometheus-rules.yml"
-    rules.write_text(local_rules(cfg, time_factor, scrape_seconds=interval))
+    rules.write_text(local_rules(cfg, time_factor, scrape_seconds=interval,
+                                 profile=PROFILES["server"]))
     prometheus = LocalPrometheus(cluster.workdir, namespace=cfg.namespace, port=port,
                                  scrape_interval_seconds=interval, rule_files=[rules])
     prometheus.set_targets(cluster.serving_ports)

@@ -16,9 +16,10 @@ from typing import Any
 
 import yaml
 
-from components.alerting import alert_policy, rules_file
+from components.alerting import local_rules
 from components.balancing import nginx_conf
 from components.config import ConfigError, parse_stack_config
+from components.engines import PROFILES
 from tools import offline
 
 
@@ -93,9 +94,10 @@ def _local_nginx_conf(config: dict[str, str], out: Path) -> str:
 
 
 def _local_rules(config: dict[str, str]) -> str:
-    """The same alerting policy as a plain rule file, scoped to local mode's scrape job."""
+    """The same alerting policy as a plain rule file for local mode: its scrape job, and the
+    metric names of the server engine local mode runs."""
     cfg = parse_stack_config(offline.namespace_values(config))
-    return rules_file(alert_policy(cfg, "local"))
+    return local_rules(cfg, profile=PROFILES["server"])
 
 
 def render(stack: str, out: Path | None, stack_file: Path | None = None) -> int:

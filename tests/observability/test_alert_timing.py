@@ -100,3 +100,14 @@ def test_local_up_autoscale_prometheus_loads_the_stack_rules(make_cluster, tmp_p
     finally:
         scaler.stop()
         prometheus.close()
+
+
+def test_local_rules_of_a_vllm_stack_read_the_server_engine_local_mode_runs() -> None:
+    from components.alerting import local_rules
+    from components.config import parse_stack_config
+    from components.engines import PROFILES
+
+    cfg = parse_stack_config({"engine": "vllm", "gpu": {"count": 1}, "model": {"id": "m/x"}})
+    text = local_rules(cfg, profile=PROFILES["server"])
+    assert "llm_requests_waiting" in text and "vllm:" not in text
+    assert "vllm:num_requests_waiting" in local_rules(cfg)  # without it: the stack's engine

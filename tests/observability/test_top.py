@@ -8,6 +8,7 @@ import os
 import pty
 import re
 import select
+import signal
 import struct
 import subprocess
 import sys
@@ -42,10 +43,17 @@ class Terminal:
             stdin=slave, stdout=slave, stderr=slave, close_fds=True, start_new_session=True,
             cwd=Path(__file__).resolve().parents[2],
             env={**os.environ, "TERM": "xterm-256color", "COLUMNS": "120", "LINES": "40"},
-            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),
+            preexec_fn=self._child_setup,
         )
         os.close(slave)
         self.raw = b""
+
+    @staticmethod
+    def _child_setup() -> None:
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)  # the pty is its terminal: Ctrl-C reaches it
+        # A suite started in the background (nohup, `&`) ignores SIGINT, and children
+        # inherit that; a terminal program expects the default.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
 
     def read(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds

@@ -37,6 +37,20 @@ class EngineLaunch:
 
 
 @dataclass(frozen=True)
+class MetricRef:
+    """One series family: a metric name and the label values that narrow it."""
+
+    name: str
+    match: tuple[tuple[str, str], ...] = ()
+
+    def selector(self, extra: dict[str, str] | None = None) -> str:
+        """PromQL selector, e.g. `llm_requests_rejected_total{reason="overload",namespace="x"}`."""
+        pairs = list(self.match) + sorted((extra or {}).items())
+        inner = ",".join(f'{k}="{v}"' for k, v in pairs)
+        return f"{self.name}{{{inner}}}" if inner else self.name
+
+
+@dataclass(frozen=True)
 class EngineProfile:
     name: EngineName
     prebuilt_image: str | None
@@ -60,6 +74,18 @@ class EngineProfile:
     """Prometheus gauge of sequences being generated (autoscaling signal)."""
     waiting_metric: str
     """Prometheus gauge of queued requests (autoscaling signal)."""
+    ttft_histogram: str
+    """Histogram of seconds from arrival to the first token (`_bucket`/`_count` series)."""
+    e2e_histogram: str
+    """Histogram of seconds from arrival to the last token; its `_count` counts finished requests."""
+    itl_histogram: str | None
+    """Histogram of seconds between output tokens; None when the engine exports none."""
+    kv_cache_metric: str | None
+    """Gauge of the KV-cache fraction in use (0..1); None when the engine has no KV cache pool."""
+    refused: MetricRef | None
+    """Counter of requests refused with 429 for overload; None when the engine queues instead."""
+    unavailable: MetricRef | None
+    """Counter of requests answered 503 (draining); None when the engine does not count them."""
     scale_signal: Literal["cpu", "queue"]
     """What autoscaling follows: CPU (HPA) or the engine's queue metrics (KEDA)."""
     command: tuple[str, ...] | None
@@ -128,6 +154,13 @@ PROFILES: dict[str, EngineProfile] = {
         api_key_env="LLM_API_KEY",
         running_metric="llm_requests_running",
         waiting_metric="llm_requests_waiting",
+        # server/metrics.py; prometheus_client adds `_total` to counters.
+        ttft_histogram="llm_time_to_first_token_seconds",
+        e2e_histogram="llm_e2e_request_latency_seconds",
+        itl_histogram=None,
+        kv_cache_metric=None,
+        refused=MetricRef("llm_requests_rejected_total", (("reason", "overload"),)),
+        unavailable=MetricRef("llm_requests_rejected_total", (("reason", "draining"),)),
         # On CPU nodes generation is CPU-bound, so utilisation tracks load.
         scale_signal="cpu",
         command=None,
@@ -150,6 +183,15 @@ PROFILES: dict[str, EngineProfile] = {
         api_key_env="VLLM_API_KEY",
         running_metric="vllm:num_requests_running",
         waiting_metric="vllm:num_requests_waiting",
+        # tests/contracts/data/vllm-0.33.0.metrics.json lists these with their source.
+        ttft_histogram="vllm:time_to_first_token_seconds",
+        e2e_histogram="vllm:e2e_request_latency_seconds",
+        itl_histogram="vllm:inter_token_latency_seconds",
+        kv_cache_metric="vllm:kv_cache_usage_perc",
+        # vLLM queues requests beyond --max-num-seqs rather than refusing them,
+        # and counts no HTTP status codes of its own.
+        refused=None,
+        unavailable=None,
         # GPU utilisation says little about queueing; waiting requests do.
         scale_signal="queue",
         command=("vllm", "serve"),

@@ -9,6 +9,7 @@ import pulumi
 import pulumi_kubernetes as k8s
 
 from components.config import CONTROLLER_SERVICE_SUFFIX, ControllerConfig
+from components.monitoring import merge_values
 from components.pins import NIC_CHART
 from components.pod_security import pod_security_labels
 from components.service import external_address
@@ -36,6 +37,9 @@ class NginxIngressArgs(TypedDict):
     depends_on: NotRequired[Sequence[pulumi.Resource]]
     """What the Ingress waits for besides the controller (e.g. the ClusterIssuer)."""
     labels: NotRequired[Mapping[str, str]]
+    extra_values: NotRequired[Mapping[str, Any]]
+    """More chart values, merged over the component's own (e.g. the controller's metrics
+    endpoint and ServiceMonitor, components/monitoring.py)."""
 
 
 def controller_values(
@@ -189,12 +193,15 @@ class NginxIngress(pulumi.ComponentResource):
             chart=NIC_CHART,
             version=controller.chart_version,
             namespace=namespace.metadata.name,
-            values=controller_values(
-                args["class_name"],
-                self.release_name,
-                controller,
-                pulumi.Output.concat(args["namespace"], ",", controller.namespace),
-                hostless=not args.get("host"),
+            values=merge_values(
+                controller_values(
+                    args["class_name"],
+                    self.release_name,
+                    controller,
+                    pulumi.Output.concat(args["namespace"], ",", controller.namespace),
+                    hostless=not args.get("host"),
+                ),
+                args.get("extra_values", {}),
             ),
             # Wait for the controller's pods and LoadBalancer before the Ingress.
             skip_await=False,

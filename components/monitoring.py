@@ -1,11 +1,17 @@
-"""LlmServiceMonitor: lets a Prometheus Operator scrape the engine's metrics."""
+"""Monitoring: the ServiceMonitor that scrapes the engine, and the ingress
+controller's metrics (its chart values), when `monitoring.serviceMonitor` is on.
+
+Alert rules live in components/alerting.py, the dashboard in components/dashboard.py."""
 
 from __future__ import annotations
 
-from typing import Mapping, NotRequired, TypedDict
+from typing import TYPE_CHECKING, Any, Mapping, NotRequired, TypedDict
 
 import pulumi
 import pulumi_kubernetes as k8s
+
+if TYPE_CHECKING:
+    from components.config import MonitoringConfig, StackConfig
 
 
 class LlmServiceMonitorArgs(TypedDict):
@@ -43,3 +49,64 @@ class LlmServiceMonitor(pulumi.ComponentResource):
             opts=pulumi.ResourceOptions(parent=self),
         )
         self.register_outputs({})
+
+
+# --- the ingress controller's own metrics ------------------------------------------
+# F5 NGINX Ingress Controller chart 2.6.x (controller 5.5.x) values, read from
+# nginx/kubernetes-ingress@v5.5.4:charts/nginx-ingress/values.yaml and its
+# values.schema.json (tests/contracts/data/nginx-ingress-controller-5.5.4.prometheus.json).
+
+CONTROLLER_METRICS_PORT = 9113
+"""The chart's default `prometheus.port`; the exporter listens there in each controller pod."""
+
+CONTROLLER_LATENCY_METRIC = "nginx_ingress_controller_upstream_server_response_latency_ms"
+"""Histogram (milliseconds) of upstream response times, with `controller.enableLatencyMetrics`."""
+
+
+def controller_metrics_enabled(cfg: "StackConfig") -> bool:
+    """The controller's metrics are on when this stack installs it and monitoring scrapes."""
+    return (
+        cfg.monitoring.service_monitor
+        and cfg.ingress.enabled
+        and cfg.ingress.controller.install
+    )
+
+
+def controller_metrics_values(monitoring: "MonitoringConfig") -> dict[str, Any]:
+    """Chart values that expose the controller's Prometheus endpoint and let the chart
+    create the Service and ServiceMonitor that scrape it; {} unless monitoring.serviceMonitor.
+
+    For the values of a controller this stack installs (merge them into its chart values
+    with `merge_values`). The chart's own ServiceMonitor selects its own headless Service
+    by the chart's selector labels, so no object here has to guess them.
+    """
+    if not monitoring.service_monitor:
+        return {}
+    return {
+        "controller": {"enableLatencyMetrics": True},
+        "prometheus": {
+            "create": True,
+            "port": CONTROLLER_METRICS_PORT,
+            "scheme": "http",
+            "service": {"create": True},
+            "serviceMonitor": {
+                "create": True,
+                "labels": dict(monitoring.labels),
+                "endpoints": [{
+                    "port": "prometheus",
+                    "interval": f"{monitoring.interval_seconds}s",
+                }],
+            },
+        },
+    }
+
+
+def merge_values(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep merge of Helm values: `extra` wins on leaves, nested maps merge."""
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = merge_values(merged[key], value)
+        else:
+            merged[key] = value
+    return merged

@@ -15,7 +15,9 @@ from components.config import Secrets, StackConfig, stack_warnings
 from components.deployment import HF_TOKEN_SECRET_KEY, LlmDeployment
 from components.image import HF_TOKEN_BUILD_SECRET, LlmImage, LlmImageArgs
 from components.ingress import NginxIngress, controller_pod_labels
-from components.monitoring import LlmServiceMonitor
+from components.alerting import LlmAlertRules
+from components.dashboard import LlmDashboard
+from components.monitoring import LlmServiceMonitor, controller_metrics_values
 from components.pod_security import pod_security_labels
 from components.policies import PodPolicies
 from components.tls import CertManager, ingress_tls_annotations, tls_secret_name
@@ -137,6 +139,7 @@ class LlmStack(pulumi.ComponentResource):
                     "issuer_annotations": issuer_annotations,
                     "depends_on": issuer_ready,
                     "labels": labels,
+                    "extra_values": controller_metrics_values(cfg.monitoring),
                 },
                 opts=child,
             )
@@ -183,6 +186,25 @@ class LlmStack(pulumi.ComponentResource):
                     "interval_seconds": cfg.monitoring.interval_seconds,
                     "labels": {**labels, **cfg.monitoring.labels},
                 },
+                opts=child,
+            )
+
+        monitoring = cfg.monitoring
+        if monitoring.rules:
+            LlmAlertRules(
+                f"{name}-alerts",
+                {"config": cfg, "namespace": ns_name, "labels": {**labels, **monitoring.labels}},
+                opts=child,
+            )
+        if monitoring.dashboard:
+            dashboard_ns = (
+                monitoring.dashboard_namespace
+                if monitoring.dashboard_namespace is not None
+                else ns_name
+            )
+            LlmDashboard(
+                f"{name}-dashboard",
+                {"config": cfg, "namespace": dashboard_ns, "labels": labels},
                 opts=child,
             )
 

@@ -1,4 +1,4 @@
-"""`python -m local up|down|status`: run the serving stack on this machine.
+"""`python -m local up|down|status|top`: run the serving stack on this machine.
 
 `up` stays in the foreground: it starts the replicas and nginx, prints the endpoint, the API
 key and ready-to-paste examples, and stops everything on Ctrl-C or SIGTERM (`down`). Errors
@@ -98,6 +98,14 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="show what runs")
     status.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
     status.set_defaults(run=_status)
+
+    top = sub.add_parser("top", help="live view of a running `up` (q or Ctrl-C quits)")
+    top.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
+    top.add_argument("--interval", type=float, default=1.0, help="refresh every s (default 1)")
+    top.add_argument("--window", type=float, default=30.0,
+                     help="rolling window of rates and percentiles, s (default 30)")
+    top.add_argument("--frames", type=int, default=None, help="stop after this many frames")
+    top.set_defaults(run=_top)
     return parser
 
 
@@ -272,6 +280,15 @@ def _status(args: argparse.Namespace) -> int:
         _say(f"  replica {replica['index'] + 1}  :{replica['port']}  pid "
              f"{replica.get('pid') or '-'}  {'running' if running else 'stopped'}")
     return 0
+
+
+def _top(args: argparse.Namespace) -> int:
+    from local.top import run  # rich is needed only here
+
+    if args.interval <= 0 or args.window <= 0:
+        raise LocalModeError("--interval and --window must be positive seconds")
+    return run(args.workdir.resolve(), interval=args.interval, window=args.window,
+               max_frames=args.frames)
 
 
 def _say(message: str) -> None:

@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from components.alerting import local_rules
+from components.engines import PROFILES
 from components.scaling import Decision, ScalingPolicy
 from local.procs import LocalModeError
 from local.prometheus import LocalPrometheus
@@ -201,8 +203,12 @@ def start_autoscaling(cluster: Any, cfg: Any, *, port: int, time_factor: float =
     """Start Prometheus under the cluster's workdir and the autoscaler loop."""
     policy = local_policy(cfg, time_factor)
     interval = max(0.25, cfg.monitoring.interval_seconds / time_factor)
+    # The stack's alert and recording rules, on the same compressed clock.
+    rules = cluster.workdir / "prometheus-rules.yml"
+    rules.write_text(local_rules(cfg, time_factor, scrape_seconds=interval,
+                                 profile=PROFILES["server"]))
     prometheus = LocalPrometheus(cluster.workdir, namespace=cfg.namespace, port=port,
-                                 scrape_interval_seconds=interval)
+                                 scrape_interval_seconds=interval, rule_files=[rules])
     prometheus.set_targets(cluster.serving_ports)
     prometheus.start()
     cluster.extra_state["prometheus"] = {"pid": prometheus.pid, "markers": prometheus.markers,

@@ -3,7 +3,10 @@
 kubernetes-validate ships only built-in kinds. These cover what the CRDs
 require and the fields this project sets, with unknown spec fields rejected so
 a typo fails. They follow KEDA 2.19's ScaledObject CRD, the Prometheus
-Operator's monitoring.coreos.com/v1 ServiceMonitor CRD and cert-manager's ClusterIssuer.
+Operator's monitoring.coreos.com/v1 ServiceMonitor and PrometheusRule CRDs
+(PrometheusRule: spec.groups[].name required, rules[].expr required, `for`
+a Prometheus duration, label and annotation values strings) and cert-manager's
+ClusterIssuer.
 """
 
 from __future__ import annotations
@@ -156,8 +159,61 @@ CLUSTER_ISSUER: dict[str, Any] = {
     },
 }
 
+_DURATION = {"type": "string", "pattern": r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"}
+_STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
+
+PROMETHEUS_RULE: dict[str, Any] = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "metadata": _METADATA,
+        "spec": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "groups": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["name"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "name": {"type": "string", "minLength": 1},
+                            "interval": _DURATION,
+                            "query_offset": _DURATION,
+                            "limit": {"type": "integer"},
+                            "partial_response_strategy": {"type": "string"},
+                            "labels": _STRING_MAP,
+                            "rules": {
+                                "type": "array",
+                                "items": {
+                                    "type": "object",
+                                    "required": ["expr"],
+                                    "additionalProperties": False,
+                                    # A rule records or alerts, never both.
+                                    "oneOf": [{"required": ["record"]}, {"required": ["alert"]}],
+                                    "properties": {
+                                        "record": {"type": "string"},
+                                        "alert": {"type": "string"},
+                                        "expr": {"type": "string", "minLength": 1},
+                                        "for": _DURATION,
+                                        "keep_firing_for": {"type": "string", "minLength": 1},
+                                        "labels": _STRING_MAP,
+                                        "annotations": _STRING_MAP,
+                                    },
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+
 SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
     ("cert-manager.io/v1", "ClusterIssuer"): CLUSTER_ISSUER,
     ("keda.sh/v1alpha1", "ScaledObject"): SCALED_OBJECT,
     ("monitoring.coreos.com/v1", "ServiceMonitor"): SERVICE_MONITOR,
+    ("monitoring.coreos.com/v1", "PrometheusRule"): PROMETHEUS_RULE,
 }

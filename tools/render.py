@@ -16,8 +16,10 @@ from typing import Any
 
 import yaml
 
+from components.alerting import local_rules
 from components.balancing import nginx_conf
 from components.config import ConfigError, StackConfig, parse_stack_config, stack_warnings
+from components.engines import PROFILES
 from tools import offline
 
 
@@ -95,6 +97,12 @@ def _local_nginx_conf(cfg: StackConfig, out: Path) -> str:
     )
 
 
+def _local_rules(cfg: StackConfig) -> str:
+    """The same alerting policy as a plain rule file for local mode: its scrape job, and the
+    metric names of the server engine local mode runs."""
+    return local_rules(cfg, profile=PROFILES["server"])
+
+
 def render(stack: str, out: Path | None, stack_file: Path | None = None) -> int:
     stack_file = stack_file or offline.PROJECT_DIR / f"Pulumi.{stack}.yaml"
     if not stack_file.exists():
@@ -133,6 +141,7 @@ def render(stack: str, out: Path | None, stack_file: Path | None = None) -> int:
                 yaml.safe_dump(release, sort_keys=False)
             )
         (out / "nginx.conf").write_text(_local_nginx_conf(cfg, out))
+        (out / "prometheus-rules.yml").write_text(_local_rules(cfg))
 
     print()
     for name, value in sorted(run.exports.items()):
@@ -146,8 +155,8 @@ def render(stack: str, out: Path | None, stack_file: Path | None = None) -> int:
             print(f"  {problem}", file=sys.stderr)
         return 1
     where = (
-        f", written to {out} with {len(releases)} Helm release file(s) and the local-mode "
-        "nginx.conf" if out is not None else ""
+        f", written to {out} with {len(releases)} Helm release file(s), the local-mode "
+        "nginx.conf and prometheus-rules.yml" if out is not None else ""
     )
     print(
         f"\n{len(manifests)} manifests valid against Kubernetes {versions}{where} "

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from bench import alert_timing
 from bench.faults.load import (
     in_flight,
     rss_bytes,
@@ -172,6 +173,7 @@ def drill_overload(cluster: Any, model: DrillModel, plan: Plan, seed: int,
     th.start()
     t0 = time.monotonic()
     rate = 3 * capacity_rps
+    alerts = alert_timing.start(cluster)  # the stack's backlog alert in a real Prometheus
     try:
         run = asyncio.run(run_load(cluster.endpoint + "/chat/completions", cluster.model_name,
                                    cluster.api_key, rate=rate,
@@ -179,9 +181,11 @@ def drill_overload(cluster: Any, model: DrillModel, plan: Plan, seed: int,
                                    max_seconds=plan.overload_seconds + 5,
                                    tokens=(model.tokens_low, model.tokens_high), seed=seed))
         wait_idle(urls)
+        alert_notes = alerts.finish(run.records, run.load_ended)
     finally:
         stop.set()
         th.join(5)
+        alerts.close()
     sample()  # end
     checks, fig = overload_checks(run.records, rss, bounds)
     counts = count(run.records, rejections_expected=True)
@@ -192,8 +196,9 @@ def drill_overload(cluster: Any, model: DrillModel, plan: Plan, seed: int,
         f", p99 {fig['reject_p99'] * 1e3:.1f} ms (bound {bounds.reject_p99_s * 1e3:.0f} ms)"),
         (f"admitted TTFT p99 {fig['ttft_p99']:.2f} s (bound {bounds.ttft_p99_s:.2f} s), E2E p99 "
         f"{fig['e2e_p99']:.2f} s (bound {bounds.e2e_p99_s:.2f} s)"),
-    ] + [f"replica {i + 1} RSS start {s[0] / MIB:.1f} MiB, peak {max(s) / MIB:.1f} MiB, end "
-         f"{s[-1] / MIB:.1f} MiB" for i, s in rss.items() if s]
+    ] + alert_notes + [
+        f"replica {i + 1} RSS start {s[0] / MIB:.1f} MiB, peak {max(s) / MIB:.1f} MiB, end "
+        f"{s[-1] / MIB:.1f} MiB" for i, s in rss.items() if s]
     for c in checks:
         notes.append(f"{'ok  ' if c.passed else 'MISS'} {c.name}: {c.detail}")
     bar = (f"429 p99 < {bounds.reject_p99_s * 1e3:.0f} ms with Retry-After; RSS growth < "

@@ -110,9 +110,10 @@ def test_render_cli_writes_valid_manifests(tmp_path: Path):
     assert "output apiKey: [secret]" in result.stdout
     written = sorted({p.name.split("-")[0] for p in tmp_path.glob("*.yaml")})
     assert (tmp_path / "nginx.conf").exists()
-    assert written == ["clusterissuer", "deployment", "helmrelease", "ingress", "namespace",
-                       "networkpolicy", "poddisruptionbudget", "scaledobject", "secret",
-                       "service", "servicemonitor"]
+    assert (tmp_path / "prometheus-rules.yml").exists()
+    assert written == ["clusterissuer", "configmap", "deployment", "helmrelease", "ingress",
+                       "namespace", "networkpolicy", "poddisruptionbudget", "prometheusrule",
+                       "scaledobject", "secret", "service", "servicemonitor"]
     # Each Helm release the stack installs, with its chart, version and full values.
     releases = {p.name: yaml.safe_load(p.read_text()) for p in tmp_path.glob("helmrelease-*.yaml")}
     assert set(releases) == {"helmrelease-llm-nginx.yaml", "helmrelease-keda.yaml",

@@ -15,7 +15,6 @@ import asyncio
 import itertools
 import os
 import random
-import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -25,6 +24,7 @@ from pathlib import Path
 import httpx
 
 from bench import capacity, client, report, trace
+from bench.ports import free_ports
 from bench.stats import Record, Summary, summarize
 from components.balancing import LoadBalancingConfig
 
@@ -69,25 +69,6 @@ class SimModel:
 
 def say(msg: str) -> None:
     print(msg, flush=True)
-
-
-def free_ports(n: int, rng: random.Random) -> int:
-    """A base port with ``n`` consecutive free ports (random, to stay clear of other users)."""
-    for _ in range(200):
-        base = rng.randrange(20_000, 40_000)
-        try:
-            socks = []
-            for p in range(base, base + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", p))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free port range found")
 
 
 def _scrape(url: str, key: str | None) -> tuple[float, dict | None]:

@@ -47,6 +47,18 @@ UPSTREAM_NAME = "llm"
 HEALTH_PATH = "/nginx-health"
 """Local-mode readiness path answered by NGINX itself (200), never proxied."""
 
+API_PREFIX = "/v1/"
+"""The only path prefix NGINX passes to the replicas; everything else is answered 404 by NGINX
+(engines serve unauthenticated routes beside the API, e.g. vLLM's /tokenize and /metrics)."""
+
+SERVER_ADMISSION_DEFAULT = 32 + 128
+"""Requests one server replica admits at once with its defaults (LLM_MAX_CONCURRENCY 32 running
++ LLM_MAX_QUEUE 128 waiting); beyond that it answers 429 itself."""
+
+CLIENT_BODY_TIMEOUT_SECONDS = 10
+"""Longest pause NGINX allows between two reads of a request header or body (nginx: 60 s).
+Chat bodies are small and sent at once; a client trickling bytes only holds a connection."""
+
 # Header names become part of an nginx variable ($http_x_session_id): letters, digits and '-'
 # only. Underscores are excluded on purpose: nginx drops headers containing them by default
 # (underscores_in_headers off), so a hash on such a header would silently never match.
@@ -286,6 +298,31 @@ def _path(path: Path, what: str) -> str:
     return text
 
 
+def connection_limits(admission_limit: int, keepalive_connections: int) -> tuple[int, int]:
+    """(connections one client address may hold, worker_connections) for a set of replicas that
+    admit ``admission_limit`` requests in total (running + queued).
+
+    A client may hold a quarter more connections than the replicas admit (at least 16 more), so
+    the replicas, not NGINX, refuse the first excess requests with their own 429 and Retry-After.
+    An admitted request takes two connections (client and upstream); the third share leaves
+    room to accept, answer 429 to and close connections beyond the cap instead of resetting
+    them, plus the idle upstream keep-alive pool and a margin for health checks.
+    """
+    if admission_limit < 1:
+        raise ValueError(f"admission_limit must be at least 1, got {admission_limit}")
+    per_client = admission_limit + max(16, admission_limit // 4)
+    worker_connections = max(1024, 3 * per_client + keepalive_connections + 32)
+    return per_client, worker_connections
+
+
+def _json_error(status: int, message: str, code: str) -> str:
+    """An nginx `return` answering an OpenAI-style error body (no quotes allowed in message)."""
+    kind = "rate_limit_error" if status == 429 else "invalid_request_error"
+    body = ('{"error":{"message":"' + message + '","type":"' + kind + '","param":null,'
+            '"code":"' + code + '"}}')
+    return f"return {status} '{body}';"
+
+
 def nginx_conf(
     policy: LoadBalancingConfig,
     upstreams: Sequence[str],
@@ -296,18 +333,28 @@ def nginx_conf(
     daemon: bool = False,
     worker_processes: int | Literal["auto"] = "auto",
     user: str | None = None,
+    group: str | None = None,
     pid_path: Path | None = None,
     error_log_path: Path | None = None,
     access_log_path: Path | None = None,
+    temp_dir: Path | None = None,
+    admission_limit: int | None = None,
+    client_body_timeout_seconds: int = CLIENT_BODY_TIMEOUT_SECONDS,
 ) -> str:
     """A complete nginx.conf that runs without root: every writable path inside `prefix`.
 
     `upstreams` are the replicas' `host:port`; a bare port for `listen` binds 127.0.0.1.
     Relative paths resolve against nginx's `-p` prefix; pass `prefix` to make them absolute.
     Run it with `nginx -p <prefix> -c <file>` (`daemon off` by default: a supervisor owns it).
-    `user` matters only when nginx starts as root: its workers then run as `nobody`, which
-    cannot write temp files (large request bodies) into a private prefix; pass the prefix's
-    owner. Non-root nginx ignores it with a warning.
+    `user`/`group` matter only when nginx starts as root: its workers then run as that
+    account, which must be able to write the temp paths (large request bodies); pass an
+    unprivileged account and a `temp_dir` it owns (nginx creates the temp paths inside).
+    Non-root nginx ignores them with a warning.
+
+    Only `API_PREFIX` reaches the replicas, plus `HEALTH_PATH` answered by nginx itself.
+    `admission_limit` is what the replicas admit in total (running + queued; the server's
+    default `SERVER_ADMISSION_DEFAULT` per upstream when None): it sizes worker_connections and
+    the per-client connection cap (`connection_limits`), so a flood is answered 429, not reset.
     """
     if not upstreams:
         raise ValueError("nginx_conf needs at least one upstream address")
@@ -321,8 +368,17 @@ def nginx_conf(
     ):
         raise ValueError(f"worker_processes must be 'auto' or 1-1024, got {worker_processes!r}")
 
-    if user is not None and not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", user):
-        raise ValueError(f"user {user!r} must be a Unix account name")
+    for what, account in (("user", user), ("group", group)):
+        if account is not None and not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", account):
+            raise ValueError(f"{what} {account!r} must be a Unix account name")
+    if group is not None and user is None:
+        raise ValueError("group needs user")
+    if not 1 <= client_body_timeout_seconds <= 3600:
+        raise ValueError("client_body_timeout_seconds must be 1-3600, got "
+                         f"{client_body_timeout_seconds}")
+    admitted = admission_limit if admission_limit is not None else (
+        SERVER_ADMISSION_DEFAULT * len(servers))
+    per_client, worker_connections = connection_limits(admitted, policy.keepalive_connections)
 
     base = Path(_path(Path(prefix), "prefix")) if prefix is not None else Path(".")
 
@@ -332,7 +388,8 @@ def nginx_conf(
     pid = inside("nginx.pid", pid_path, "pid_path")
     error_log = inside("error.log", error_log_path, "error_log_path")
     access_log = inside("access.log", access_log_path, "access_log_path")
-    temp = {name: inside(f"{name}_temp", None, "prefix")
+    temp_base = Path(_path(Path(temp_dir), "temp_dir")) if temp_dir is not None else base
+    temp = {name: _path(temp_base / f"{name}_temp", "temp_dir")
             for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")}
 
     read = read_timeout_seconds(policy, max_output_tokens)
@@ -346,12 +403,15 @@ def nginx_conf(
         "# not this file.",
         f"daemon {'on' if daemon else 'off'};",
         f"worker_processes {worker_processes};",
-        *([f"user {user};"] if user is not None else []),
+        *([f"user {user}{' ' + group if group else ''};"] if user is not None else []),
         f"pid {pid};",
         f"error_log {error_log} warn;",
+        # Two descriptors per connection at most (a temp file for a large body), plus logs.
+        f"worker_rlimit_nofile {2 * worker_connections};",
         "",
         "events {",
-        "    worker_connections 1024;",
+        f"    # Sized from what the replicas admit ({admitted} requests): see connection_limits.",
+        f"    worker_connections {worker_connections};",
         "}",
         "",
         "http {",
@@ -363,6 +423,11 @@ def nginx_conf(
         f"    uwsgi_temp_path {temp['uwsgi']};",
         f"    scgi_temp_path {temp['scgi']};",
         "    server_tokens off;",
+        "    # A slow client may not hold a connection by trickling its request.",
+        f"    client_header_timeout {client_body_timeout_seconds}s;",
+        f"    client_body_timeout {client_body_timeout_seconds}s;",
+        "    reset_timedout_connection on;",
+        "    limit_conn_zone $binary_remote_addr zone=llm_conn_per_client:10m;",
         "",
         "    # Keep the client's X-Request-ID, or mint one, so logs join across hops.",
         "    map $http_x_request_id $llm_request_id {",
@@ -408,7 +473,26 @@ def nginx_conf(
         "            return 200 'ok';",
         "        }",
         "",
+        "        # Only the OpenAI API is published; the engines' other routes stay private.",
         "        location / {",
+        "            default_type application/json;",
+        "            " + _json_error(404, "Not found: this endpoint serves only /v1/.",
+                                     "not_found"),
+        "        }",
+        "",
+        "        location @llm_too_many {",
+        "            default_type application/json;",
+        "            add_header Retry-After 1 always;",
+        "            " + _json_error(429, "Too many requests or connections from this client; "
+                                     "retry later.", "rate_limit_exceeded"),
+        "        }",
+        "",
+        f"        location {API_PREFIX} {{",
+        "            # Connections one client address may hold (connection_limits).",
+        f"            limit_conn llm_conn_per_client {per_client};",
+        "            limit_conn_status 429;",
+        "            error_page 429 = @llm_too_many;",
+        "",
         f"            proxy_pass http://{UPSTREAM_NAME};",
         "            proxy_http_version 1.1;",
         '            proxy_set_header Connection "";',

@@ -33,6 +33,9 @@ NAMESPACE = "llm-serving"
 SECRET_KEYS = ("apiKey", "hfToken")
 """Top-level keys that must be set with `pulumi config set --secret`."""
 
+API_KEY_MIN_LENGTH = 32
+"""Shortest operator-supplied `apiKey` accepted (generated keys have 48 characters)."""
+
 
 class ConfigError(pulumi.RunError):
     """A stack configuration mistake. RunError: Pulumi prints it without a traceback."""
@@ -346,10 +349,15 @@ class DisruptionBudgetConfig(Section):
 
 
 class NetworkPolicyConfig(Section):
-    enabled: bool = False
-    """Only the ingress controller (or, without it, the LoadBalancer path) reaches the model port."""
+    enabled: bool | None = None
+    """Only the ingress controller (or, without it, the LoadBalancer path) reaches the model port,
+    and the pods reach only DNS and (when they download weights) HTTPS. Unset: on, unless a
+    Prometheus must scrape the pods and `monitoringNamespace` does not say from where."""
     monitoring_namespace: DnsLabel | None = None
     """Namespace whose pods may scrape metrics (they share the API port)."""
+    restrict_egress: bool = True
+    """Limit what the pods reach: DNS, the model hub over 443 when weights are downloaded (never
+    link-local or cloud metadata addresses), nothing at all with baked weights."""
 
 
 class MonitoringConfig(Section):
@@ -422,6 +430,24 @@ class StackConfig(Section):
         if self.service.type is not None:
             return self.service.type
         return "ClusterIP" if self.ingress.enabled else "LoadBalancer"
+
+    @property
+    def scraped_by_prometheus(self) -> bool:
+        """A Prometheus scrapes the pods: a ServiceMonitor, or KEDA's queue-depth query."""
+        return self.monitoring.service_monitor or (
+            self.autoscaling.enabled and self.profile.scale_signal == "queue")
+
+    @property
+    def network_policy_on(self) -> bool:
+        """`networkPolicy.enabled`, or by default: on wherever it cannot cut the stack off."""
+        if self.network_policy.enabled is not None:
+            return self.network_policy.enabled
+        return not (self.scraped_by_prometheus and self.network_policy.monitoring_namespace is None)
+
+    @property
+    def downloads_weights(self) -> bool:
+        """The pods fetch weights from the hub at start (not baked into the image)."""
+        return self.model_cache.type != "baked"
 
     @property
     def scale_down_window_seconds(self) -> int:
@@ -686,6 +712,19 @@ def _is_secret(full_key: str) -> bool:
     )
 
 
+def _api_key_problems(key: Any) -> list[str]:
+    """A guessable key is no key: refuse short ones (the message never shows the value)."""
+    if key is None:
+        return []
+    length = len(str(key).strip())
+    if length >= API_KEY_MIN_LENGTH:
+        return []
+    return [
+        f"{NAMESPACE}:apiKey: must be at least {API_KEY_MIN_LENGTH} characters (got {length}); "
+        "generate one with `openssl rand -hex 32`, or unset apiKey to have one generated"
+    ]
+
+
 def load_stack_config() -> tuple[StackConfig, Secrets]:
     """Read and validate this stack's configuration, once, from Pulumi."""
     raw = _namespace_keys()
@@ -695,6 +734,7 @@ def load_stack_config() -> tuple[StackConfig, Secrets]:
         for key in SECRET_KEYS
         if key in raw and not _is_secret(f"{NAMESPACE}:{key}")
     ]
+    problems.extend(_api_key_problems(raw.get("apiKey")))
     try:
         cfg = parse_stack_config(raw)
     except ConfigError as err:

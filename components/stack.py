@@ -138,7 +138,7 @@ class LlmStack(pulumi.ComponentResource):
                 opts=child,
             )
 
-        if cfg.disruption_budget.enabled or cfg.network_policy.enabled:
+        if cfg.disruption_budget.enabled or cfg.network_policy_on:
             PodPolicies(
                 f"{name}-policies",
                 {

@@ -13,7 +13,6 @@ still alive after that deadline gets SIGKILL. Everything started is recorded in
 from __future__ import annotations
 
 import os
-import pwd
 import secrets
 import shutil
 import signal
@@ -30,8 +29,9 @@ from typing import Any, Self
 import httpx
 
 from components.balancing import HEALTH_PATH, LoadBalancingConfig, nginx_conf
-from local import procs
+from local import privileges, procs
 from local.procs import LocalModeError
+from server.settings import SettingsError, from_env
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 """Replicas run `uvicorn server:app` from here."""
@@ -130,6 +130,7 @@ class LocalCluster:
         self.workdir: Path | None = None if workdir is None else Path(workdir).resolve()
         self._replicas = [self._replica(i) for i in range(replicas)]
         self._nginx: subprocess.Popen[bytes] | None = None
+        self._nginx_temp: Path | None = None
         self._stopped = True
 
     # --- public API ------------------------------------------------------------------------
@@ -362,6 +363,8 @@ class LocalCluster:
             self._reap(replica)
         self._nginx = None
         self._stopped = True
+        privileges.remove_temp_dir(self._nginx_temp)
+        self._nginx_temp = None
         if self.workdir is not None:
             procs.remove_state(self.workdir)
             if self._owned_workdir:
@@ -454,15 +457,27 @@ class LocalCluster:
         return [self._nginx_bin, "-p", f"{self._prefix}/", "-c", str(self._conf_path),
                 "-e", str(self._prefix / "error.log"), *extra]
 
+    def _admission_limit(self, replicas: int) -> int:
+        """Requests the replicas admit at once (running + queued), from their own settings."""
+        try:
+            settings = from_env(self._replica_env())
+        except SettingsError as exc:
+            raise LocalModeError(f"replica settings are invalid: {exc}") from None
+        return replicas * (settings.max_concurrency + settings.max_queue)
+
     def _write_conf(self, replicas: list[_Replica]) -> None:
-        # As root, nginx's workers would run as `nobody` and could not write temp files into a
-        # private prefix; run them as the prefix's owner instead.
-        user = pwd.getpwuid(self._prefix.stat().st_uid).pw_name if os.geteuid() == 0 else None
+        # As root, nginx's workers run as an unprivileged account (never root) with their own
+        # temp dir; see local/privileges.py.
+        account = privileges.worker_account()
+        if account is not None and self._nginx_temp is None:
+            self._nginx_temp = privileges.make_temp_dir(account)
         try:
             conf = nginx_conf(
                 self.policy, [f"127.0.0.1:{r.port}" for r in replicas], self.port,
                 self.max_output_tokens, prefix=self._prefix, daemon=False,
-                worker_processes=self.workers, user=user,
+                worker_processes=self.workers,
+                user=account.user if account else None, group=account.group if account else None,
+                temp_dir=self._nginx_temp, admission_limit=self._admission_limit(len(replicas)),
             )
         except ValueError as exc:  # e.g. a workdir path with spaces, which nginx.conf rejects
             raise LocalModeError(f"cannot render nginx.conf: {exc}; pick another --workdir") \

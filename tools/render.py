@@ -78,15 +78,20 @@ def _file_name(manifest: dict[str, Any]) -> str:
 
 LOCAL_FIRST_PORT = 8000
 LOCAL_LISTEN_PORT = 8080
+SERVER_DEFAULT_QUEUE = 128
+"""LLM_MAX_QUEUE's default (server/settings.py); the stack does not set it."""
 
 
 def _local_nginx_conf(cfg: StackConfig, out: Path) -> str:
     """The same loadBalancing policy as plain nginx.conf, for replicas on 127.0.0.1:8000+."""
     replicas = max(cfg.autoscaling.min_replicas if cfg.autoscaling.enabled else cfg.replicas, 1)
     upstreams = [f"127.0.0.1:{LOCAL_FIRST_PORT + i}" for i in range(replicas)]
+    admitted = None
+    if cfg.model.max_concurrency is not None:  # running slots + the server's default queue
+        admitted = replicas * (cfg.model.max_concurrency + SERVER_DEFAULT_QUEUE)
     return nginx_conf(
         cfg.load_balancing, upstreams, LOCAL_LISTEN_PORT, cfg.model.max_output_tokens,
-        prefix=out.resolve(),
+        prefix=out.resolve(), admission_limit=admitted,
     )
 
 

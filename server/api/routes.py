@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -42,7 +44,9 @@ def _state(request: Request) -> AppState:
 async def health(request: Request) -> JSONResponse:
     st = _state(request)
     if st.load_error is not None:
-        return JSONResponse({"status": "error", "detail": st.load_error}, status_code=503)
+        # The cause (exception text, paths) is in the replica's log; /health is not gated by
+        # the API key, so it answers only a generic status.
+        return JSONResponse({"status": "error"}, status_code=503)
     return JSONResponse({"status": "ok"})
 
 
@@ -85,6 +89,10 @@ async def _parse(request: Request, model: type[_SamplingRequest]) -> Any:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise invalid(f"Malformed JSON body: {exc}", None, code="invalid_json") from None
+    except RecursionError:  # nested deeper than the interpreter's recursion limit
+        raise _too_deep() from None
+    if json_depth_exceeds(data, raw, MAX_JSON_DEPTH):
+        raise _too_deep()
     if not isinstance(data, dict):
         raise invalid("The request body must be a JSON object.", None, code="invalid_json")
     if b"\\u" in raw:
@@ -100,6 +108,38 @@ async def _parse(request: Request, model: type[_SamplingRequest]) -> Any:
         return model.model_validate(data)
     except ValidationError as exc:
         raise from_validation_errors(exc.errors(), field_names(model)) from None
+
+
+MAX_JSON_DEPTH = 32
+"""Deepest nesting of arrays/objects a request body may have (OpenAI requests need about 6)."""
+
+
+def _too_deep() -> Exception:
+    return invalid(f"The request body is nested deeper than {MAX_JSON_DEPTH} levels.", None,
+                   code="invalid_json")
+
+
+def json_depth_exceeds(data: object, raw: bytes, limit: int) -> bool:
+    """Whether ``data`` (parsed from ``raw``) nests arrays/objects more than ``limit`` deep.
+
+    Iterative, so it cannot overflow the stack; skipped when ``raw`` has too few brackets to
+    reach the limit at all (the common case costs two ``bytes.count`` calls).
+    """
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return False
+    stack: list[tuple[object, int]] = [(data, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            children = node.values()
+        elif isinstance(node, list):
+            children = node
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return False
 
 
 def _check_common(st: AppState, req: _SamplingRequest, requested: int | None,
@@ -200,6 +240,40 @@ def _streaming_response(body: AsyncIterator[str]) -> StreamingResponse:
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
+async def _until_disconnect(request: Request) -> None:
+    """Return when the client closes its connection (the body has been read already, so the
+    next ASGI message is ``http.disconnect``)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class ClientGone(Exception):
+    """The client disconnected before its non-streaming answer was ready."""
+
+
+async def _collect_or_cancel(request: Request, gen: AsyncIterator[object]) -> tuple[str, Finished]:
+    """Collect the whole answer, but cancel the generation (freeing its slot at once) when the
+    client goes away: nobody would read the answer, and the slot serves someone else."""
+    collect = asyncio.ensure_future(_collect(gen))
+    watch = asyncio.ensure_future(_until_disconnect(request))
+    try:
+        await asyncio.wait({collect, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not collect.done():
+            collect.cancel()
+    if collect.cancelled() or not collect.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await collect
+        raise ClientGone
+    return collect.result()
+
+
+def _gone_response() -> Response:
+    # Nobody reads it; 499 (nginx's "client closed request") keeps access logs honest.
+    return Response(status_code=499)
+
+
 async def _collect(gen: AsyncIterator[object]) -> tuple[str, Finished]:
     parts: list[str] = []
     try:
@@ -246,7 +320,11 @@ async def chat_completions(request: Request) -> Response:
         return _streaming_response(_stream(gen, chunk, {"role": "assistant", "content": ""},
                                            len(prompt_ids), include))
 
-    text, fin = await _collect(gen)
+    try:
+        text, fin = await _collect_or_cancel(request, gen)
+    except ClientGone:
+        _log.info("client disconnected; generation %s cancelled", cid)
+        return _gone_response()
     return JSONResponse({
         "id": cid, "object": "chat.completion", "created": created, "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
@@ -274,7 +352,11 @@ async def completions(request: Request) -> Response:
         include = bool(req.stream_options and req.stream_options.include_usage)
         return _streaming_response(_stream(gen, chunk, None, len(prompt_ids), include))
 
-    text, fin = await _collect(gen)
+    try:
+        text, fin = await _collect_or_cancel(request, gen)
+    except ClientGone:
+        _log.info("client disconnected; generation %s cancelled", cid)
+        return _gone_response()
     return JSONResponse({
         "id": cid, "object": "text_completion", "created": created, "model": model,
         "choices": [{"index": 0, "text": text, "logprobs": None,

@@ -1,4 +1,4 @@
-"""Fault drills (bench/faults.py): counting, bars, verdicts and the report on synthetic data,
+"""Fault drills (bench/faults/): counting, bars, verdicts and the report on synthetic data,
 plus one tiny end-to-end nginx reload drill on a real local cluster."""
 
 from __future__ import annotations
@@ -254,3 +254,53 @@ def test_reload_drill_end_to_end_loses_no_request() -> None:
     assert cluster.replicas == 3
     assert any("new replica 3 served" in n and "served 0 " not in n for n in res.notes)
     assert time.monotonic() - t0 < 30
+
+
+# --- client disconnect drill -----------------------------------------------------------------
+
+
+def _phase(name: str, admitted: int = 4, freed: float | None = 0.3) -> faults.PhaseResult:
+    return faults.PhaseResult(name, 4, admitted, freed)
+
+
+def test_disconnect_bar_needs_every_client_generating_and_slots_back_in_time() -> None:
+    bounds = faults.DisconnectBounds()
+    good = [_phase("non-streaming"), _phase("streaming")]
+    assert all(c.passed for c in faults.disconnect_checks(good, 10.0, 4, 4, bounds))
+    # the finding: non-streaming generations held their slots until they ended
+    held = [_phase("non-streaming", freed=11.8), _phase("streaming")]
+    missed = [c.name for c in faults.disconnect_checks(held, 12.0, 4, 4, bounds) if not c.passed]
+    assert missed == ["non-streaming: slots free within 2 s"]
+    never = [_phase("non-streaming", freed=None), _phase("streaming", admitted=3)]
+    missed = [c.name for c in faults.disconnect_checks(never, 12.0, 3, 4, bounds) if not c.passed]
+    assert missed == ["non-streaming: slots free within 2 s",
+                      "streaming: every client generating", "capacity back"]
+    # a generation shorter than twice the bar would free its slot anyway: proves nothing
+    short = faults.disconnect_checks(good, 3.0, 4, 4, bounds)
+    assert [c.name for c in short if not c.passed] == ["generations outlast the bar"]
+
+
+def test_disconnect_drill_end_to_end_frees_slots_within_2_s() -> None:
+    """4 clients fill both replicas' slots through the real nginx, then hang up."""
+    from local import LocalCluster
+    from local.procs import LocalModeError, find_nginx
+    from tests.local.support import assert_gone, free_port_range
+
+    try:
+        find_nginx()
+    except LocalModeError:
+        pytest.skip("nginx is not installed")
+    model = DrillModel(slots=2, queue=2, disconnect_tokens=200)
+    assert model.disconnect_generation_s > 5
+    base = free_port_range(3)
+    cluster = LocalCluster(2, port=base, first_replica_port=base + 1, server_env=model.env(),
+                           max_output_tokens=200)
+    try:
+        cluster.start(timeout=30)
+        res = faults.drill_disconnect(cluster, model)
+    finally:
+        pids = [cluster.nginx_pid, *cluster.replica_pids]
+        cluster.stop()
+        assert_gone([p for p in pids if p is not None])
+    assert res.passed, res.notes
+    assert any(n.startswith("non-streaming: 4 generating") for n in res.notes), res.notes

@@ -63,9 +63,9 @@ class Upstream:
                 elif upstream.mode == "slow":
                     time.sleep(3)  # longer than the test's read timeout
                     self._plain(200, upstream.name.encode())
-                elif self.path == "/stream":
+                elif self.path.endswith("/stream"):
                     self._stream()
-                elif self.path == "/big":
+                elif self.path.endswith("/big"):
                     self._big()
                 else:
                     self._plain(200, upstream.name.encode())

@@ -47,7 +47,7 @@ def upstream_block(conf: str) -> str:
 
 
 def main_location(conf: str) -> str:
-    return conf.split("location / {", 1)[1].split("}", 1)[0]
+    return conf.split("location /v1/ {", 1)[1].split("}", 1)[0]
 
 
 # --- derived values ---------------------------------------------------------------------------
@@ -304,7 +304,7 @@ def test_first_event_arrives_before_the_upstream_finishes(upstreams, run_nginx):
     a = upstreams["a"]
     proxy = run_nginx(policy(), [a.address])
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
-        sock.sendall(b"POST /stream HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\n{}")
+        sock.sendall(b"POST /v1/stream HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\n{}")
         received = b""
         deadline = time.monotonic() + 5
         while b"data: first" not in received and time.monotonic() < deadline:
@@ -331,7 +331,7 @@ def test_nginx_does_not_read_ahead_of_a_slow_client(upstreams, run_nginx):
     sock.settimeout(5)
     try:
         sock.connect(("127.0.0.1", proxy.port))
-        sock.sendall(b"GET /big HTTP/1.1\r\nHost: t\r\n\r\n")
+        sock.sendall(b"GET /v1/big HTTP/1.1\r\nHost: t\r\n\r\n")
         assert sock.recv(1024).startswith(b"HTTP/1.1 200")
         # The client now reads nothing; with buffering on nginx would take all 48 MiB.
         assert not a.big_finished.wait(timeout=1.5)

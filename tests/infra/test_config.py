@@ -126,13 +126,36 @@ def test_a_gpu_stack_parses():
 
 def test_secrets_must_be_set_as_pulumi_secrets(mocks):
     pulumi.runtime.set_all_config(
-        {"llm-serving:model": json.dumps({"id": "m"}), "llm-serving:apiKey": "plain-text-key"}, []
+        {"llm-serving:model": json.dumps({"id": "m"}), "llm-serving:apiKey": "plain-text-key-" * 3}, []
     )
     with pytest.raises(ConfigError) as caught:
         load_stack_config()
     assert caught.value.problems == [
         "llm-serving:apiKey: holds a secret; set it with `pulumi config set --secret apiKey ...`"
     ]
+
+
+@pytest.mark.parametrize("key", ["zq", "s3cr3t", "k" * 31, " " * 40 + "short"])
+def test_short_api_key_is_refused_without_showing_it(mocks, key):
+    pulumi.runtime.set_all_config(
+        {"llm-serving:model": json.dumps({"id": "m"}), "llm-serving:apiKey": key},
+        ["llm-serving:apiKey"],
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_stack_config()
+    (problem,) = caught.value.problems
+    assert problem.startswith("llm-serving:apiKey: must be at least 32 characters")
+    assert f"(got {len(key.strip())})" in problem
+    assert key.strip() not in problem
+
+
+def test_api_key_of_the_minimum_length_is_accepted(mocks):
+    pulumi.runtime.set_all_config(
+        {"llm-serving:model": json.dumps({"id": "m"}), "llm-serving:apiKey": "k" * 32},
+        ["llm-serving:apiKey"],
+    )
+    _, secrets = load_stack_config()
+    assert isinstance(secrets.api_key, pulumi.Output)
 
 
 def test_secret_values_stay_outputs_and_never_enter_the_model(mocks):

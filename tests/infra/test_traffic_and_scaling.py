@@ -192,7 +192,7 @@ def test_network_policy_admits_only_the_controller_and_monitoring(run):
            "networkPolicy": {"enabled": True, "monitoringNamespace": "monitoring"}}
     result = stack(run, raw)
     policy = spec(result.one(NETPOL))
-    assert policy["policyTypes"] == ["Ingress"]
+    assert policy["policyTypes"] == ["Ingress", "Egress"]
     [from_controller, from_monitoring] = policy["ingress"]
     peer = from_controller["from"][0]
     assert peer["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "nginx-ingress"}
@@ -209,8 +209,58 @@ def test_network_policy_without_ingress_opens_only_the_api_port(run):
 
 
 def test_policies_can_be_switched_off(run):
-    result = stack(run, {**BASE_CONFIG, "disruptionBudget": {"enabled": False}})
+    result = stack(run, {**BASE_CONFIG, "disruptionBudget": {"enabled": False},
+                         "networkPolicy": {"enabled": False}})
     assert not result.mocks.of_type(PDB) and not result.mocks.of_type(NETPOL)
+
+
+SCRAPED = {**BASE_CONFIG, "monitoring": {"serviceMonitor": True}}
+
+
+@pytest.mark.parametrize("raw, expected", [
+    (BASE_CONFIG, True),
+    # A Prometheus must scrape the pods, but from where is unknown: a policy would block it.
+    (SCRAPED, False),
+    ({**SCRAPED, "networkPolicy": {"monitoringNamespace": "monitoring"}}, True),
+    ({**SCRAPED, "networkPolicy": {"enabled": True}}, True),  # the operator's explicit choice
+])
+def test_network_policy_is_on_by_default_where_it_cannot_cut_the_stack_off(run, raw, expected):
+    assert bool(stack(run, raw).mocks.of_type(NETPOL)) is expected
+
+
+def _egress_peers(rule: dict[str, Any]) -> list[dict[str, Any]]:
+    return [peer["ipBlock"] for peer in rule["to"] if "ipBlock" in peer]
+
+
+def test_downloading_pods_reach_only_dns_and_https_never_metadata(run):
+    policy = spec(stack(run, BASE_CONFIG).one(NETPOL))
+    assert policy["policyTypes"] == ["Ingress", "Egress"]
+    dns, https = policy["egress"]
+    assert sorted((p["port"], p["protocol"]) for p in dns["ports"]) == [(53, "TCP"), (53, "UDP")]
+    assert https["ports"] == [{"port": 443, "protocol": "TCP"}]
+    cluster_dns = dns["to"][0]
+    assert cluster_dns["namespaceSelector"]["matchLabels"] == {
+        "kubernetes.io/metadata.name": "kube-system"}
+    assert cluster_dns["podSelector"]["matchLabels"] == {"k8s-app": "kube-dns"}
+    for rule in (dns, https):
+        blocks = {b["cidr"]: set(b["except"]) for b in _egress_peers(rule)}
+        assert blocks == {"0.0.0.0/0": {"169.254.0.0/16"},
+                          "::/0": {"fd00:ec2::254/128", "fe80::/10"}}
+    ports = {p["port"] for rule in policy["egress"] for p in rule["ports"]}
+    assert ports == {53, 443}
+
+
+def test_baked_weights_get_no_egress_at_all(run):
+    baked = {**GPU_CONFIG, "modelCache": {"type": "baked"},
+             "image": {"build": True, "repository": "r"}}
+    policy = spec(stack(run, baked).one(NETPOL))
+    assert policy["policyTypes"] == ["Ingress", "Egress"] and policy["egress"] == []
+
+
+def test_egress_restriction_can_be_left_to_the_cluster(run):
+    raw = {**BASE_CONFIG, "networkPolicy": {"restrictEgress": False}}
+    policy = spec(stack(run, raw).one(NETPOL))
+    assert policy["policyTypes"] == ["Ingress"] and "egress" not in policy
 
 
 # --- monitoring -----------------------------------------------------------------------

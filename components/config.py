@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal, Mapping
 import pulumi
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
+from components import affinity
 from components.balancing import LoadBalancingConfig
 from components.engines import PROFILES, EngineLaunch, EngineName, EngineProfile
 from components.pins import (  # noqa: F401  (re-exported: the components import them from here)
@@ -643,6 +644,19 @@ def _cross_check(cfg: StackConfig) -> list[str]:
         )
     if cfg.ingress.tls_secret is not None and cfg.ingress.host is None:
         problems.append(f"{NAMESPACE}:ingress.tlsSecret: needs ingress.host (the certificate's name)")
+    lb = cfg.load_balancing
+    if lb.bounded and cfg.model.max_concurrency is None:
+        problems.append(
+            f"{NAMESPACE}:model.maxConcurrency: required with loadBalancing.method "
+            "session_hash_bounded, whose bound is loadBalancing.boundFactor x the replica's slots"
+        )
+    if cfg.ingress.enabled and lb.session_key == "body" \
+            and lb.method in ("session_hash", "session_hash_bounded"):
+        problems.append(
+            f"{NAMESPACE}:loadBalancing.sessionKey: 'body' cannot be expressed by the NGINX "
+            "Ingress Controller (a key from the request body needs a snippet); with "
+            "ingress.enabled use 'header' (the Ingress hashes loadBalancing.sessionHeader)"
+        )
     if cfg.service.source_ranges and cfg.service_type != "LoadBalancer":
         problems.append(
             f"{NAMESPACE}:service.sourceRanges: only applies to service.type LoadBalancer"
@@ -669,6 +683,10 @@ def stack_warnings(cfg: StackConfig) -> list[str]:
             f"for the preStop pause and a full model load (up to model.loadTimeoutSeconds = "
             f"{cfg.model.load_timeout_seconds} s); requests fail meanwhile"
         )
+    ingress = cfg.ingress
+    if ingress.enabled and cfg.load_balancing.bounded:
+        warnings += [f"{NAMESPACE}:{gap}" for gap in affinity.cluster_gaps(cfg.load_balancing)
+                     if gap.startswith("loadBalancing.method")]
     ingress = cfg.ingress
     if ingress.enabled and not ingress.controller.install and ingress.host is None:
         warnings.append(

@@ -465,6 +465,10 @@ class LocalCluster:
             raise LocalModeError(f"replica settings are invalid: {exc}") from None
         return replicas * (settings.max_concurrency + settings.max_queue)
 
+    def _replica_slots(self) -> int:
+        """Each replica's LLM_MAX_CONCURRENCY (session_hash_bounded's bound counts in it)."""
+        return from_env(self._replica_env()).max_concurrency
+
     def _write_conf(self, replicas: list[_Replica]) -> None:
         # As root, nginx's workers run as an unprivileged account (never root) with their own
         # temp dir; see local/privileges.py.
@@ -478,6 +482,7 @@ class LocalCluster:
                 worker_processes=self.workers,
                 user=account.user if account else None, group=account.group if account else None,
                 temp_dir=self._nginx_temp, admission_limit=self._admission_limit(len(replicas)),
+                replica_slots=self._replica_slots(),
             )
         except ValueError as exc:  # e.g. a workdir path with spaces, which nginx.conf rejects
             raise LocalModeError(f"cannot render nginx.conf: {exc}; pick another --workdir") \

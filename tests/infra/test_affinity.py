@@ -219,3 +219,34 @@ def test_the_nginx_that_runs_local_mode_has_the_facts_this_relies_on():
     version = re.search(r"nginx/(\d+\.\d+\.\d+)", out).group(1)
     data = facts.load("nginx", version)  # FileNotFoundError says what to record
     assert {"chashSkipsFullPeers", "allFullIs502"} <= set(data["facts"])
+
+
+# --- the stack configuration ----------------------------------------------------------------
+
+
+def _problems(raw: dict[str, Any]) -> list[str]:
+    from components.config import ConfigError, parse_stack_config
+
+    with pytest.raises(ConfigError) as caught:
+        parse_stack_config(raw)
+    return caught.value.problems
+
+
+def test_stack_config_names_what_the_bounded_method_and_the_body_key_need():
+    from components.config import parse_stack_config, stack_warnings
+
+    model = {"id": "Qwen/Qwen2.5-0.5B-Instruct"}
+    problems = _problems({"model": model, "loadBalancing": BOUNDED})
+    assert any(p.startswith("llm-serving:model.maxConcurrency:") for p in problems), problems
+    body = {"method": "session_hash", "sessionKey": "body"}
+    problems = _problems({"model": model, "loadBalancing": body, "ingress": {"enabled": True}})
+    assert any(p.startswith("llm-serving:loadBalancing.sessionKey:") and "'header'" in p
+               for p in problems), problems
+    # Local mode and the LoadBalancer path take the body key; the bound warns with an ingress.
+    parse_stack_config({"model": model, "loadBalancing": body})
+    cfg = parse_stack_config({"model": dict(model, maxConcurrency=8), "loadBalancing": BOUNDED,
+                              "ingress": {"enabled": True}})
+    assert any("502" in w for w in stack_warnings(cfg))
+    plain = parse_stack_config({"model": dict(model, maxConcurrency=8),
+                                "ingress": {"enabled": True}})
+    assert not any("502" in w for w in stack_warnings(plain))

@@ -26,7 +26,7 @@ from bench.simmodel import SimModel
 __all__ = ["SimModel", "main"]
 
 ROOT = Path(__file__).resolve().parent.parent
-FULL_MINUTES = 60
+FULL_MINUTES = 75
 
 
 def _csv(text: str) -> tuple[str, ...]:

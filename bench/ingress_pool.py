@@ -1,6 +1,7 @@
 """K NGINX instances over the same replicas, as K ingress-controller pods behind a cloud load
 balancer: each has its own upstream zone, so its in-flight counts (least_conn, max_conns) are
-its own, and the client spreads its requests across them.
+its own, and the client spreads its requests across them. session_hash_bounded's bound is
+shared out over the instances, as the cluster rendering shares it over the controller pods.
 
 Each instance is the local-mode nginx.conf (`components.balancing.nginx_conf`) in a private
 prefix with one worker, started in the foreground and stopped by the PID started here.
@@ -67,7 +68,7 @@ class NginxPool:
                 user=self._account.user if self._account else None,
                 group=self._account.group if self._account else None,
                 temp_dir=(self._temp / f"nginx{i}") if self._temp else None,
-                replica_slots=self.replica_slots)
+                replica_slots=self.replica_slots, nginx_instances=self.instances)
             if self._temp is not None and self._account is not None:
                 (self._temp / f"nginx{i}").mkdir(exist_ok=True)
                 shutil.chown(self._temp / f"nginx{i}", self._account.uid, self._account.gid)

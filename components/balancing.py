@@ -379,6 +379,7 @@ def nginx_conf(
     admission_limit: int | None = None,
     client_body_timeout_seconds: int = CLIENT_BODY_TIMEOUT_SECONDS,
     replica_slots: int | None = None,
+    nginx_instances: int = 1,
 ) -> str:
     """A complete nginx.conf that runs without root: every writable path inside `prefix`.
 
@@ -394,7 +395,8 @@ def nginx_conf(
     `admission_limit` is what the replicas admit in total (running + queued; the server's
     default `SERVER_ADMISSION_DEFAULT` per upstream when None): it sizes worker_connections and
     the per-client connection cap (`connection_limits`), so a flood is answered 429, not reset.
-    `replica_slots` (each replica's LLM_MAX_CONCURRENCY) sets session_hash_bounded's bound.
+    `replica_slots` (each replica's LLM_MAX_CONCURRENCY) sets session_hash_bounded's bound,
+    shared out over `nginx_instances` NGINX processes in front of the same replicas.
     """
     if not upstreams:
         raise ValueError("nginx_conf needs at least one upstream address")
@@ -437,7 +439,8 @@ def nginx_conf(
     server_params = f"max_fails={policy.max_fails} fail_timeout={policy.fail_timeout_seconds}s"
     spill_params = server_params
     if policy.bounded:
-        server_params += f" max_conns={affinity.max_conns(policy, replica_slots)}"
+        server_params += \
+            f" max_conns={affinity.max_conns(policy, replica_slots, nginx_instances)}"
     body_key = policy.method in ("session_hash", "session_hash_bounded") \
         and policy.session_key == "body"
     method = lb_method_directive(policy)

@@ -33,7 +33,7 @@ def test_full_plan_measures_every_method_at_one_nginx_and_the_pod_counts_at_80()
     assert any(load > 1 and t == "session_hash_bounded" for load, _, t, _ in cells)
     sessions = balance.Plan().cells("sessions")
     assert {t for _, _, t, _ in sessions} >= {"session_hash", "session_hash_bounded",
-                                              "least_conn", "session_hash@body"}
+                                              "least_conn", "session_hash_bounded@body"}
     quick = balance.QUICK
     assert sum(d for *_, d in quick.cells("standalone") + quick.cells("sessions")) <= 120
 

@@ -250,3 +250,10 @@ def test_stack_config_names_what_the_bounded_method_and_the_body_key_need():
     plain = parse_stack_config({"model": dict(model, maxConcurrency=8),
                                 "ingress": {"enabled": True}})
     assert not any("502" in w for w in stack_warnings(plain))
+
+
+def test_local_bound_is_shared_over_nginx_instances_like_the_controller_pods():
+    p = policy(**BOUNDED, boundFactor=1.0)
+    conf = nginx_conf(p, ["127.0.0.1:8000"], 8080, TOKENS, replica_slots=8, nginx_instances=2)
+    ann = ingress_annotations(p, TOKENS, replica_slots=8, controller_replicas=2)
+    assert upstream_servers(conf, "llm")[0].endswith(f"max_conns={ann['nginx.org/max-conns']};")

@@ -8,6 +8,7 @@ from typing import Any, Mapping, NotRequired, TypedDict
 import pulumi
 import pulumi_kubernetes as k8s
 
+from components.pod_security import pod_security_labels
 from components.config import KEDA_CHART, KEDA_REPOSITORY, StackConfig
 
 
@@ -91,7 +92,10 @@ class LlmAutoscaler(pulumi.ComponentResource):
         if scaling.install_keda:
             keda_ns = k8s.core.v1.Namespace(
                 f"{name}-keda-ns",
-                metadata={"name": scaling.keda_namespace},
+                # KEDA's chart defaults meet `restricted`
+                # (tests/contracts/data/keda-2.19.0.podsecurity.json).
+                metadata={"name": scaling.keda_namespace,
+                          "labels": pod_security_labels("restricted")},
                 opts=pulumi.ResourceOptions(parent=self),
             )
             depends.append(k8s.helm.v3.Release(

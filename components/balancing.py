@@ -353,6 +353,17 @@ def connection_limits(admission_limit: int, keepalive_connections: int) -> tuple
     return per_client, worker_connections
 
 
+def _listen_lines(bind: str, certificate: Path | None, key: Path | None) -> list[str]:
+    if certificate is None or key is None:
+        return [f"        listen {bind};"]
+    return [
+        f"        listen {bind} ssl;",
+        f"        ssl_certificate {_path(Path(certificate), 'tls_certificate')};",
+        f"        ssl_certificate_key {_path(Path(key), 'tls_key')};",
+        "        ssl_protocols TLSv1.2 TLSv1.3;",
+    ]
+
+
 def _json_error(status: int, message: str, code: str) -> str:
     """An nginx `return` answering an OpenAI-style error body (no quotes allowed in message)."""
     kind = "rate_limit_error" if status == 429 else "invalid_request_error"
@@ -380,6 +391,8 @@ def nginx_conf(
     client_body_timeout_seconds: int = CLIENT_BODY_TIMEOUT_SECONDS,
     replica_slots: int | None = None,
     nginx_instances: int = 1,
+    tls_certificate: Path | None = None,
+    tls_key: Path | None = None,
 ) -> str:
     """A complete nginx.conf that runs without root: every writable path inside `prefix`.
 
@@ -397,6 +410,7 @@ def nginx_conf(
     the per-client connection cap (`connection_limits`), so a flood is answered 429, not reset.
     `replica_slots` (each replica's LLM_MAX_CONCURRENCY) sets session_hash_bounded's bound,
     shared out over `nginx_instances` NGINX processes in front of the same replicas.
+    `tls_certificate` and `tls_key` (PEM files) make the listener HTTPS only (TLS 1.2+).
     """
     if not upstreams:
         raise ValueError("nginx_conf needs at least one upstream address")
@@ -415,6 +429,8 @@ def nginx_conf(
             raise ValueError(f"{what} {account!r} must be a Unix account name")
     if group is not None and user is None:
         raise ValueError("group needs user")
+    if (tls_certificate is None) != (tls_key is None):
+        raise ValueError("tls_certificate and tls_key go together")
     if not 1 <= client_body_timeout_seconds <= 3600:
         raise ValueError("client_body_timeout_seconds must be 1-3600, got "
                          f"{client_body_timeout_seconds}")
@@ -555,7 +571,7 @@ def nginx_conf(
     lines += [
         "",
         "    server {",
-        f"        listen {bind};",
+        *_listen_lines(bind, tls_certificate, tls_key),
         f"        client_max_body_size {policy.client_max_body_size};",
         # $request_body (the body key) exists only while the body fits one memory buffer.
         *([f"        client_body_buffer_size {policy.client_max_body_size};"] if body_key else []),

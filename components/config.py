@@ -26,7 +26,9 @@ from components.pins import (  # noqa: F401  (re-exported: the components import
     NIC_CHART,
     NIC_CHART_VERSION,
 )
+from components.config_types import DnsLabel, NonEmptyStr
 from components.sections import Section
+from components.tls import CertManagerConfig
 
 NAMESPACE = "llm-serving"
 """Pulumi config namespace (the project name)."""
@@ -50,7 +52,6 @@ class ConfigError(pulumi.RunError):
 
 # --- field types with messages a user can act on ---------------------------------
 
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$")
 _LABEL_KEY = re.compile(
     r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
@@ -62,15 +63,6 @@ _MEMORY_FACTORS = {
     "": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15,
     "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50,
 }
-
-
-def _dns_label(value: str) -> str:
-    if not _DNS_LABEL.match(value):
-        raise ValueError(
-            "must be a DNS-1123 label: lower-case letters, digits and '-', "
-            "starting and ending with a letter or digit, at most 63 characters"
-        )
-    return value
 
 
 def _cpu(value: str) -> str:
@@ -105,6 +97,12 @@ def _cidr(value: str) -> str:
     return value
 
 
+def _api_path(value: str) -> str:
+    if value != "/v1" and not value.startswith("/v1/"):
+        raise ValueError("must be /v1 or a path below it: only the OpenAI API is published")
+    return value
+
+
 def cpu_cores(quantity: str) -> float:
     """'500m' -> 0.5, '2' -> 2.0."""
     return int(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)
@@ -117,12 +115,10 @@ def memory_bytes(quantity: str) -> float:
     return float(match.group(1)) * _MEMORY_FACTORS[match.group(2)]
 
 
-DnsLabel = Annotated[str, AfterValidator(_dns_label)]
 CpuQuantity = Annotated[str, AfterValidator(_cpu)]
 MemoryQuantity = Annotated[str, AfterValidator(_memory)]
 Labels = Annotated[dict[str, str], AfterValidator(_labels)]
 Cidr = Annotated[str, AfterValidator(_cidr)]
-NonEmptyStr = Annotated[str, Field(min_length=1)]
 
 
 # --- sections ---------------------------------------------------------------------
@@ -294,6 +290,9 @@ class ControllerConfig(Section):
     """CPU and memory per controller pod."""
     service_annotations: dict[str, str] = {}
     """Cloud load-balancer annotations on the controller's LoadBalancer Service."""
+    source_ranges: tuple[Cidr, ...] = ()
+    """Client CIDRs the controller's LoadBalancer admits (chart value
+    controller.service.loadBalancerSourceRanges); empty admits every address."""
 
 
 class IngressConfig(Section):
@@ -308,10 +307,18 @@ class IngressConfig(Section):
     host: NonEmptyStr | None = None
     """Host name clients use, e.g. llm.example.com. Unset answers on any host: the installed
     controller (5.5+) is started with allowEmptyIngressHost; an existing one must allow it too."""
-    path: NonEmptyStr = "/"
-    """Path prefix routed to the model."""
+    path: Annotated[NonEmptyStr, AfterValidator(_api_path)] = "/v1"
+    """Path prefix routed to the model: /v1 or below it. Only the OpenAI API is published; the
+    engines' other routes (vLLM's /tokenize, /invocations, /metrics...) get NGINX's 404."""
     tls_secret: DnsLabel | None = None
-    """Kubernetes TLS Secret (in the stack's namespace) for `host`; unset serves plain HTTP."""
+    """An existing Kubernetes TLS Secret (in the stack's namespace) for `host`."""
+    cert_manager: CertManagerConfig = CertManagerConfig()
+    """Get the certificate for `host` from cert-manager instead (components/tls.py). With
+    either, plain HTTP is redirected to HTTPS and the endpoint is https://."""
+
+    @property
+    def tls_on(self) -> bool:
+        return self.tls_secret is not None or self.cert_manager.enabled
 
 
 class AutoscalingConfig(Section):
@@ -657,7 +664,18 @@ def _cross_check(cfg: StackConfig) -> list[str]:
             "Ingress Controller (a key from the request body needs a snippet); with "
             "ingress.enabled use 'header' (the Ingress hashes loadBalancing.sessionHeader)"
         )
-    if cfg.service.source_ranges and cfg.service_type != "LoadBalancer":
+    if cfg.ingress.tls_secret is not None and cfg.ingress.cert_manager.enabled:
+        problems.append(f"{NAMESPACE}:ingress.tlsSecret: set either ingress.tlsSecret (an "
+                        "existing Secret) or ingress.certManager.enabled, not both")
+    if cfg.ingress.cert_manager.enabled and cfg.ingress.host is None:
+        problems.append(f"{NAMESPACE}:ingress.certManager.enabled: needs ingress.host (the "
+                        "certificate's name)")
+    if cfg.service.source_ranges and cfg.ingress.enabled:
+        problems.append(
+            f"{NAMESPACE}:service.sourceRanges: the ingress controller is the entry point; set "
+            "ingress.controller.sourceRanges instead"
+        )
+    elif cfg.service.source_ranges and cfg.service_type != "LoadBalancer":
         problems.append(
             f"{NAMESPACE}:service.sourceRanges: only applies to service.type LoadBalancer"
         )
@@ -687,7 +705,11 @@ def stack_warnings(cfg: StackConfig) -> list[str]:
     if ingress.enabled and cfg.load_balancing.bounded:
         warnings += [f"{NAMESPACE}:{gap}" for gap in affinity.cluster_gaps(cfg.load_balancing)
                      if gap.startswith("loadBalancing.method")]
-    ingress = cfg.ingress
+    if ingress.enabled and not ingress.tls_on:
+        warnings.append(
+            f"{NAMESPACE}:ingress: no TLS; the API key crosses the network in clear. Set "
+            "ingress.host with ingress.certManager.enabled or ingress.tlsSecret"
+        )
     if ingress.enabled and not ingress.controller.install and ingress.host is None:
         warnings.append(
             f"{NAMESPACE}:ingress.host: unset with an existing controller; NGINX Ingress "

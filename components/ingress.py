@@ -3,12 +3,13 @@ load-balancing policy rendered as its `nginx.org/*` annotations."""
 
 from __future__ import annotations
 
-from typing import Any, Mapping, NotRequired, TypedDict
+from typing import Any, Mapping, NotRequired, Sequence, TypedDict
 
 import pulumi
 import pulumi_kubernetes as k8s
 
 from components.config import CONTROLLER_SERVICE_SUFFIX, NIC_CHART, ControllerConfig
+from components.pod_security import pod_security_labels
 from components.service import external_address
 
 
@@ -27,6 +28,12 @@ class NginxIngressArgs(TypedDict):
     host: NotRequired[str | None]
     path: NotRequired[str]
     tls_secret: NotRequired[str | None]
+    """TLS Secret for `host` (existing, or the one cert-manager fills); plain HTTP is then
+    redirected to HTTPS."""
+    issuer_annotations: NotRequired[Mapping[str, str]]
+    """cert-manager's Ingress annotations (components/tls.py), when it provides the Secret."""
+    depends_on: NotRequired[Sequence[pulumi.Resource]]
+    """What the Ingress waits for besides the controller (e.g. the ClusterIssuer)."""
     labels: NotRequired[Mapping[str, str]]
 
 
@@ -53,6 +60,9 @@ def controller_values(
         "resources": cfg.resources.model_dump(exclude_none=True),
         "service": {"type": "LoadBalancer", "annotations": dict(cfg.service_annotations)},
     }
+    if cfg.source_ranges:
+        # The cloud load balancer admits only these client addresses.
+        controller["service"]["loadBalancerSourceRanges"] = list(cfg.source_ranges)
     if hostless:
         # The controller rejects a rule without a host unless told otherwise (5.5+).
         controller["allowEmptyIngressHost"] = True
@@ -87,18 +97,23 @@ class NginxIngress(pulumi.ComponentResource):
                 f"NginxIngress: annotations {bad} are not nginx.org/* annotations; "
                 "the F5 NGINX Ingress Controller would silently ignore them"
             )
+        issuer_annotations = dict(args.get("issuer_annotations", {}))
+        stray = [k for k in issuer_annotations
+                 if not k.startswith(("cert-manager.io/", "acme.cert-manager.io/"))]
+        if stray:
+            raise ValueError(f"NginxIngress: issuer_annotations {stray} are not cert-manager's")
         controller = args["controller"]
         self.controller_namespace = controller.namespace
         self.release_name = f"{args['class_name']}"
         labels = dict(args.get("labels", {}))
 
-        depends: list[pulumi.Resource] = []
+        depends: list[pulumi.Resource] = list(args.get("depends_on", []))
         release = None
         if controller.install:
             release = self._install_controller(name, args, labels)
             depends.append(release)
 
-        path = args.get("path", "/")
+        path = args.get("path", "/v1")
         spec: dict[str, Any] = {
             "ingress_class_name": args["class_name"],
             "rules": [{
@@ -113,14 +128,19 @@ class NginxIngress(pulumi.ComponentResource):
                 }]},
             }],
         }
+        annotations = dict(args["annotations"])
         if tls_secret:
             spec["tls"] = [{"hosts": [host], "secret_name": tls_secret}]
+            # The controller's default, pinned: with TLS on, every plain-HTTP request gets a
+            # redirect to HTTPS, so a bearer key is never answered over plain HTTP.
+            annotations["nginx.org/ssl-redirect"] = "True"
+            annotations |= issuer_annotations
         k8s.networking.v1.Ingress(
             f"{name}-ingress",
             metadata={
                 "namespace": args["namespace"],
                 "labels": labels,
-                "annotations": dict(args["annotations"]),
+                "annotations": annotations,
             },
             spec=spec,
             # The IngressClass comes with the controller release.
@@ -156,7 +176,10 @@ class NginxIngress(pulumi.ComponentResource):
         controller = args["controller"]
         namespace = k8s.core.v1.Namespace(
             f"{name}-controller-ns",
-            metadata={"name": controller.namespace, "labels": dict(labels)},
+            # The chart's default pod and container security contexts meet `restricted`
+            # (tests/contracts/data/nginx-ingress-controller-5.5.4.json, podSecurity).
+            metadata={"name": controller.namespace,
+                      "labels": {**labels, **pod_security_labels("restricted")}},
             opts=pulumi.ResourceOptions(parent=self),
         )
         return k8s.helm.v3.Release(

@@ -36,3 +36,16 @@ PINNED: dict[str, str] = {
     "pulumi-docker-build": PULUMI_DOCKER_BUILD_VERSION,
 }
 """component -> version: each must have a facts file under tests/contracts/data/."""
+
+CERT_MANAGER_CHART = "cert-manager"
+CERT_MANAGER_REPOSITORY = "https://charts.jetstack.io"
+CERT_MANAGER_VERSION = "v1.21.1"
+"""cert-manager/cert-manager: its chart is published with the release tag as version."""
+
+PINNED["cert-manager"] = CERT_MANAGER_VERSION
+
+POD_SECURITY_ADMISSION_VERSION = "0.33.0"
+"""k8s.io/pod-security-admission of Kubernetes 1.33: the Pod Security Standards version the
+namespace labels pin (components/pod_security.py)."""
+
+PINNED["pod-security-admission"] = POD_SECURITY_ADMISSION_VERSION

@@ -16,7 +16,9 @@ from components.deployment import HF_TOKEN_SECRET_KEY, LlmDeployment
 from components.image import HF_TOKEN_BUILD_SECRET, LlmImage, LlmImageArgs
 from components.ingress import NginxIngress, controller_pod_labels
 from components.monitoring import LlmServiceMonitor
+from components.pod_security import pod_security_labels
 from components.policies import PodPolicies
+from components.tls import CertManager, ingress_tls_annotations, tls_secret_name
 from components.service import LlmService
 
 
@@ -51,7 +53,7 @@ class LlmStack(pulumi.ComponentResource):
                 "name": cfg.namespace,
                 # The pods already meet the restricted profile; enforce it so a
                 # later change that weakens them is refused by the cluster.
-                "labels": {**labels, "pod-security.kubernetes.io/enforce": "restricted"},
+                "labels": {**labels, **pod_security_labels("restricted")},
             },
             opts=child,
         )
@@ -106,6 +108,18 @@ class LlmStack(pulumi.ComponentResource):
         self.endpoint = service.endpoint
         ingress = None
         if cfg.ingress.enabled:
+            tls_secret, issuer_annotations, issuer_ready = cfg.ingress.tls_secret, {}, []
+            if cfg.ingress.cert_manager.enabled:
+                cert_manager = CertManager(
+                    f"{name}-cert-manager",
+                    {"config": cfg.ingress.cert_manager, "class_name": cfg.ingress.class_name,
+                     "labels": labels},
+                    opts=child,
+                )
+                tls_secret = tls_secret_name(cfg.ingress.class_name)
+                issuer_annotations = ingress_tls_annotations(cfg.ingress.class_name,
+                                                             cfg.ingress.cert_manager)
+                issuer_ready = cert_manager.ready
             ingress = NginxIngress(
                 f"{name}-ingress",
                 {
@@ -121,7 +135,9 @@ class LlmStack(pulumi.ComponentResource):
                     ),
                     "host": cfg.ingress.host,
                     "path": cfg.ingress.path,
-                    "tls_secret": cfg.ingress.tls_secret,
+                    "tls_secret": tls_secret,
+                    "issuer_annotations": issuer_annotations,
+                    "depends_on": issuer_ready,
                     "labels": labels,
                 },
                 opts=child,

@@ -74,6 +74,8 @@ def _parser() -> argparse.ArgumentParser:
                     help=f"readiness deadline in s (default {SIM_TIMEOUT:.0f} for sim, "
                          f"{MODEL_TIMEOUT:.0f} with a model)")
     up.add_argument("--nginx", default=None, help="nginx binary (default: PATH, /usr/sbin)")
+    up.add_argument("--tls", action="store_true",
+                    help="serve HTTPS only, with a self-signed certificate (needs openssl)")
     up.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
                     help="logs, nginx prefix and state.json (default .local-run/)")
     up.set_defaults(run=_up)
@@ -128,7 +130,7 @@ def _cluster(args: argparse.Namespace) -> LocalCluster:
             args.replicas, engine=engine, model=args.model, policy=policy, port=args.port,
             first_replica_port=args.first_port, api_key=args.api_key, workdir=args.workdir,
             max_output_tokens=args.max_output_tokens, on_progress=_say,
-            workers=args.workers, nginx=args.nginx,
+            workers=args.workers, nginx=args.nginx, tls=args.tls,
         )
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
@@ -164,13 +166,19 @@ def banner(cluster: LocalCluster) -> str:
     """Endpoint, key and examples; every snippet is meant to be pasted as printed."""
     body = json.dumps({"model": cluster.model_name, "stream": True,
                        "messages": [{"role": "user", "content": PROMPT}]})
-    curl = (f"curl -N {cluster.endpoint}/chat/completions \\\n"
+    cacert = (f"--cacert {shlex.quote(str(cluster.tls_certificate))} "
+              if cluster.tls_certificate else "")
+    curl = (f"curl -N {cacert}{cluster.endpoint}/chat/completions \\\n"
             f"  -H {shlex.quote('Authorization: Bearer ' + cluster.api_key)} \\\n"
             "  -H 'Content-Type: application/json' \\\n"
             f"  -d {shlex.quote(body)}")
+    http_client = (f", http_client=httpx.Client(verify={str(cluster.tls_certificate)!r})"
+                   if cluster.tls_certificate else "")
     python = "\n".join([
+        *(["import httpx"] if http_client else []),
         "from openai import OpenAI",
-        f"client = OpenAI(base_url={cluster.endpoint!r}, api_key={cluster.api_key!r})",
+        f"client = OpenAI(base_url={cluster.endpoint!r}, api_key={cluster.api_key!r}"
+        f"{http_client})",
         f"stream = client.chat.completions.create(model={cluster.model_name!r}, stream=True,",
         f"    messages=[{{'role': 'user', 'content': {PROMPT!r}}}])",
         "for chunk in stream:",

@@ -30,6 +30,7 @@ import httpx
 
 from components.balancing import HEALTH_PATH, LoadBalancingConfig, nginx_conf
 from local import privileges, procs
+from local import tls as local_tls
 from local.procs import LocalModeError
 from server.settings import SettingsError, from_env
 
@@ -94,9 +95,12 @@ class LocalCluster:
         on_progress: Callable[[str], None] | None = None,
         workers: int = 1,
         nginx: str | None = None,
+        tls: bool = False,
     ) -> None:
         """`workers`: nginx worker_processes (1 by default; the upstream zone is shared
-        anyway). `nginx`: path of the nginx binary, else PATH and the usual locations."""
+        anyway). `nginx`: path of the nginx binary, else PATH and the usual locations.
+        `tls`: nginx serves HTTPS only, with a self-signed certificate (`tls_certificate`,
+        made at start; clients pass it as the CA to trust)."""
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
         if engine == "transformers" and not model:
@@ -118,7 +122,11 @@ class LocalCluster:
         self.server_env = dict(server_env or {})
         self.max_output_tokens = max_output_tokens
         self.workers = workers
-        self.endpoint = f"http://127.0.0.1:{port}/v1"
+        self.tls = tls
+        self.tls_certificate: Path | None = None
+        """The self-signed certificate nginx presents (with `tls`), once started."""
+        self._tls_key: Path | None = None
+        self.endpoint = f"{'https' if tls else 'http'}://127.0.0.1:{port}/v1"
         self.model_name = self._expected_model_name()
         """Name clients send as `model`; confirmed from /v1/models once a replica is up."""
         self.supervisor_markers: list[str] | None = None
@@ -470,6 +478,8 @@ class LocalCluster:
         return from_env(self._replica_env()).max_concurrency
 
     def _write_conf(self, replicas: list[_Replica]) -> None:
+        if self.tls and self.tls_certificate is None:
+            self.tls_certificate, self._tls_key = local_tls.self_signed(self._prefix)
         # As root, nginx's workers run as an unprivileged account (never root) with their own
         # temp dir; see local/privileges.py.
         account = privileges.worker_account()
@@ -483,6 +493,7 @@ class LocalCluster:
                 user=account.user if account else None, group=account.group if account else None,
                 temp_dir=self._nginx_temp, admission_limit=self._admission_limit(len(replicas)),
                 replica_slots=self._replica_slots(),
+                tls_certificate=self.tls_certificate, tls_key=self._tls_key,
             )
         except ValueError as exc:  # e.g. a workdir path with spaces, which nginx.conf rejects
             raise LocalModeError(f"cannot render nginx.conf: {exc}; pick another --workdir") \
@@ -503,7 +514,9 @@ class LocalCluster:
         log = self.workdir / "nginx.log" if self.workdir else Path("nginx.log")
         self._nginx = procs.spawn(self._nginx_args(), log=log)
         self._save_state()
-        with httpx.Client(timeout=1.0) as client:
+        scheme = "https" if self.tls else "http"
+        verify: Any = str(self.tls_certificate) if self.tls_certificate else True
+        with httpx.Client(timeout=1.0, verify=verify) as client:
             while True:
                 code = self._nginx.poll()
                 if code is not None:
@@ -511,7 +524,7 @@ class LocalCluster:
                     raise LocalModeError(
                         f"nginx exited with code {code}; last lines of {error_log}:\n"
                         + procs.log_tail(error_log) + "\n" + procs.log_tail(log))
-                if _answers(client, f"http://127.0.0.1:{self.port}{HEALTH_PATH}"):
+                if _answers(client, f"{scheme}://127.0.0.1:{self.port}{HEALTH_PATH}"):
                     break
                 if time.monotonic() - start > timeout:
                     raise LocalModeError(f"nginx did not answer {HEALTH_PATH} on :{self.port} "

@@ -2,8 +2,8 @@
 
 kubernetes-validate ships only built-in kinds. These cover what the CRDs
 require and the fields this project sets, with unknown spec fields rejected so
-a typo fails. They follow KEDA 2.19's ScaledObject CRD and the Prometheus
-Operator's monitoring.coreos.com/v1 ServiceMonitor CRD.
+a typo fails. They follow KEDA 2.19's ScaledObject CRD, the Prometheus
+Operator's monitoring.coreos.com/v1 ServiceMonitor CRD and cert-manager's ClusterIssuer.
 """
 
 from __future__ import annotations
@@ -127,7 +127,37 @@ SERVICE_MONITOR: dict[str, Any] = {
     },
 }
 
+CLUSTER_ISSUER: dict[str, Any] = {
+    # cert-manager v1.21.1's ClusterIssuer CRD (cluster-scoped: no namespace), the ACME part
+    # this stack sets; tests/contracts validates against the upstream schema itself.
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "metadata": {"type": "object", "required": ["name"],
+                     "properties": {"name": {"type": "string", "minLength": 1}}},
+        "spec": {
+            "type": "object",
+            "required": ["acme"],
+            "additionalProperties": False,
+            "properties": {"acme": {
+                "type": "object",
+                "required": ["server", "privateKeySecretRef"],
+                "additionalProperties": False,
+                "properties": {
+                    "server": {"type": "string", "minLength": 1},
+                    "email": {"type": "string"},
+                    "privateKeySecretRef": {
+                        "type": "object", "required": ["name"],
+                        "properties": {"name": {"type": "string", "minLength": 1}}},
+                    "solvers": {"type": "array", "items": {"type": "object"}},
+                },
+            }},
+        },
+    },
+}
+
 SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
+    ("cert-manager.io/v1", "ClusterIssuer"): CLUSTER_ISSUER,
     ("keda.sh/v1alpha1", "ScaledObject"): SCALED_OBJECT,
     ("monitoring.coreos.com/v1", "ServiceMonitor"): SERVICE_MONITOR,
 }

@@ -1,7 +1,7 @@
 """Fault drills in local mode: ``python -m bench faults [--quick] [--out DIR]``.
 
 Starts one local cluster (3 sim replicas behind the real nginx, default balancing policy) and
-runs five drills against it, the first four under open-loop streaming load through nginx:
+runs six drills against it (the first four under open-loop streaming load) through nginx:
 
 1. ``rolling-restart``: SIGTERM each replica in turn (it drains), start it again, wait until it
    is ready *and* back in nginx's rotation before the next one (like ``maxUnavailable: 1``).
@@ -13,6 +13,8 @@ runs five drills against it, the first four under open-loop streaming load throu
 4. ``nginx-reload``: ``reload_nginx(replicas=n + 1)`` under load: no failed request.
 5. ``disconnect``: every slot busy with a long generation, then every client hangs up
    (non-streaming, then streaming): the slots must be free within 2 s.
+6. ``flood``: 500 connections at once through nginx, each answered 200 or 429 (none reset),
+   and a client stalling its request body is cut off after client_body_timeout.
 
 A request succeeds only with status 200 and a stream that ended with ``data: [DONE]``; 429s are
 counted apart (the expected answer in the overload drill, a failure elsewhere). Prints one line
@@ -33,6 +35,7 @@ from bench.faults.disconnect import (
     disconnect_checks,
     drill_disconnect,
 )
+from bench.faults.flood import drill_flood, flood_checks
 from bench.faults.drills import (
     Plan,
     drill_crash,
@@ -66,7 +69,7 @@ __all__ = [
     "PhaseResult",
     "FaultRecord", "LoadRun", "OverloadBounds", "Plan", "count", "crash_checks",
     "disconnect_checks", "drill_crash", "drill_disconnect", "drill_overload", "drill_reload",
-    "drill_rolling", "exit_code", "failed_after", "in_flight", "main", "markdown",
+    "drill_rolling", "drill_flood", "flood_checks", "exit_code", "failed_after", "in_flight", "main", "markdown",
     "measure_capacity", "overload_bounds", "overload_checks", "run_load", "scrape", "served",
     "splice", "summary_table", "wait_idle", "zero_failure_checks",
 ]

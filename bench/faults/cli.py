@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from bench.faults.disconnect import drill_disconnect
+from bench.faults.flood import drill_flood
 from bench.faults.drills import (
     Plan,
     drill_crash,
@@ -29,7 +30,7 @@ from bench.ports import free_ports
 from components.balancing import LoadBalancingConfig
 
 ROOT = Path(__file__).resolve().parents[2]
-DRILLS = ("rolling", "crash", "overload", "reload", "disconnect")
+DRILLS = ("rolling", "crash", "overload", "reload", "disconnect", "flood")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             "overload": lambda s: drill_overload(cluster, model, plan, s, capacity_rps),
             "reload": lambda s: drill_reload(cluster, model, plan, s),
             "disconnect": lambda s: drill_disconnect(cluster, model),
+            "flood": lambda s: drill_flood(cluster),
         }
         for k, name in enumerate(drills):
             wait_idle(cluster.replica_urls)

@@ -304,3 +304,20 @@ def test_disconnect_drill_end_to_end_frees_slots_within_2_s() -> None:
         assert_gone([p for p in pids if p is not None])
     assert res.passed, res.notes
     assert any(n.startswith("non-streaming: 4 generating") for n in res.notes), res.notes
+
+
+# --- connection flood drill ------------------------------------------------------------------
+
+
+def test_flood_bar_wants_every_connection_answered_and_slow_bodies_cut() -> None:
+    from collections import Counter
+
+    good = faults.flood_checks(Counter({"200": 90, "429": 410}), 0, 10.1, 10)
+    assert all(c.passed for c in good)
+    # the finding: resets instead of answers
+    reset = faults.flood_checks(Counter({"200": 479, "ConnectionResetError": 21}), 0, 10.1, 10)
+    assert [c.name for c in reset if not c.passed] == ["every connection answered"]
+    slow = faults.flood_checks(Counter({"200": 500}), 0, 75.0, 10)
+    assert [c.name for c in slow if not c.passed] == ["slow body cut off"]
+    bare = faults.flood_checks(Counter({"200": 10, "429": 5}), 2, 1.0, 10)
+    assert [c.name for c in bare if not c.passed] == ["Retry-After on every 429"]

@@ -219,3 +219,15 @@ def test_only_the_api_prefix_reaches_the_replicas(nginx_for) -> None:
     finally:
         upstreams.stop()
     assert list(upstreams.paths) == ["/v1/chat/completions"]
+
+
+def test_tls_listener_needs_both_files(tmp_path: Path) -> None:
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    conf = nginx_conf(LoadBalancingConfig(), ["127.0.0.1:8000"], 8443, 512,
+                      tls_certificate=cert, tls_key=key)
+    assert "listen 127.0.0.1:8443 ssl;" in conf
+    assert f"ssl_certificate {cert};" in conf and f"ssl_certificate_key {key};" in conf
+    assert "ssl_protocols TLSv1.2 TLSv1.3;" in conf
+    with pytest.raises(ValueError, match="go together"):
+        nginx_conf(LoadBalancingConfig(), ["127.0.0.1:8000"], 8443, 512, tls_certificate=cert)
+    assert " ssl;" not in nginx_conf(LoadBalancingConfig(), ["127.0.0.1:8000"], 8080, 512)

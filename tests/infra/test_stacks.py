@@ -50,7 +50,8 @@ def test_prod_runs_vllm_on_nvidia_gpus_behind_a_load_balancer():
     [controller] = [r for r in run.mocks.of_type("kubernetes:helm.sh/v3:Release")
                     if "nginx-ingress" in r.inputs["chart"]]
     assert controller.inputs["values"]["controller"]["service"]["type"] == "LoadBalancer"
-    assert run.exports["endpoint"] == f"http://{offline.FAKE_LB_IP}/v1"
+    # TLS by default: the host, over HTTPS (cert-manager issues the certificate).
+    assert run.exports["endpoint"] == "https://llm.example.com/v1"
 
 
 def test_dev_builds_into_the_local_daemon_without_pushing():
@@ -109,12 +110,13 @@ def test_render_cli_writes_valid_manifests(tmp_path: Path):
     assert "output apiKey: [secret]" in result.stdout
     written = sorted({p.name.split("-")[0] for p in tmp_path.glob("*.yaml")})
     assert (tmp_path / "nginx.conf").exists()
-    assert written == ["deployment", "helmrelease", "ingress", "namespace", "networkpolicy",
-                       "poddisruptionbudget", "scaledobject", "secret", "service",
-                       "servicemonitor"]
+    assert written == ["clusterissuer", "deployment", "helmrelease", "ingress", "namespace",
+                       "networkpolicy", "poddisruptionbudget", "scaledobject", "secret",
+                       "service", "servicemonitor"]
     # Each Helm release the stack installs, with its chart, version and full values.
     releases = {p.name: yaml.safe_load(p.read_text()) for p in tmp_path.glob("helmrelease-*.yaml")}
-    assert set(releases) == {"helmrelease-llm-nginx.yaml", "helmrelease-keda.yaml"}
+    assert set(releases) == {"helmrelease-llm-nginx.yaml", "helmrelease-keda.yaml",
+                             "helmrelease-cert-manager.yaml"}
     controller = releases["helmrelease-llm-nginx.yaml"]
     assert controller["chart"] == NIC_CHART and controller["version"] == NIC_CHART_VERSION
     assert controller["namespace"] == "nginx-ingress"

@@ -321,7 +321,7 @@ def test_prod_has_controller_ingress_keda_pdb_and_network_policy_all_valid():
     types = {r.type for r in run.resources}
     assert {RELEASE, INGRESS, SCALED_OBJECT, PDB, NETPOL} <= types
     charts = {r.inputs["chart"] for r in run.mocks.of_type(RELEASE)}
-    assert charts == {"oci://ghcr.io/nginx/charts/nginx-ingress", "keda"}
+    assert charts == {"oci://ghcr.io/nginx/charts/nginx-ingress", "keda", "cert-manager"}
     [ingress] = run.mocks.of_type(INGRESS)
     annotations = ingress.inputs["metadata"]["annotations"]
     assert annotations["nginx.org/lb-method"] == "least_conn"

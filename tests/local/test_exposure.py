@@ -64,3 +64,31 @@ def test_nginx_workers_never_run_as_root(make_cluster: Make) -> None:
                             "max_tokens": 2})
     assert resp.status_code in (200, 400), resp.text  # 400: longer than the context
     assert resp.json().get("error", {}).get("code") in (None, "context_length_exceeded")
+
+
+def test_tls_serves_https_only_with_its_self_signed_certificate(make_cluster: Make) -> None:
+    import openai
+
+    from local.__main__ import banner
+
+    cluster = make_cluster(1, tls=True)
+    assert cluster.endpoint.startswith("https://127.0.0.1:")
+    cert = cluster.tls_certificate
+    assert cert is not None and cert.exists()
+    key = cert.with_name("tls.key")
+    assert key.stat().st_mode & 0o077 == 0  # the key is the owner's alone
+    with httpx.Client(verify=str(cert)) as trusting:
+        client = openai.OpenAI(base_url=cluster.endpoint, api_key=cluster.api_key,
+                               http_client=trusting, max_retries=0)
+        assert [m.id for m in client.models.list().data] == [cluster.model_name]
+    # Nothing answers in plain text, and a client that does not trust the certificate stops.
+    plain = cluster.endpoint.replace("https://", "http://") + "/models"
+    resp = httpx.get(plain, headers={"Authorization": f"Bearer {cluster.api_key}"})
+    assert resp.status_code == 400 and "HTTPS" in resp.text  # nginx: plain HTTP to an SSL port
+    try:
+        httpx.get(cluster.endpoint + "/models")
+        raise AssertionError("an untrusted certificate was accepted")
+    except httpx.ConnectError as exc:
+        assert "CERTIFICATE_VERIFY_FAILED" in str(exc)
+    text = banner(cluster)
+    assert f"--cacert {cert}" in text and "http_client=httpx.Client(verify=" in text

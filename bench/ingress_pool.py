@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -25,6 +26,29 @@ from components.balancing import HEALTH_PATH, LoadBalancingConfig, nginx_conf
 from local import privileges
 
 
+PORT_RANGE = (20_000, 32_000)
+"""Listen ports come from below Linux's ephemeral range (32768+), where the benchmark's own
+client connections would otherwise take a port between two starts."""
+
+
+def _free_base(n: int, rng: random.Random) -> int:
+    for _ in range(200):
+        base = rng.randrange(PORT_RANGE[0], PORT_RANGE[1] - n)
+        socks = []
+        try:
+            for port in range(base, base + n):
+                sock = socket.socket()
+                socks.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise RuntimeError("no free port range found")
+
+
 def _nginx_binary() -> str:
     found = shutil.which("nginx") or next(
         (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if Path(p).exists()), None)
@@ -33,8 +57,13 @@ def _nginx_binary() -> str:
     return found
 
 
+class _PortTaken(Exception):
+    pass
+
+
 class NginxPool:
-    """``instances`` nginx processes on consecutive ports from ``first_port``."""
+    """``instances`` nginx processes on consecutive free ports (``first_port`` seeds the choice;
+    `ports` says which)."""
 
     def __init__(self, upstreams: Sequence[str], instances: int, first_port: int, *,
                  max_output_tokens: int, replica_slots: int, admission_limit: int) -> None:
@@ -42,7 +71,9 @@ class NginxPool:
             raise ValueError(f"instances must be at least 1, got {instances}")
         self.upstreams = list(upstreams)
         self.instances = instances
-        self.ports = [first_port + i for i in range(instances)]
+        self._rng = random.Random(first_port)
+        base = _free_base(instances, self._rng)
+        self.ports = [base + i for i in range(instances)]
         self.max_output_tokens = max_output_tokens
         self.replica_slots = replica_slots
         self.admission_limit = admission_limit
@@ -57,7 +88,18 @@ class NginxPool:
         return [f"http://127.0.0.1:{port}/v1" for port in self.ports]
 
     def start(self, policy: LoadBalancingConfig, timeout: float = 15.0) -> None:
-        """(Re)start every instance with ``policy``: fresh processes, so no counts carry over."""
+        """(Re)start every instance with ``policy``: fresh processes, so no counts carry over.
+        A port taken meanwhile by another process moves the pool to other free ports."""
+        for attempt in range(5):
+            try:
+                return self._start(policy, timeout)
+            except _PortTaken:
+                self.stop()
+                base = _free_base(self.instances, self._rng)
+                self.ports = [base + i for i in range(self.instances)]
+        raise RuntimeError(f"no free ports for {self.instances} nginx instance(s)")
+
+    def _start(self, policy: LoadBalancingConfig, timeout: float) -> None:
         self.stop()
         for i, port in enumerate(self.ports):
             prefix = self._dir / f"nginx{i}"
@@ -73,6 +115,7 @@ class NginxPool:
                 (self._temp / f"nginx{i}").mkdir(exist_ok=True)
                 shutil.chown(self._temp / f"nginx{i}", self._account.uid, self._account.gid)
             (prefix / "nginx.conf").write_text(conf)
+            (prefix / "error.log").write_text("")  # spill_count and the port check read it
             self._procs.append(subprocess.Popen(
                 [self._bin, "-p", f"{prefix}/", "-c", str(prefix / "nginx.conf"),
                  "-e", str(prefix / "error.log")],
@@ -82,6 +125,8 @@ class NginxPool:
             for proc, port in zip(self._procs, self.ports):
                 while True:
                     if proc.poll() is not None:
+                        if "Address already in use" in self.error_log(self.ports.index(port)):
+                            raise _PortTaken(port)
                         raise RuntimeError(f"nginx on :{port} exited with {proc.returncode}: "
                                            + self.error_log(self.ports.index(port))[-2000:])
                     try:

@@ -101,3 +101,28 @@ def test_pool_spreads_requests_over_instances_with_their_own_counts(tmp_path):
     finally:
         for u in ups:
             u.stop()
+
+
+def test_pool_moves_to_free_ports_when_one_is_taken():
+    import socket
+
+    from bench.ingress_pool import NginxPool
+    from components.balancing import LoadBalancingConfig
+    from tests.infra.nginx_support import NGINX, Upstream, free_port, request
+
+    if NGINX is None:
+        pytest.skip("nginx is not installed")
+    up = Upstream("r0").start()
+    squatter = socket.socket()
+    try:
+        with NginxPool([up.address], 1, free_port(), max_output_tokens=64, replica_slots=1,
+                       admission_limit=64) as pool:
+            squatter.bind(("127.0.0.1", pool.ports[0]))
+            squatter.listen()
+            taken = pool.ports[0]
+            pool.start(LoadBalancingConfig())
+            assert pool.ports[0] != taken
+            assert request(pool.ports[0], "POST", "/v1/x", body=b"{}")[2] == b"r0"
+    finally:
+        squatter.close()
+        up.stop()

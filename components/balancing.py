@@ -89,7 +89,8 @@ class LoadBalancingConfig(Section):
     random_two_least_conn (the controller's default) or session_hash (consistent hash on
     `sessionHeader`, for prefix-cache reuse) or session_hash_bounded (the same hash, but a
     replica with `boundFactor` x its slots in flight is skipped for the next one on the ring).
-    least_conn is the default because it measured best (docs/load-balancing.md)."""
+    least_conn is the default because it measured best, with one NGINX and with two
+    (docs/load-balancing.md); session_hash_bounded suits multi-turn chats."""
     session_header: str = Field("X-Session-ID", min_length=1, max_length=64)
     """Request header hashed by session_hash; requests without it are spread round robin."""
     session_key: SessionKey = "header"
@@ -100,7 +101,8 @@ class LoadBalancingConfig(Section):
     """With sessionKey `body`: how many leading body bytes form the key."""
     bound_factor: float = Field(1.0, gt=0, le=16)
     """session_hash_bounded: requests in flight per replica, as a multiple of the replica's
-    slots, before the hash skips it (nginx `max_conns`, per NGINX instance)."""
+    slots, before the hash skips it (nginx `max_conns`, per NGINX instance). 1.0 measured best:
+    1.5 was never reached at 80% load and kept session_hash's hot spot."""
     per_token_seconds: float = Field(0.1, gt=0, le=60)
     """Time budget per output token; read and send timeouts are maxOutputTokens times this."""
     timeout_floor_seconds: int = Field(60, ge=1, le=86_400)

@@ -670,14 +670,11 @@ def _cross_check(cfg: StackConfig) -> list[str]:
     if cfg.ingress.cert_manager.enabled and cfg.ingress.host is None:
         problems.append(f"{NAMESPACE}:ingress.certManager.enabled: needs ingress.host (the "
                         "certificate's name)")
-    if cfg.service.source_ranges and cfg.ingress.enabled:
+    if cfg.service.source_ranges and cfg.service_type != "LoadBalancer":
+        hint = ("; the ingress controller is the entry point: set "
+                "ingress.controller.sourceRanges instead") if cfg.ingress.enabled else ""
         problems.append(
-            f"{NAMESPACE}:service.sourceRanges: the ingress controller is the entry point; set "
-            "ingress.controller.sourceRanges instead"
-        )
-    elif cfg.service.source_ranges and cfg.service_type != "LoadBalancer":
-        problems.append(
-            f"{NAMESPACE}:service.sourceRanges: only applies to service.type LoadBalancer"
+            f"{NAMESPACE}:service.sourceRanges: only applies to service.type LoadBalancer{hint}"
         )
     for i, tol in enumerate(cfg.gpu.tolerations):
         where = f"{NAMESPACE}:gpu.tolerations[{i}]"

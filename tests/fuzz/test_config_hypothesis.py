@@ -36,6 +36,7 @@ def _stack(name: str) -> dict[str, Any]:
 MINIMAL = {"model": {"id": "org/model"}}
 BASES = [
     MINIMAL,
+    {**MINIMAL, "ingress": {"enabled": True}},  # the ingress defaults: /v1 only, no TLS
     _stack("Pulumi.dev.yaml"),
     _stack("Pulumi.prod.yaml"),
     {  # CPU autoscaling, ingress with TLS, tolerations, monitoring: the cross-check paths

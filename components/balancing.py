@@ -30,6 +30,8 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
+from components import affinity
+from components.affinity import BODY_KEY_VARIABLE
 from components.sections import Section
 
 UPSTREAM_SERVER_KEEPALIVE_SECONDS = 5
@@ -39,7 +41,10 @@ NGINX must drop an idle upstream connection before the server does, or it may se
 on a connection the server is closing at that very moment.
 """
 
-LbMethod = Literal["round_robin", "least_conn", "random_two_least_conn", "session_hash"]
+LbMethod = Literal[
+    "round_robin", "least_conn", "random_two_least_conn", "session_hash", "session_hash_bounded"
+]
+SessionKey = Literal["header", "body"]
 
 UPSTREAM_NAME = "llm"
 """Name of the upstream block in the local-mode nginx.conf."""
@@ -82,10 +87,22 @@ class LoadBalancingConfig(Section):
     method: LbMethod = "least_conn"
     """How NGINX picks a replica: round_robin, least_conn (fewest requests in flight),
     random_two_least_conn (the controller's default) or session_hash (consistent hash on
-    `sessionHeader`, for prefix-cache reuse). least_conn is the default because it measured best
-    (docs/load-balancing.md)."""
+    `sessionHeader`, for prefix-cache reuse) or session_hash_bounded (the same hash, but a
+    replica with `boundFactor` x its slots in flight is skipped for the next one on the ring).
+    least_conn is the default because it measured best, with one NGINX and with two
+    (docs/load-balancing.md); session_hash_bounded suits multi-turn chats."""
     session_header: str = Field("X-Session-ID", min_length=1, max_length=64)
     """Request header hashed by session_hash; requests without it are spread round robin."""
+    session_key: SessionKey = "header"
+    """What the session methods hash: `header` (sessionHeader) or `body` (the first
+    sessionBodyBytes bytes of the request body: turns of one chat share their beginning).
+    `body` is local-mode only: the ingress controller cannot derive a key from the body."""
+    session_body_bytes: int = Field(256, ge=16, le=4096)
+    """With sessionKey `body`: how many leading body bytes form the key."""
+    bound_factor: float = Field(1.0, gt=0, le=16)
+    """session_hash_bounded: requests in flight per replica, as a multiple of the replica's
+    slots, before the hash skips it (nginx `max_conns`, per NGINX instance). 1.0 measured best:
+    1.5 was never reached at 80% load and kept session_hash's hot spot."""
     per_token_seconds: float = Field(0.1, gt=0, le=60)
     """Time budget per output token; read and send timeouts are maxOutputTokens times this."""
     timeout_floor_seconds: int = Field(60, ge=1, le=86_400)
@@ -146,6 +163,15 @@ class LoadBalancingConfig(Section):
         """The nginx variable holding `session_header`: X-Session-ID -> $http_x_session_id."""
         return "$http_" + self.session_header.lower().replace("-", "_")
 
+    @property
+    def key_variable(self) -> str:
+        """The nginx variable the session methods hash (header, or the body-prefix map)."""
+        return BODY_KEY_VARIABLE if self.session_key == "body" else self.session_variable
+
+    @property
+    def bounded(self) -> bool:
+        return self.method == "session_hash_bounded"
+
 
 # --- derived values --------------------------------------------------------------------------
 
@@ -184,13 +210,16 @@ gets the request replayed - is bounded by `retryWindowSeconds` (proxy_next_upstr
 """
 
 
-def lb_method_value(policy: LoadBalancingConfig) -> str:
-    """The method as `nginx.org/lb-method` spells it (also the nginx directive, bar round robin)."""
+def lb_method_value(policy: LoadBalancingConfig, key: str | None = None) -> str:
+    """The method as `nginx.org/lb-method` spells it (also the nginx directive, bar round robin).
+    `key`: the hashed variable, `policy.key_variable` unless given."""
+    hashed = f"hash {key or policy.key_variable} consistent"
     return {
         "round_robin": "round_robin",
         "least_conn": "least_conn",
         "random_two_least_conn": "random two least_conn",
-        "session_hash": f"hash {policy.session_variable} consistent",
+        "session_hash": hashed,
+        "session_hash_bounded": hashed,
     }[policy.method]
 
 
@@ -209,8 +238,15 @@ SNIPPET_ANNOTATIONS = frozenset({"nginx.org/location-snippets", "nginx.org/serve
 """Raw-config annotations; this module never emits them (they need snippets enabled)."""
 
 
-def ingress_annotations(policy: LoadBalancingConfig, max_output_tokens: int) -> dict[str, str]:
+def ingress_annotations(policy: LoadBalancingConfig, max_output_tokens: int, *,
+                        replica_slots: int | None = None,
+                        controller_replicas: int = 1) -> dict[str, str]:
     """The `nginx.org/*` annotations that apply `policy` on the F5 NGINX Ingress Controller.
+
+    `replica_slots` (the engine's maxConcurrency) and `controller_replicas` size
+    session_hash_bounded's `nginx.org/max-conns` (per controller pod). What the controller
+    cannot express (`affinity.cluster_gaps`: a body-derived key, the fallback upstream) is
+    rendered in its closest correct form: the header key, and max-conns without a fallback.
 
     Not expressible through documented annotations, so the controller keeps its own behaviour:
     upstream `keepalive_timeout` (nginx default 60 s: the Deployment raises the engines' own
@@ -220,7 +256,8 @@ def ingress_annotations(policy: LoadBalancingConfig, max_output_tokens: int) -> 
     """
     read = read_timeout_seconds(policy, max_output_tokens)
     annotations = {
-        "nginx.org/lb-method": lb_method_value(policy),
+        # The controller cannot hash the body: the header key is the closest correct form.
+        "nginx.org/lb-method": lb_method_value(policy, policy.session_variable),
         # The controller parses booleans with Go's strconv.ParseBool; its docs spell "True".
         "nginx.org/proxy-buffering": "False",
         "nginx.org/proxy-read-timeout": f"{read}s",
@@ -235,6 +272,9 @@ def ingress_annotations(policy: LoadBalancingConfig, max_output_tokens: int) -> 
         "nginx.org/proxy-next-upstream-tries": str(policy.retry_tries),
         "nginx.org/proxy-next-upstream-timeout": f"{policy.retry_window_seconds}s",
     }
+    if policy.bounded:
+        bound = affinity.max_conns(policy, replica_slots, controller_replicas)
+        annotations["nginx.org/max-conns"] = str(bound)
     if policy.rate_limit is not None:
         annotations |= {
             "nginx.org/limit-req-rate": f"{policy.rate_limit.requests_per_second}r/s",
@@ -351,6 +391,8 @@ def nginx_conf(
     temp_dir: Path | None = None,
     admission_limit: int | None = None,
     client_body_timeout_seconds: int = CLIENT_BODY_TIMEOUT_SECONDS,
+    replica_slots: int | None = None,
+    nginx_instances: int = 1,
     tls_certificate: Path | None = None,
     tls_key: Path | None = None,
 ) -> str:
@@ -368,6 +410,8 @@ def nginx_conf(
     `admission_limit` is what the replicas admit in total (running + queued; the server's
     default `SERVER_ADMISSION_DEFAULT` per upstream when None): it sizes worker_connections and
     the per-client connection cap (`connection_limits`), so a flood is answered 429, not reset.
+    `replica_slots` (each replica's LLM_MAX_CONCURRENCY) sets session_hash_bounded's bound,
+    shared out over `nginx_instances` NGINX processes in front of the same replicas.
     `tls_certificate` and `tls_key` (PEM files) make the listener HTTPS only (TLS 1.2+).
     """
     if not upstreams:
@@ -411,6 +455,12 @@ def nginx_conf(
     read = read_timeout_seconds(policy, max_output_tokens)
     send = send_timeout_seconds(policy, max_output_tokens)
     server_params = f"max_fails={policy.max_fails} fail_timeout={policy.fail_timeout_seconds}s"
+    spill_params = server_params
+    if policy.bounded:
+        server_params += \
+            f" max_conns={affinity.max_conns(policy, replica_slots, nginx_instances)}"
+    body_key = policy.method in ("session_hash", "session_hash_bounded") \
+        and policy.session_key == "body"
     method = lb_method_directive(policy)
     rate = policy.rate_limit
 
@@ -451,65 +501,16 @@ def nginx_conf(
         '        ""      $request_id;',
         "    }",
     ]
+    if body_key:
+        lines += ["", *affinity.body_key_map(policy)]
     if rate is not None:
         lines += [
             "",
             "    limit_req_zone $binary_remote_addr zone=llm_rate:10m"
             + f" rate={rate.requests_per_second}r/s;",
         ]
-    lines += [
-        "",
-        f"    upstream {UPSTREAM_NAME} {{",
-        # A shared zone: every worker sees the same in-flight counts and failure marks, so
-        # least_conn compares real load instead of one worker's share of it.
-        "        zone llm_upstream 64k;",
-    ]
-    if method is not None:
-        # Balancing methods must precede `keepalive` in the block (nginx docs).
-        lines.append(f"        {method}")
-    lines += [f"        server {address} {server_params};" for address in servers]
-    if policy.keepalive_connections > 0:
-        lines += [
-            f"        keepalive {policy.keepalive_connections};",
-            # Below the servers' own idle timeout, so NGINX closes first.
-            f"        keepalive_timeout {policy.keepalive_timeout_seconds}s;",
-        ]
-    lines += [
-        "    }",
-        "",
-        "    server {",
-        *_listen_lines(bind, tls_certificate, tls_key),
-        f"        client_max_body_size {policy.client_max_body_size};",
-        "        # Event streams must leave as they are produced; compression would batch them.",
-        "        gzip off;",
-        "",
-        f"        location = {HEALTH_PATH} {{",
-        "            access_log off;",
-        "            default_type text/plain;",
-        "            return 200 'ok';",
-        "        }",
-        "",
-        "        # Only the OpenAI API is published; the engines' other routes stay private.",
-        "        location / {",
-        "            default_type application/json;",
-        "            " + _json_error(404, "Not found: this endpoint serves only /v1/.",
-                                     "not_found"),
-        "        }",
-        "",
-        "        location @llm_too_many {",
-        "            default_type application/json;",
-        "            add_header Retry-After 1 always;",
-        "            " + _json_error(429, "Too many requests or connections from this client; "
-                                     "retry later.", "rate_limit_exceeded"),
-        "        }",
-        "",
-        f"        location {API_PREFIX} {{",
-        "            # Connections one client address may hold (connection_limits).",
-        f"            limit_conn llm_conn_per_client {per_client};",
-        "            limit_conn_status 429;",
-        "            error_page 429 = @llm_too_many;",
-        "",
-        f"            proxy_pass http://{UPSTREAM_NAME};",
+    # Everything a proxied request needs but the upstream; shared with the spill location.
+    proxy = [
         "            proxy_http_version 1.1;",
         '            proxy_set_header Connection "";',
         "            proxy_set_header Host $host;",
@@ -539,14 +540,93 @@ def nginx_conf(
         f"            proxy_next_upstream_tries {policy.retry_tries};",
         f"            proxy_next_upstream_timeout {policy.retry_window_seconds}s;",
     ]
+    lines += [
+        "",
+        f"    upstream {UPSTREAM_NAME} {{",
+        # A shared zone: every worker sees the same in-flight counts and failure marks, so
+        # least_conn compares real load instead of one worker's share of it.
+        "        zone llm_upstream 64k;",
+    ]
+    if method is not None:
+        # Balancing methods must precede `keepalive` in the block (nginx docs).
+        lines.append(f"        {method}")
+    lines += [f"        server {address} {server_params};" for address in servers]
+    keepalive = [
+        f"        keepalive {policy.keepalive_connections};",
+        # Below the servers' own idle timeout, so NGINX closes first.
+        f"        keepalive_timeout {policy.keepalive_timeout_seconds}s;",
+    ] if policy.keepalive_connections > 0 else []
+    lines += keepalive
+    lines.append("    }")
+    if policy.bounded:
+        lines += [
+            "",
+            "    # Every replica at its bound (nginx: \"no live upstreams\", 502): the request goes",
+            "    # to the least busy replica instead, unbounded (components/affinity.py).",
+            f"    upstream {affinity.SPILL_UPSTREAM} {{",
+            f"        zone {affinity.SPILL_UPSTREAM} 64k;",
+            "        least_conn;",
+            *(f"        server {address} {spill_params};" for address in servers),
+            *keepalive,
+            "    }",
+        ]
+    lines += [
+        "",
+        "    server {",
+        *_listen_lines(bind, tls_certificate, tls_key),
+        f"        client_max_body_size {policy.client_max_body_size};",
+        # $request_body (the body key) exists only while the body fits one memory buffer.
+        *([f"        client_body_buffer_size {policy.client_max_body_size};"] if body_key else []),
+        "        # Event streams must leave as they are produced; compression would batch them.",
+        "        gzip off;",
+        "",
+        f"        location = {HEALTH_PATH} {{",
+        "            access_log off;",
+        "            default_type text/plain;",
+        "            return 200 'ok';",
+        "        }",
+        "",
+        "        # Only the OpenAI API is published; the engines' other routes stay private.",
+        "        location / {",
+        "            default_type application/json;",
+        "            " + _json_error(404, "Not found: this endpoint serves only /v1/.",
+                                     "not_found"),
+        "        }",
+        "",
+        "        location @llm_too_many {",
+        "            default_type application/json;",
+        "            add_header Retry-After 1 always;",
+        "            " + _json_error(429, "Too many requests or connections from this client; "
+                                     "retry later.", "rate_limit_exceeded"),
+        "        }",
+        "",
+        f"        location {API_PREFIX} {{",
+        "            # Connections one client address may hold (connection_limits).",
+        f"            limit_conn llm_conn_per_client {per_client};",
+        "            limit_conn_status 429;",
+        "            error_page 429 = @llm_too_many;",
+        # NGINX's own 502 only (proxy_intercept_errors is off): every replica at its bound.
+        *([f"            error_page 502 = {affinity.SPILL_LOCATION};"] if policy.bounded else []),
+        "",
+        f"            proxy_pass http://{UPSTREAM_NAME};",
+        *proxy,
+    ]
     if rate is not None:
         lines += [
             "",
             f"            limit_req zone=llm_rate burst={rate.burst} nodelay;",
             "            limit_req_status 429;",
         ]
+    lines.append("        }")
+    if policy.bounded:
+        lines += [
+            "",
+            f"        location {affinity.SPILL_LOCATION} {{",
+            f"            proxy_pass http://{affinity.SPILL_UPSTREAM};",
+            *proxy,
+            "        }",
+        ]
     lines += [
-        "        }",
         "    }",
         "}",
         "",

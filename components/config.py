@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal, Mapping
 import pulumi
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
+from components import affinity
 from components.balancing import LoadBalancingConfig
 from components.config_types import DnsLabel, NonEmptyStr
 from components.engines import PROFILES, EngineLaunch, EngineName, EngineProfile
@@ -640,6 +641,19 @@ def _cross_check(cfg: StackConfig) -> list[str]:
         )
     if cfg.ingress.tls_secret is not None and cfg.ingress.host is None:
         problems.append(f"{NAMESPACE}:ingress.tlsSecret: needs ingress.host (the certificate's name)")
+    lb = cfg.load_balancing
+    if lb.bounded and cfg.model.max_concurrency is None:
+        problems.append(
+            f"{NAMESPACE}:model.maxConcurrency: required with loadBalancing.method "
+            "session_hash_bounded, whose bound is loadBalancing.boundFactor x the replica's slots"
+        )
+    if cfg.ingress.enabled and lb.session_key == "body" \
+            and lb.method in ("session_hash", "session_hash_bounded"):
+        problems.append(
+            f"{NAMESPACE}:loadBalancing.sessionKey: 'body' cannot be expressed by the NGINX "
+            "Ingress Controller (a key from the request body needs a snippet); with "
+            "ingress.enabled use 'header' (the Ingress hashes loadBalancing.sessionHeader)"
+        )
     if cfg.ingress.tls_secret is not None and cfg.ingress.cert_manager.enabled:
         problems.append(f"{NAMESPACE}:ingress.tlsSecret: set either ingress.tlsSecret (an "
                         "existing Secret) or ingress.certManager.enabled, not both")
@@ -675,6 +689,9 @@ def stack_warnings(cfg: StackConfig) -> list[str]:
             f"{cfg.model.load_timeout_seconds} s); requests fail meanwhile"
         )
     ingress = cfg.ingress
+    if ingress.enabled and cfg.load_balancing.bounded:
+        warnings += [f"{NAMESPACE}:{gap}" for gap in affinity.cluster_gaps(cfg.load_balancing)
+                     if gap.startswith("loadBalancing.method")]
     if ingress.enabled and not ingress.tls_on:
         warnings.append(
             f"{NAMESPACE}:ingress: no TLS; the API key crosses the network in clear. Set "

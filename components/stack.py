@@ -131,7 +131,9 @@ class LlmStack(pulumi.ComponentResource):
                     "class_name": cfg.ingress.class_name,
                     "controller": cfg.ingress.controller,
                     "annotations": ingress_annotations(
-                        cfg.load_balancing, cfg.model.max_output_tokens
+                        cfg.load_balancing, cfg.model.max_output_tokens,
+                        replica_slots=cfg.model.max_concurrency,
+                        controller_replicas=cfg.ingress.controller.replicas,
                     ),
                     "host": cfg.ingress.host,
                     "path": cfg.ingress.path,

@@ -64,6 +64,10 @@ class NginxControl:
             raise LocalModeError(f"replica settings are invalid: {exc}") from None
         return replicas * (settings.max_concurrency + settings.max_queue)
 
+    def _replica_slots(self) -> int:
+        """Each replica's LLM_MAX_CONCURRENCY (session_hash_bounded's bound counts in it)."""
+        return from_env(self._replica_env()).max_concurrency
+
     def _write_conf(self, replicas: list[Any]) -> None:
         replicas = [r for r in replicas if r.admitted]  # loading replicas join once ready
         if self.tls and self.tls_certificate is None:
@@ -79,7 +83,9 @@ class NginxControl:
                 self.max_output_tokens, prefix=self._prefix, daemon=False,
                 worker_processes=self.workers,
                 user=account.user if account else None, group=account.group if account else None,
-                temp_dir=self._nginx_temp, admission_limit=self._admission_limit(max(len(replicas), 1)),
+                temp_dir=self._nginx_temp,
+                admission_limit=self._admission_limit(max(len(replicas), 1)),
+                replica_slots=self._replica_slots(),
                 tls_certificate=self.tls_certificate, tls_key=self._tls_key,
             )
         except ValueError as exc:  # e.g. a workdir path with spaces, which nginx.conf rejects

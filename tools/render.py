@@ -94,6 +94,7 @@ def _local_nginx_conf(cfg: StackConfig, out: Path) -> str:
     return nginx_conf(
         cfg.load_balancing, upstreams, LOCAL_LISTEN_PORT, cfg.model.max_output_tokens,
         prefix=out.resolve(), admission_limit=admitted,
+        replica_slots=cfg.model.max_concurrency,
     )
 
 

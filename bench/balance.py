@@ -32,7 +32,7 @@ from pathlib import Path
 
 import httpx
 
-from bench import capacity, ci, client, des, trace
+from bench import capacity, client, des, trace
 from bench.simmodel import SimModel
 from bench.stats import Record, Summary, summarize
 from components.balancing import LoadBalancingConfig

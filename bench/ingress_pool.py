@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import random
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -22,39 +21,10 @@ from typing import Self
 
 import httpx
 
+from bench.ports import free_ports
 from components.balancing import HEALTH_PATH, LoadBalancingConfig, nginx_conf
 from local import privileges
-
-
-PORT_RANGE = (20_000, 32_000)
-"""Listen ports come from below Linux's ephemeral range (32768+), where the benchmark's own
-client connections would otherwise take a port between two starts."""
-
-
-def _free_base(n: int, rng: random.Random) -> int:
-    for _ in range(200):
-        base = rng.randrange(PORT_RANGE[0], PORT_RANGE[1] - n)
-        socks = []
-        try:
-            for port in range(base, base + n):
-                sock = socket.socket()
-                socks.append(sock)
-                sock.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
-    raise RuntimeError("no free port range found")
-
-
-def _nginx_binary() -> str:
-    found = shutil.which("nginx") or next(
-        (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if Path(p).exists()), None)
-    if found is None:
-        raise RuntimeError("nginx is not installed (apt-get install nginx-light)")
-    return found
+from local.procs import find_nginx
 
 
 class _PortTaken(Exception):
@@ -72,12 +42,12 @@ class NginxPool:
         self.upstreams = list(upstreams)
         self.instances = instances
         self._rng = random.Random(first_port)
-        base = _free_base(instances, self._rng)
+        base = free_ports(instances, self._rng)
         self.ports = [base + i for i in range(instances)]
         self.max_output_tokens = max_output_tokens
         self.replica_slots = replica_slots
         self.admission_limit = admission_limit
-        self._bin = _nginx_binary()
+        self._bin = find_nginx()
         self._dir = Path(tempfile.mkdtemp(prefix="bench_nginx_")).resolve()
         self._account = privileges.worker_account()
         self._temp = privileges.make_temp_dir(self._account) if self._account else None
@@ -95,7 +65,7 @@ class NginxPool:
                 return self._start(policy, timeout)
             except _PortTaken:
                 self.stop()
-                base = _free_base(self.instances, self._rng)
+                base = free_ports(self.instances, self._rng)
                 self.ports = [base + i for i in range(self.instances)]
         raise RuntimeError(f"no free ports for {self.instances} nginx instance(s)")
 

@@ -6,11 +6,14 @@ module started - never by name.
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
 import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -196,3 +199,31 @@ def request(port: int, method: str, path: str, body: bytes = b"",
         return resp.status, dict(resp.getheaders()), resp.read()
     finally:
         conn.close()
+
+
+@contextmanager
+def nginx_runner(tmp_path: Path) -> Iterator[Callable[..., Nginx]]:
+    """`start(policy, addresses, tokens=512, **render)`: a real nginx on a free port running the
+    policy's local-mode nginx.conf (one worker; as root, workers as root so they can write the
+    private prefix); every one started is stopped on exit."""
+    from components.balancing import LoadBalancingConfig, nginx_conf
+
+    running: list[Nginx] = []
+
+    def start(policy: LoadBalancingConfig, addresses: Sequence[str], tokens: int = 512,
+              **render: object) -> Nginx:
+        port = free_port()
+        prefix = tmp_path / f"nginx{len(running)}"
+        prefix.mkdir()
+        render.setdefault("worker_processes", 1)
+        render.setdefault("user", "root" if os.geteuid() == 0 else None)
+        conf = nginx_conf(policy, list(addresses), port, tokens, prefix=prefix, **render)
+        proxy = Nginx(prefix, conf, port)
+        running.append(proxy)
+        return proxy.start()
+
+    try:
+        yield start
+    finally:
+        for proxy in running:
+            proxy.stop()

@@ -14,8 +14,8 @@ from pydantic import ValidationError
 from components import affinity
 from components.balancing import LoadBalancingConfig, ingress_annotations, nginx_conf
 from tests.contracts import facts
-from tests.infra.nginx_support import Nginx, Upstream, free_port, request
-from tests.infra.test_balancing import AS_ROOT_USER, needs_nginx, policy
+from tests.infra.nginx_support import Nginx, Upstream, free_port, nginx_runner, request
+from tests.infra.test_balancing import needs_nginx, policy
 
 TOKENS = 512
 BOUNDED = {"method": "session_hash_bounded"}
@@ -119,23 +119,8 @@ def replicas() -> Iterator[list[Upstream]]:
 
 @pytest.fixture
 def start_nginx(tmp_path) -> Iterator[Any]:
-    running: list[Nginx] = []
-
-    def start(p: LoadBalancingConfig, addresses: list[str], slots: int = 1) -> Nginx:
-        port = free_port()
-        prefix = tmp_path / f"nginx{len(running)}"
-        prefix.mkdir()
-        conf = nginx_conf(p, addresses, port, TOKENS, prefix=prefix, worker_processes=1,
-                          user=AS_ROOT_USER, replica_slots=slots)
-        proxy = Nginx(prefix, conf, port)
-        running.append(proxy)
-        return proxy.start()
-
-    try:
-        yield start
-    finally:
-        for proxy in running:
-            proxy.stop()
+    with nginx_runner(tmp_path) as start:
+        yield lambda p, addresses, slots=1: start(p, addresses, TOKENS, replica_slots=slots)
 
 
 @needs_nginx

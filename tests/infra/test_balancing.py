@@ -22,7 +22,7 @@ from components.balancing import (
     send_timeout_seconds,
 )
 from tests.contracts import facts
-from tests.infra.nginx_support import NGINX, Nginx, Upstream, free_port, request
+from tests.infra.nginx_support import NGINX, Nginx, Upstream, free_port, nginx_runner, request
 
 METHODS = ("round_robin", "least_conn", "random_two_least_conn", "session_hash")
 TOKENS = 512
@@ -280,23 +280,8 @@ def upstreams() -> Iterator[dict[str, Upstream]]:
 
 @pytest.fixture
 def run_nginx(tmp_path) -> Iterator[Any]:
-    running: list[Nginx] = []
-
-    def start(p: LoadBalancingConfig, addresses: list[str], tokens: int = TOKENS) -> Nginx:
-        port = free_port()
-        prefix = tmp_path / f"nginx{len(running)}"
-        prefix.mkdir()
-        conf = nginx_conf(p, addresses, port, tokens, prefix=prefix, worker_processes=1,
-                          user=AS_ROOT_USER)
-        proxy = Nginx(prefix, conf, port)
-        running.append(proxy)
-        return proxy.start()
-
-    try:
+    with nginx_runner(tmp_path) as start:
         yield start
-    finally:
-        for proxy in running:
-            proxy.stop()
 
 
 @needs_nginx

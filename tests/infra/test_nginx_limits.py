@@ -23,7 +23,7 @@ from components.balancing import (
     connection_limits,
     nginx_conf,
 )
-from tests.infra.nginx_support import NGINX, Nginx, free_port, request
+from tests.infra.nginx_support import NGINX, nginx_runner, request
 
 needs_nginx = pytest.mark.skipif(NGINX is None and not os.environ.get("CI"),
                                  reason="nginx binary not installed (apt-get install nginx-light)")
@@ -86,24 +86,8 @@ class HoldingUpstreams:
 
 @pytest.fixture
 def nginx_for(tmp_path: Path) -> Iterator[Any]:
-    running: list[Nginx] = []
-
-    def start(addresses: list[str], **kwargs: Any) -> Nginx:
-        port = free_port()
-        prefix = tmp_path / f"nginx{len(running)}"
-        prefix.mkdir()
-        conf = nginx_conf(LoadBalancingConfig(), addresses, port, 512, prefix=prefix,
-                          worker_processes=1, user="root" if os.geteuid() == 0 else None,
-                          **kwargs)
-        proxy = Nginx(prefix, conf, port)
-        running.append(proxy)
-        return proxy.start()
-
-    try:
-        yield start
-    finally:
-        for proxy in running:
-            proxy.stop()
+    with nginx_runner(tmp_path) as start:
+        yield lambda addresses, **kwargs: start(LoadBalancingConfig(), addresses, 512, **kwargs)
 
 
 async def _one(port: int) -> str:

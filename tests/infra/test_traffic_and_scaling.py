@@ -176,7 +176,7 @@ def test_one_setting_changes_both_the_scaled_object_and_the_local_rule(run, mock
     changed = copy.deepcopy(GPU_SCALING)
     changed["autoscaling"]["targetWaitingPerReplica"] = 4  # default 1
     changed["autoscaling"]["scaleDownStabilizationSeconds"] = 2400
-    rendered, local = [], []
+    local = []
     for raw in (GPU_SCALING, changed):
         stack(run, raw)
         local.append(ScalingPolicy.for_stack(parse_stack_config(raw), PROFILES["server"]))

@@ -1,6 +1,6 @@
 """`LocalCluster`: N server replicas behind a real nginx on one machine, no root needed.
 
-The same `nginx.conf` recipe as cluster mode (`components.balancing.nginx_conf`) runs in a
+The same `nginx.conf` recipe as cluster mode (`components.nginx_conf.nginx_conf`) runs in a
 private prefix, so what a benchmark or a developer sees locally is the balancing, retry and
 streaming behaviour of the deployed stack - only the replicas are processes instead of pods.
 

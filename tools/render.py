@@ -17,9 +17,9 @@ from typing import Any
 import yaml
 
 from components.alerting import local_rules
-from components.balancing import nginx_conf
 from components.config import ConfigError, StackConfig, parse_stack_config, stack_warnings
 from components.engines import PROFILES
+from components.nginx_conf import nginx_conf
 from tools import offline
 
 

@@ -12,7 +12,8 @@ import pytest
 from pydantic import ValidationError
 
 from components import affinity
-from components.balancing import LoadBalancingConfig, ingress_annotations, nginx_conf
+from components.balancing import LoadBalancingConfig, ingress_annotations
+from components.nginx_conf import nginx_conf
 from tests.contracts import facts
 from tests.infra.nginx_support import Nginx, Upstream, free_port, nginx_runner, request
 from tests.infra.test_balancing import needs_nginx, policy

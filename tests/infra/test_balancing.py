@@ -17,10 +17,10 @@ from components.balancing import (
     UPSTREAM_SERVER_KEEPALIVE_SECONDS,
     LoadBalancingConfig,
     ingress_annotations,
-    nginx_conf,
     read_timeout_seconds,
     send_timeout_seconds,
 )
+from components.nginx_conf import nginx_conf
 from tests.contracts import facts
 from tests.infra.nginx_support import NGINX, Nginx, Upstream, free_port, nginx_runner, request
 

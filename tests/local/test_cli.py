@@ -73,8 +73,11 @@ def up(tmp_path: Path):
     procs: list[subprocess.Popen[str]] = []
 
     def start(*args: str) -> tuple[subprocess.Popen[str], _Lines]:
+        # A terminal's Ctrl-C: the child gets the default SIGINT even when the suite itself
+        # was started with SIGINT ignored (e.g. in the background), which children inherit.
         proc = subprocess.Popen([*CLI, *args], cwd=REPO_ROOT, env=_env(), text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         procs.append(proc)
         return proc, _Lines(proc)
 

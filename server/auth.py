@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from server.errors import APIError
 
 if TYPE_CHECKING:
-    from server.factory import AppState
+    from server.state import AppState
 
 Scope = dict[str, Any]
 

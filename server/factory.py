@@ -7,7 +7,6 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 
 from fastapi import FastAPI
 
@@ -20,21 +19,9 @@ from server.engines import Engine, build_engine
 from server.errors import install_handlers
 from server.metrics import Metrics
 from server.settings import Settings
+from server.state import AppState
 
 _log = logging.getLogger("server")
-
-
-@dataclass(eq=False)
-class AppState:
-    settings: Settings
-    engine: Engine
-    admission: AdmissionController
-    metrics: Metrics
-    drain: DrainController
-    generation: Generation
-    started: int = field(default_factory=lambda: int(time.time()))
-    loaded: bool = False
-    load_error: str | None = None
 
 
 def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:

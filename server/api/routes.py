@@ -30,7 +30,7 @@ from server.errors import APIError, from_validation_errors, invalid
 from server.metrics import CONTENT_TYPE
 
 if TYPE_CHECKING:
-    from server.factory import AppState
+    from server.state import AppState
 
 _log = logging.getLogger(__name__)
 router = APIRouter()

@@ -19,7 +19,7 @@ from components.nginx_conf import nginx_conf
 from local import privileges, procs
 from local import tls as local_tls
 from local.procs import LocalModeError
-from server.settings import SettingsError, from_env
+from server.settings import Settings, SettingsError, from_env
 
 POLL_SECONDS = 0.05
 
@@ -57,17 +57,12 @@ class NginxControl:
         return [self._nginx_bin, "-p", f"{self._prefix}/", "-c", str(self._conf_path),
                 "-e", str(self._prefix / "error.log"), *extra]
 
-    def _admission_limit(self, replicas: int) -> int:
-        """Requests the replicas admit at once (running + queued), from their own settings."""
+    def _replica_settings(self) -> Settings:
+        """The replicas' own settings (admission limits), parsed as the server parses them."""
         try:
-            settings = from_env(self._replica_env())
+            return from_env(self._replica_env())
         except SettingsError as exc:
             raise LocalModeError(f"replica settings are invalid: {exc}") from None
-        return replicas * (settings.max_concurrency + settings.max_queue)
-
-    def _replica_slots(self) -> int:
-        """Each replica's LLM_MAX_CONCURRENCY (session_hash_bounded's bound counts in it)."""
-        return from_env(self._replica_env()).max_concurrency
 
     def _write_conf(self, replicas: list[Any]) -> None:
         replicas = [r for r in replicas if r.admitted]  # loading replicas join once ready
@@ -78,6 +73,7 @@ class NginxControl:
         account = privileges.worker_account()
         if account is not None and self._nginx_temp is None:
             self._nginx_temp = privileges.make_temp_dir(account)
+        settings = self._replica_settings()
         try:
             conf = nginx_conf(
                 self.policy, [f"127.0.0.1:{r.port}" for r in replicas], self.port,
@@ -85,8 +81,11 @@ class NginxControl:
                 worker_processes=self.workers,
                 user=account.user if account else None, group=account.group if account else None,
                 temp_dir=self._nginx_temp,
-                admission_limit=self._admission_limit(max(len(replicas), 1)),
-                replica_slots=self._replica_slots(),
+                # Requests the replicas admit at once (running + queued); session_hash_bounded's
+                # bound counts in each replica's slots.
+                admission_limit=max(len(replicas), 1) * (settings.max_concurrency
+                                                         + settings.max_queue),
+                replica_slots=settings.max_concurrency,
                 tls_certificate=self.tls_certificate, tls_key=self._tls_key,
             )
         except ValueError as exc:  # e.g. a workdir path with spaces, which nginx.conf rejects

@@ -25,7 +25,6 @@ import random
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -34,6 +33,7 @@ from bench import capacity, client, trace
 from bench.autoscale_report import Run, Sample, Setting, label, phase_table, plot, summary_table
 from bench.autoscale_trace import RAMP, SURGE, Shape, build
 from bench.ports import free_ports
+from bench.simmodel import SimModel
 from components.engines import PROFILES
 from components.scaling import AutoscalingConfig, ScalingPolicy
 
@@ -47,29 +47,16 @@ notice a stall before the first word."""
 SERVER = PROFILES["server"]
 
 
-@dataclass(frozen=True)
-class Model:
-    """Sim replica: 8 slots, ~38 ms decode steps at full batch, like the balancing bench."""
-
-    slots: int = 8
-    prefill_base_ms: float = 50
-    prefill_ms_per_token: float = 0.25
-    decode_base_ms: float = 30
-    decode_ms_per_seq: float = 1.0
-    max_tokens: int = 384
-
-    def env(self, load_wall_s: float) -> dict[str, str]:
-        return {
-            "LLM_MAX_CONCURRENCY": str(self.slots), "LLM_MAX_QUEUE": "256",
-            "LLM_MAX_TOKENS": str(self.max_tokens), "LLM_MAX_MODEL_LEN": "4096",
-            "LLM_SIM_PREFILL_BASE_MS": str(self.prefill_base_ms),
-            "LLM_SIM_PREFILL_MS_PER_TOKEN": str(self.prefill_ms_per_token),
-            "LLM_SIM_DECODE_BASE_MS": str(self.decode_base_ms),
-            "LLM_SIM_DECODE_MS_PER_SEQ": str(self.decode_ms_per_seq),
-            "LLM_SIM_LOAD_SECONDS": f"{load_wall_s:.3f}",
-            # Drain is about request length, which is not compressed.
-            "LLM_DRAIN_SECONDS": "30", "LLM_LOG_LEVEL": "warning",
-        }
+def replica_env(model: SimModel, load_wall_s: float) -> dict[str, str]:
+    """The balancing bench's latency model, with a model load time and no prefix cache."""
+    env = model.env()
+    del env["LLM_SIM_PREFIX_CACHE_TOKENS"]  # the surge trace has no shared prefixes
+    return env | {
+        "LLM_MAX_QUEUE": "256", "LLM_MAX_MODEL_LEN": "4096",
+        "LLM_SIM_LOAD_SECONDS": f"{load_wall_s:.3f}",
+        # Drain is about request length, which is not compressed.
+        "LLM_DRAIN_SECONDS": "30",
+    }
 
 
 def say(msg: str) -> None:
@@ -87,13 +74,13 @@ def policy_for(setting: Setting, factor: float) -> ScalingPolicy:
         namespace=NAMESPACE, scale_down_window_seconds=setting.window_s).compressed(factor)
 
 
-def measure_capacity(model: Model, seconds: float, seed: int) -> float:
+def measure_capacity(model: SimModel, seconds: float, seed: int) -> float:
     """Requests/s one replica sustains on this workload (closed loop, saturated)."""
     from local.cluster import LocalCluster
 
     base = free_ports(2, random.Random(seed))
     pool = trace.generate(50, 40, seed + 1000, trace.Workload(), 4096).requests
-    with LocalCluster(1, port=base, first_replica_port=base + 1, server_env=model.env(0),
+    with LocalCluster(1, port=base, first_replica_port=base + 1, server_env=replica_env(model, 0),
                       max_output_tokens=model.max_tokens) as cluster:
         cap, tps, errors = asyncio.run(capacity.measure(
             cluster.replica_urls, cluster.model_name, cluster.api_key, pool, model.slots,
@@ -141,7 +128,7 @@ class Sampler(threading.Thread):
 
 
 def run_one(setting: Setting, shape: Shape, load_s: float, factor: float, cap: float,
-            model: Model, seed: int, title: str) -> Run:
+            model: SimModel, seed: int, title: str) -> Run:
     from local.autoscaler import LocalAutoscaler
     from local.cluster import LocalCluster
     from local.prometheus import LocalPrometheus
@@ -151,7 +138,7 @@ def run_one(setting: Setting, shape: Shape, load_s: float, factor: float, cap: f
     base = free_ports(2 * MAX_REPLICAS + 3, rng)
     start_replicas = setting.replicas or setting.min_replicas
     cluster = LocalCluster(start_replicas, port=base, first_replica_port=base + 1,
-                           server_env=model.env(load_s / factor),
+                           server_env=replica_env(model, load_s / factor),
                            max_output_tokens=model.max_tokens)
     prometheus = scaler = None
     with cluster:
@@ -234,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     factor = args.factor or (80.0 if args.quick else 30.0)
     if factor <= 0:
         ap.error("--factor must be positive")
-    model = Model()
+    model = SimModel()
     started = time.monotonic()
     say(f"sim replica: {model.slots} slots, prefill {model.prefill_base_ms:g} ms + "
         f"{model.prefill_ms_per_token:g} ms/token, decode {model.decode_base_ms:g} ms + "

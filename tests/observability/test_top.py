@@ -84,6 +84,17 @@ class Terminal:
             self.read(0.2)
         raise AssertionError(f"no frame {number} within {timeout} s:\n{self.text[-2000:]}")
 
+    def drain(self) -> None:
+        """Consume what is already buffered in the pty: frames drawn while nobody read."""
+        while select.select([self.master], [], [], 0)[0]:
+            try:
+                chunk = os.read(self.master, 65536)
+            except OSError:
+                return
+            if not chunk:
+                return
+            self.raw += chunk
+
     def last_frame(self) -> str:
         return self.text.rsplit(TITLE, 1)[-1]
 
@@ -111,6 +122,18 @@ def _scrape(url: str) -> dict[str, object]:
         elif line.startswith('llm_requests_rejected_total{reason="overload"}'):
             out["refused"] = float(line.split()[-1])
     return out
+
+
+def _wait_idle(urls: list[str], timeout: float = 10.0) -> None:
+    """Until every replica reports nothing running or waiting (a response can reach
+    the client a moment before the server's gauges drop)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(s["llm_requests_running"] == s["llm_requests_waiting"] == 0
+               for s in map(_scrape, urls)):
+            return
+        time.sleep(0.1)
+    raise AssertionError("replicas still busy after the load")
 
 
 def _burst(endpoint: str, key: str, model: str, count: int) -> None:
@@ -150,6 +173,9 @@ def test_top_shows_what_the_replicas_export_and_quits_on_q(make_cluster, tmp_pat
     term.wait_frame(1)  # the window starts here, before any load
     for _ in range(2):
         _burst(cluster.endpoint, cluster.api_key, cluster.model_name, 10)
+    _wait_idle(urls)
+    # Frames drawn during the load sit unread in the pty; count them before waiting.
+    term.drain()
     seen = max(term.frame_numbers())
     term.wait_frame(seen + 2)  # a frame drawn entirely after the load
     after = [_scrape(u) for u in urls]

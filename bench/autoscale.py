@@ -68,7 +68,8 @@ def policy_for(setting: Setting, factor: float) -> ScalingPolicy:
     scaling = AutoscalingConfig(enabled=True, min_replicas=setting.min_replicas,
                                 max_replicas=MAX_REPLICAS,
                                 target_waiting_per_replica=setting.target_waiting,
-                                target_running_per_replica=setting.target_running)
+                                target_running_per_replica=setting.target_running,
+                                running_average_seconds=int(setting.running_average_s))
     return ScalingPolicy.from_config(
         scaling, waiting_metric=SERVER.waiting_metric, running_metric=SERVER.running_metric,
         namespace=NAMESPACE, scale_down_window_seconds=setting.window_s).compressed(factor)
@@ -184,8 +185,9 @@ def run_one(setting: Setting, shape: Shape, load_s: float, factor: float, cap: f
     return run
 
 
-def auto(waiting: int, running: int = 6, window: float = 300) -> Setting:
-    return Setting(f"auto-w{waiting}-r{running}-{window:g}s", None, waiting, running, window)
+def auto(waiting: int, running: int = 6, window: float = 300, average: float = 60) -> Setting:
+    return Setting(f"auto-w{waiting}-r{running}-a{average:g}-{window:g}s", None, waiting,
+                   running, window, running_average_s=average)
 
 
 def plan(quick: bool) -> list[tuple[Setting, Shape, float]]:
@@ -195,12 +197,14 @@ def plan(quick: bool) -> list[tuple[Setting, Shape, float]]:
         return [(static_max, SURGE, 30.0), (auto(2), SURGE, 30.0), (auto(1), SURGE, 30.0)]
     return [
         (static_min, SURGE, 30.0), (static_max, SURGE, 30.0),
+        (auto(1), SURGE, 30.0),  # the defaults
+        (auto(1, average=0), SURGE, 30.0),  # the running gauge read instantly
+        (auto(2), SURGE, 30.0), (auto(4), SURGE, 30.0),
         # running 32 = 4x the slots: the running trigger never fires (waiting only).
-        (auto(2, running=32), SURGE, 30.0),
-        (auto(1), SURGE, 30.0), (auto(2), SURGE, 30.0), (auto(4), SURGE, 30.0),
-        (auto(2, window=1800), SURGE, 30.0),
-        (auto(2), SURGE, 120.0),
-        (static_max, RAMP, 30.0), (auto(2), RAMP, 30.0),
+        (auto(1, running=32), SURGE, 30.0),
+        (auto(1, window=1800), SURGE, 30.0),
+        (auto(1), SURGE, 120.0),
+        (static_max, RAMP, 30.0), (auto(1), RAMP, 30.0),
     ]
 
 

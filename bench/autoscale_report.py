@@ -27,6 +27,8 @@ class Setting:
     window_s: float = 300.0
     """Scale-down stabilization window, trace seconds."""
     min_replicas: int = 1
+    running_average_s: float = 60.0
+    """The running trigger's averaging range, trace seconds (0: the instant value)."""
 
     @property
     def autoscaled(self) -> bool:
@@ -141,7 +143,9 @@ def label(run: Run) -> str:
     if not s.autoscaled:
         return f"static {s.replicas}"
     low = f", min {s.min_replicas}" if s.min_replicas != 1 else ""
-    return (f"auto waiting {s.target_waiting}, running {s.target_running}, "
+    average = (f" (avg {s.running_average_s:g} s)" if s.running_average_s
+               else " (instant)")
+    return (f"auto waiting {s.target_waiting}, running {s.target_running}{average}, "
             f"window {s.window_s:g} s{low}")
 
 

@@ -621,6 +621,14 @@ def _cross_check(cfg: StackConfig) -> list[str]:
                 f"model.loadTimeoutSeconds ({cfg.model.load_timeout_seconds}) so a loading pod "
                 "is never scaled away"
             )
+        scrape = cfg.monitoring.interval_seconds
+        if 0 < scaling.running_average_seconds < 2 * scrape:
+            problems.append(
+                f"{NAMESPACE}:autoscaling.runningAverageSeconds: {scaling.running_average_seconds}"
+                f" is under two scrape intervals (monitoring.intervalSeconds {scrape}), so the "
+                f"average would often hold one sample; use 0 (the instant value) or at least "
+                f"{2 * scrape}"
+            )
         if profile.scale_signal == "queue" and scaling.prometheus_url is None:
             problems.append(
                 f"{NAMESPACE}:autoscaling.prometheusUrl: required for engine '{cfg.engine}', "

@@ -65,6 +65,8 @@ class AutoscalingConfig(Section):
     """Queued requests per replica before a replica is added. 1, measured (docs/autoscaling.md): on a 2.5x surge it kept 94 % of requests within the TTFT objective against 93 % for 2 and 81 % for 4, at the same cost; any queue means a request already waits."""
     target_running_per_replica: int = Field(24, ge=1)
     """Sequences in generation per replica before one is added: about 75 % of the engine's concurrent sequences (model.maxConcurrency; the server's default is 32). Measured: at or above the slot count this trigger never fires, so replicas are removed mid-surge as soon as the queue empties and the queue builds again (87 % within the objective against 93 %)."""
+    running_average_seconds: int = Field(60, ge=0, le=3600)
+    """The running trigger reads its gauge averaged over this many seconds (PromQL `avg_over_time`), at least two scrape intervals; 0 reads the instant value. Measured: read instantly, the count of sequences in generation swings with every arrival, and a swing during a quiet spell adds a replica the load does not need. The waiting trigger always reads the instant value, so a surge is seen at the next poll."""
     prometheus_url: str | None = Field(None, min_length=1)
     """Prometheus KEDA queries, e.g. http://prometheus-operated.monitoring.svc:9090 (GPU engines)."""
     install_keda: bool = False
@@ -130,8 +132,14 @@ class Trigger:
     """One KEDA prometheus trigger: the query's value divided by replicas is kept at `threshold`."""
 
     metric: str
-    query: str
+    namespace: str
     threshold: float
+    average_seconds: float = 0.0
+    """Average the gauge over this range first (0: the instant value)."""
+
+    @property
+    def query(self) -> str:
+        return queue_query(self.metric, self.namespace, self.average_seconds)
 
 
 @dataclass(frozen=True)
@@ -154,10 +162,9 @@ class ScalingPolicy:
             min_replicas=scaling.min_replicas,
             max_replicas=scaling.max_replicas,
             triggers=(
-                Trigger(waiting_metric, queue_query(waiting_metric, namespace),
-                        scaling.target_waiting_per_replica),
-                Trigger(running_metric, queue_query(running_metric, namespace),
-                        scaling.target_running_per_replica),
+                Trigger(waiting_metric, namespace, scaling.target_waiting_per_replica),
+                Trigger(running_metric, namespace, scaling.target_running_per_replica,
+                        scaling.running_average_seconds),
             ),
             polling_interval_seconds=scaling.polling_interval_seconds,
             scale_up=ScalingRules(0, (RatePolicy("Pods", scaling.scale_up_pods,
@@ -221,6 +228,8 @@ class ScalingPolicy:
                                           for p in r.policies))
 
         return replace(self, polling_interval_seconds=self.polling_interval_seconds / factor,
+                       triggers=tuple(replace(t, average_seconds=t.average_seconds / factor)
+                                      for t in self.triggers),
                        scale_up=rules(self.scale_up), scale_down=rules(self.scale_down))
 
     def rule(self) -> HpaRule:
@@ -228,9 +237,21 @@ class ScalingPolicy:
         return HpaRule(self)
 
 
-def queue_query(metric: str, namespace: str) -> str:
-    """PromQL summing an engine gauge over the stack's namespace (one stack per namespace)."""
-    return f'sum({metric}{{namespace="{namespace}"}})'
+def queue_query(metric: str, namespace: str, average_seconds: float = 0.0) -> str:
+    """PromQL summing an engine gauge over the stack's namespace (one stack per namespace),
+    each series first averaged over `average_seconds` when that is positive."""
+    series = f'{metric}{{namespace="{namespace}"}}'
+    if average_seconds > 0:
+        series = f"avg_over_time({series}[{promql_duration(average_seconds)}])"
+    return f"sum({series})"
+
+
+def promql_duration(seconds: float) -> str:
+    """A PromQL range: whole seconds as `60s`, anything finer in milliseconds (`750ms`)."""
+    ms = round(seconds * 1000)
+    if ms <= 0:
+        raise ValueError(f"a PromQL range must be positive, got {seconds!r} s")
+    return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms"
 
 
 # --- the HPA algorithm ---------------------------------------------------------------------

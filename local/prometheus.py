@@ -45,6 +45,7 @@ from typing import Self
 
 import httpx
 
+from components.scaling import promql_duration
 from local import procs
 from local.procs import LocalModeError
 
@@ -63,12 +64,6 @@ def find_prometheus(explicit: str | None = None) -> str:
     return found
 
 
-def _duration(seconds: float) -> str:
-    """A Prometheus duration: whole milliseconds ("750ms", "15s")."""
-    ms = max(1, round(seconds * 1000))
-    return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms"
-
-
 def scrape_config(targets_file: Path, *, scrape_interval_seconds: float,
                   evaluation_interval_seconds: float | None = None,
                   rule_files: Sequence[Path] = (), metrics_path: str = "/metrics") -> str:
@@ -78,13 +73,13 @@ def scrape_config(targets_file: Path, *, scrape_interval_seconds: float,
     """
     if scrape_interval_seconds <= 0:
         raise ValueError(f"scrape_interval_seconds must be positive, got {scrape_interval_seconds}")
-    interval = _duration(scrape_interval_seconds)
+    interval = promql_duration(scrape_interval_seconds)
     config = {
         "global": {
             "scrape_interval": interval,
             # A scrape must end before the next one starts.
             "scrape_timeout": interval,
-            "evaluation_interval": _duration(evaluation_interval_seconds
+            "evaluation_interval": promql_duration(evaluation_interval_seconds
                                              or scrape_interval_seconds),
         },
         "rule_files": [str(Path(p).resolve()) for p in rule_files],

@@ -45,7 +45,7 @@ def _type_name(annotation: Any) -> str:
     if origin is dict:
         return "map"
     if isinstance(annotation, type):
-        return {"str": "string", "int": "integer", "bool": "boolean"}.get(
+        return {"str": "string", "int": "integer", "float": "number", "bool": "boolean"}.get(
             annotation.__name__, "object"
         )
     return str(annotation)

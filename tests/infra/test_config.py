@@ -106,6 +106,9 @@ def test_bad_values_name_the_key_and_what_is_allowed(raw, key, hint):
          "llm-serving:gpu.tolerations[0].key", "required"),
         (merged(gpu={"tolerations": [{"key": "k", "effect": "NoSchedule", "tolerationSeconds": 5}]}),
          "llm-serving:gpu.tolerations[0].tolerationSeconds", "NoExecute"),
+        (merged(autoscaling={"enabled": True, "runningAverageSeconds": 20},
+                monitoring={"intervalSeconds": 15}),
+         "llm-serving:autoscaling.runningAverageSeconds", "at least 30"),
     ],
 )
 def test_rules_across_sections_name_the_key_to_change(raw, key, hint):

@@ -16,3 +16,10 @@ def test_readme_configuration_table_matches_the_config_model():
 def test_reference_lists_every_leaf_key():
     keys = {row[0] for row in config_reference.rows()}
     assert {"model.id", "gpu.tolerations[].effect", "service.sourceRanges", "rollout.drainSeconds"} <= keys
+
+
+def test_reference_names_scalar_types():
+    types = {row[0]: row[1] for row in config_reference.rows()}
+    assert types["loadBalancing.boundFactor"] == "number"
+    assert types["monitoring.slo.ttftP99Seconds"] == "number"
+    assert types["autoscaling.runningAverageSeconds"] == "integer"

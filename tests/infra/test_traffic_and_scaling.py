@@ -156,8 +156,9 @@ def test_gpu_engine_scales_on_waiting_and_running_requests_with_keda(run):
     result = stack(run, {**GPU_SCALING, "namespace": "gpu"})
     scaled = _normalise(result.one(SCALED_OBJECT).inputs)
     queries = [t["metadata"]["query"] for t in scaled["spec"]["triggers"]]
-    assert queries == ['sum(vllm:num_requests_waiting{namespace="gpu"})',
-                       'sum(vllm:num_requests_running{namespace="gpu"})']
+    assert queries == [
+        'sum(vllm:num_requests_waiting{namespace="gpu"})',
+        'sum(avg_over_time(vllm:num_requests_running{namespace="gpu"}[60s]))']
     assert all(t["metadata"]["serverAddress"] == PROMETHEUS for t in scaled["spec"]["triggers"])
     window = scaled["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"][
         "stabilizationWindowSeconds"]
@@ -176,6 +177,7 @@ def test_one_setting_changes_both_the_scaled_object_and_the_local_rule(run, mock
     changed = copy.deepcopy(GPU_SCALING)
     changed["autoscaling"]["targetWaitingPerReplica"] = 4  # default 1
     changed["autoscaling"]["scaleDownStabilizationSeconds"] = 2400
+    changed["autoscaling"]["runningAverageSeconds"] = 120  # default 60
     local = []
     for raw in (GPU_SCALING, changed):
         stack(run, raw)
@@ -186,6 +188,10 @@ def test_one_setting_changes_both_the_scaled_object_and_the_local_rule(run, mock
     windows = [o["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"][
         "stabilizationWindowSeconds"] for o in objects]
     assert thresholds == ["1", "4"] and windows == [1800, 2400]
+    assert [o["triggers"][1]["metadata"]["query"].endswith(f"[{w}s]))") for o, w
+            in zip(objects, (60, 120))] == [True, True]
+    assert [p.triggers[1].query.endswith(f"[{w}s]))") for p, w
+            in zip(local, (60, 120))] == [True, True]
     # 8 waiting over 2 replicas: target 1 asks for 8 replicas (max 6), target 4 keeps 2.
     assert [p.rule().evaluate(0.0, 2, (8.0, 0.0)).desired for p in local] == [6, 2]
     assert [p.scale_down.stabilization_window_seconds for p in local] == [1800, 2400]

@@ -92,3 +92,6 @@ def test_benchmarked_policy_is_the_stack_policy_compressed():
     assert policy.scale_down.stabilization_window_seconds == pytest.approx(20)
     assert policy.polling_interval_seconds == pytest.approx(0.5)
     assert policy.triggers[0].query == 'sum(llm_requests_waiting{namespace="llm-serving"})'
+    # The running trigger's 60 s average is a window too: compressed alike.
+    assert policy.triggers[1].query == (
+        'sum(avg_over_time(llm_requests_running{namespace="llm-serving"}[2s]))')

@@ -25,6 +25,7 @@ from components.scaling import (
     ScalingPolicy,
     ScalingRules,
     Trigger,
+    promql_duration,
     replicas_for_metric,
 )
 
@@ -35,7 +36,7 @@ FREE_UP = ScalingRules(0, (RatePolicy("Percent", 1000, 15),))
 
 def policy(*thresholds: float, lo: int = 1, hi: int = 100, up: ScalingRules = FREE_UP,
            down: ScalingRules = FREE_DOWN) -> ScalingPolicy:
-    triggers = tuple(Trigger(f"m{i}", f"sum(m{i})", t) for i, t in enumerate(thresholds))
+    triggers = tuple(Trigger(f"m{i}", "ns", t) for i, t in enumerate(thresholds))
     return ScalingPolicy(lo, hi, triggers, 15, up, down)
 
 
@@ -155,3 +156,20 @@ def test_compression_divides_every_period_and_window():
     assert rule.evaluate(15.5, 4, (1.0,)).desired == 1
     with pytest.raises(ValueError):
         base.compressed(0)
+
+
+@pytest.mark.parametrize("average, factor, query", [
+    (0, 1, 'sum(m{namespace="ns"})'),
+    (60, 1, 'sum(avg_over_time(m{namespace="ns"}[60s]))'),
+    (60, 30, 'sum(avg_over_time(m{namespace="ns"}[2s]))'),
+    (60, 80, 'sum(avg_over_time(m{namespace="ns"}[750ms]))'),
+])
+def test_an_averaged_trigger_compresses_its_range_like_every_other_window(average, factor, query):
+    base = ScalingPolicy(1, 4, (Trigger("m", "ns", 2, average),), 15, DEFAULT_SCALE_UP,
+                         DEFAULT_SCALE_DOWN)
+    assert base.compressed(factor).triggers[0].query == query
+
+
+def test_promql_duration_rejects_an_empty_range():
+    with pytest.raises(ValueError, match="positive"):
+        promql_duration(0.0004)

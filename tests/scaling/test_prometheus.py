@@ -9,10 +9,10 @@ import subprocess
 
 import pytest
 
+from components.scaling import promql_duration
 from local.procs import LocalModeError
 from local.prometheus import (
     LocalPrometheus,
-    _duration,
     find_prometheus,
     parse_instant,
     scrape_config,
@@ -67,9 +67,9 @@ def test_targets_carry_the_stack_namespace_the_queries_select_on():
 
 
 @pytest.mark.parametrize("seconds, text", [(15, "15s"), (0.75, "750ms"), (1.5, "1500ms"),
-                                           (0.0001, "1ms")])
+                                           (0.001, "1ms")])
 def test_durations(seconds, text):
-    assert _duration(seconds) == text
+    assert promql_duration(seconds) == text
 
 
 def test_answers_are_read_like_kedas_prometheus_scaler():

@@ -8,7 +8,7 @@ from typing import Any, Mapping, NotRequired, Sequence, TypedDict
 import pulumi
 import pulumi_kubernetes as k8s
 
-from components.config import CONTROLLER_SERVICE_SUFFIX, ControllerConfig
+from components.exposure_config import CONTROLLER_SERVICE_SUFFIX, ControllerConfig
 from components.monitoring import merge_values
 from components.pins import NIC_CHART
 from components.pod_security import pod_security_labels

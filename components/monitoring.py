@@ -11,7 +11,8 @@ import pulumi
 import pulumi_kubernetes as k8s
 
 if TYPE_CHECKING:
-    from components.config import MonitoringConfig, StackConfig
+    from components.config import StackConfig
+    from components.monitoring_config import MonitoringConfig
 
 
 class LlmServiceMonitorArgs(TypedDict):

@@ -5,7 +5,7 @@ traceback.
 problem names a key (``llm-serving:<path>: ...``). The strategies start from valid configs (the
 repository's stacks and a few variants) and mutate one field at any depth — wrong types, random
 strings and numbers, nested JSON, JSON text as Pulumi hands structured values over — so most
-examples get through pydantic and reach the cross-section checks (``_cross_check``).
+examples get through pydantic and reach the cross-section checks (``components.config_rules.cross_check``).
 """
 
 from __future__ import annotations

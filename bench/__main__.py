@@ -21,6 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from bench import balance, balance_report, trace
+from bench.command import shown
 from bench.simmodel import SimModel
 
 __all__ = ["SimModel", "main"]
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     table = balance_report.table(cells, modelled)
     checks = balance_report.model_check(cells, modelled)
     bars = balance_report.bars(cells, modelled)
-    command = " ".join(["python -m bench", *args_in])
+    command = shown("python -m bench", args_in)
     caps = ", ".join(f"{k} {v:.2f} req/s" for k, v in modelled["capacity"].items())
     lines = [f"# Balancing benchmark results ({'quick' if args.quick else 'full'})", "",
              f"`{command}` — {elapsed:.0f} s on {os.cpu_count()} cores.", "",

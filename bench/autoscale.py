@@ -32,6 +32,7 @@ import httpx
 from bench import capacity, client, trace
 from bench.autoscale_report import Run, Sample, Setting, label, phase_table, plot, summary_table
 from bench.autoscale_trace import RAMP, SURGE, Shape, build
+from bench.command import shown
 from bench.ports import free_ports
 from bench.simmodel import SimModel
 from components.engines import PROFILES
@@ -222,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
                          "surge runs you compare need to be among them)")
     ap.add_argument("--out", type=Path, default=ROOT / "docs")
     args = ap.parse_args(argv)
+    args.command = shown("python -m bench autoscale", sys.argv[2:] if argv is None else argv)
     factor = args.factor or (80.0 if args.quick else 30.0)
     if factor <= 0:
         ap.error("--factor must be positive")
@@ -290,7 +292,7 @@ def report(runs: list[Run], args: argparse.Namespace, factor: float, cap: float,
                                                   f"compressed {factor:g}x")
     table, phases = summary_table(runs, args.slo, reference), phase_table(runs)
     scale_down_failures = sum(r.failed_by_scale_down() for r in runs if r.setting.autoscaled)
-    command = " ".join(["python -m bench autoscale", *(sys.argv[2:] if len(sys.argv) > 2 else [])])
+    command = args.command
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{name}-results.md").write_text("\n".join([
         f"# Autoscaling benchmark results ({'quick' if args.quick else 'full'})", "",

@@ -363,6 +363,14 @@ def _changed(now: float, period: float, events: list[tuple[float, int]]) -> int:
     return sum(n for at, n in events if at > now - period)
 
 
+def _period_start(now: float, current: int, pol: RatePolicy, ups: list[tuple[float, int]],
+                  downs: list[tuple[float, int]]) -> int:
+    """Replicas at the start of `pol`'s period: current, less what was added in it, plus
+    what was removed (periodStartReplicas in both of upstream's limit functions)."""
+    return current - _changed(now, pol.period_seconds, ups) \
+        + _changed(now, pol.period_seconds, downs)
+
+
 def _up_limit(now: float, current: int, ups: list[tuple[float, int]],
               downs: list[tuple[float, int]], rules: ScalingRules) -> int:
     """calculateScaleUpLimitWithScalingRules: the most replicas the policies allow now."""
@@ -370,8 +378,7 @@ def _up_limit(now: float, current: int, ups: list[tuple[float, int]],
         return current
     proposals = []
     for pol in rules.policies:
-        start = current - _changed(now, pol.period_seconds, ups) \
-            + _changed(now, pol.period_seconds, downs)
+        start = _period_start(now, current, pol, ups, downs)
         proposals.append(start + pol.value if pol.type == "Pods"
                          else math.ceil(start * (1 + pol.value / 100)))
     if not proposals:
@@ -386,8 +393,7 @@ def _down_limit(now: float, current: int, ups: list[tuple[float, int]],
         return current
     proposals = []
     for pol in rules.policies:
-        start = current - _changed(now, pol.period_seconds, ups) \
-            + _changed(now, pol.period_seconds, downs)
+        start = _period_start(now, current, pol, ups, downs)
         # Go's int32(float64) truncates toward zero: 72 * 0.9 = 64.8 -> 64.
         proposals.append(start - pol.value if pol.type == "Pods"
                          else int(start * (1 - pol.value / 100)))

@@ -20,11 +20,20 @@ Dispatchers:
   counts of requests in flight (running + queued at the replica); ties in least_conn go round
   robin, as in nginx. The replica then queues what it cannot admit.
 
+``Handoff`` (optional, with any of the three NGINX dispatchers): *late binding*, a what-if that
+no deployable form of this stack can express today (docs/load-balancing.md, "The distance to
+the limit"). A request that waited ``patience_s`` in one replica's queue leaves it and is
+dispatched again, after ``hop_s``, among the replicas it has not tried (as nginx's
+``proxy_next_upstream`` would on a 429 from the replica), at most ``hops`` times; the last
+replica keeps it. Queues order requests by arrival at the proxy, so a handed-off request does
+not lose its place to newer ones.
+
 Pure and deterministic: the same requests, model and seed give the same times.
 """
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import itertools
 import random
@@ -52,11 +61,22 @@ class Params:
     decode_per_seq_s: float
 
 
+@dataclass(frozen=True)
+class Handoff:
+    patience_s: float
+    """Time a request waits in one replica's queue before it is dispatched again."""
+    hops: int
+    """Dispatches after the first, at most (the replica count minus one caps it too)."""
+    hop_s: float = 0.003
+    """Time to answer the handoff and send the request to the next replica."""
+
+
 @dataclass
 class _Replica:
     index: int
     running: int = 0
-    queue: deque[int] = field(default_factory=deque)
+    queue: list[int] = field(default_factory=list)
+    """Waiting jobs, ordered by job index (= arrival at the proxy)."""
     active: dict[int, int] = field(default_factory=dict)
     """job -> tokens still to come."""
     joining: list[int] = field(default_factory=list)
@@ -78,10 +98,15 @@ class Result:
     replica: list[int]
 
 
-def simulate(jobs: Sequence[Job], params: Params, dispatcher: str, seed: int = 0) -> Result:
+def simulate(jobs: Sequence[Job], params: Params, dispatcher: str, seed: int = 0,
+             handoff: Handoff | None = None) -> Result:
     """Run every job through the model under ``dispatcher``; jobs must be sorted by arrival."""
     if dispatcher not in DISPATCHERS:
         raise ValueError(f"dispatcher must be one of {', '.join(DISPATCHERS)}, got {dispatcher!r}")
+    if handoff is not None and (dispatcher == "fcfs" or handoff.patience_s <= 0
+                                or handoff.hops < 0 or handoff.hop_s < 0):
+        raise ValueError("handoff needs an NGINX dispatcher, patience_s > 0, hops >= 0 and "
+                         "hop_s >= 0")
     if params.replicas < 1 or params.slots < 1:
         raise ValueError("replicas and slots must be at least 1")
     if any(b.arrival < a.arrival for a, b in zip(jobs, jobs[1:])):
@@ -92,6 +117,7 @@ def simulate(jobs: Sequence[Job], params: Params, dispatcher: str, seed: int = 0
     first = [float("nan")] * len(jobs)
     done = [float("nan")] * len(jobs)
     where = [-1] * len(jobs)
+    tried = [0] * len(jobs)  # bit mask of the replicas each job was sent to
     rng = random.Random(seed)
     rr = itertools.cycle(range(p.replicas))
     lc_next = 0
@@ -125,21 +151,36 @@ def simulate(jobs: Sequence[Job], params: Params, dispatcher: str, seed: int = 0
             if central:
                 admit(r, central.popleft(), t)
         elif r.queue:
-            admit(r, r.queue.popleft(), t)
+            admit(r, r.queue.pop(0), t)
 
     def pick(j: int) -> _Replica:
         nonlocal lc_next
+        left = [r for r in reps if not tried[j] >> r.index & 1]
         if dispatcher == "round_robin":
-            return reps[next(rr)]
+            while True:
+                r = reps[next(rr)]
+                if r in left:
+                    return r
         if dispatcher == "least_conn":
-            low = min(r.in_flight for r in reps)
+            low = min(r.in_flight for r in left)
             for k in range(p.replicas):
                 r = reps[(lc_next + k) % p.replicas]
-                if r.in_flight == low:
+                if r in left and r.in_flight == low:
                     lc_next = (r.index + 1) % p.replicas
                     return r
-        a, b = rng.sample(reps, 2) if p.replicas > 1 else (reps[0], reps[0])
+        a, b = rng.sample(left, 2) if len(left) > 1 else (left[0], left[0])
         return b if b.in_flight < a.in_flight else a
+
+    def dispatch(j: int, t: float) -> None:
+        r = pick(j)
+        tried[j] |= 1 << r.index
+        if r.running < p.slots:
+            admit(r, j, t)
+            return
+        bisect.insort(r.queue, j)
+        sent = bin(tried[j]).count("1")
+        if handoff is not None and sent <= handoff.hops and sent < p.replicas:
+            push(t + handoff.patience_s, "patience", r.index, j)
 
     arrivals = iter(range(len(jobs)))
     nxt = next(arrivals, None)
@@ -154,15 +195,17 @@ def simulate(jobs: Sequence[Job], params: Params, dispatcher: str, seed: int = 0
                 else:
                     central.append(j)
             else:
-                r = pick(j)
-                if r.running < p.slots:
-                    admit(r, j, t)
-                else:
-                    r.queue.append(j)
+                dispatch(j, t)
             continue
         t, _, kind, idx, data = heapq.heappop(events)
         r = reps[idx]
-        if kind == "prefilled":
+        if kind == "patience":
+            if data in r.queue:  # still waiting here: hand it off
+                r.queue.remove(data)
+                push(t + handoff.hop_s, "handoff", idx, data)  # type: ignore[union-attr]
+        elif kind == "handoff":
+            dispatch(data, t)  # type: ignore[arg-type]
+        elif kind == "prefilled":
             j = data  # type: ignore[assignment]
             first[j] = t
             if jobs[j].max_tokens <= 1:

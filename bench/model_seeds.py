@@ -1,9 +1,12 @@
 """How much one trace's luck moves the p99 ratios: the discrete-event model over many seeds.
 
-``python -m bench.model_seeds [--seeds 20] [--duration 290] [--warmup 30] [--load 0.8]``
-prints, for each ratio of p99 TTFT, its median, p10-p90 and range over the seeds: round robin
-to least_conn, and each method to the central-FCFS limit. Pure computation (seconds of CPU),
-the benchmark's latency model and standalone workload at ``--capacity`` requests/s.
+``python -m bench.model_seeds [--seeds 20] [--duration 290] [--warmup 30] [--load 0.8]
+[--handoff 0.6:3]`` prints, for each ratio of p99 TTFT, its median, p10-p90, range and the
+share of seeds at or below ``--bar`` (for the ratios to the limit): round robin to least_conn,
+and each method to the central-FCFS limit. ``--handoff PATIENCE:HOPS`` adds least_conn with
+late binding (``des.Handoff``), a what-if the deployed stack cannot express. Pure computation
+(seconds of CPU), the benchmark's latency model and standalone workload at ``--capacity``
+requests/s.
 """
 
 from __future__ import annotations
@@ -20,24 +23,38 @@ RATIOS = {
     "random_two_least_conn / limit": ("random_two_least_conn", "fcfs"),
     "round_robin / limit": ("round_robin", "fcfs"),
 }
+HANDOFF = "least_conn+handoff"
 
 
-def ratios(seeds: int, duration: float, warmup: float, rate: float,
-           replicas: int = 4) -> dict[str, list[float]]:
+def ratios(seeds: int, duration: float, warmup: float, rate: float, replicas: int = 4,
+           handoff: des.Handoff | None = None) -> dict[str, list[float]]:
     m = SimModel()
     params = des.Params(replicas, m.slots, m.prefill_base_ms / 1e3, m.prefill_ms_per_token / 1e3,
                         m.decode_base_ms / 1e3, m.decode_ms_per_seq / 1e3)
-    out: dict[str, list[float]] = {name: [] for name in RATIOS}
+    wanted = dict(RATIOS)
+    if handoff is not None:
+        wanted[f"{HANDOFF} / limit"] = (HANDOFF, "fcfs")
+    out: dict[str, list[float]] = {name: [] for name in wanted}
     for seed in range(1, seeds + 1):
         tr = trace.generate(rate, duration, seed, trace.Workload(), m.max_model_len)
         jobs = [des.Job(r.arrival, r.prompt_tokens, r.max_tokens) for r in tr.requests]
-        p99 = {}
-        for d in des.DISPATCHERS:
-            ttft = des.simulate(jobs, params, d, seed=seed).ttft
-            p99[d] = percentile([t for t, r in zip(ttft, tr.requests) if r.arrival >= warmup], 99)
-        for name, (a, b) in RATIOS.items():
+        runs = {d: des.simulate(jobs, params, d, seed=seed) for d in des.DISPATCHERS}
+        if handoff is not None:
+            runs[HANDOFF] = des.simulate(jobs, params, "least_conn", seed=seed, handoff=handoff)
+        p99 = {d: percentile([t for t, r in zip(res.ttft, tr.requests) if r.arrival >= warmup],
+                             99) for d, res in runs.items()}
+        for name, (a, b) in wanted.items():
             out[name].append(p99[a] / p99[b])
     return out
+
+
+def _handoff(text: str) -> des.Handoff:
+    try:
+        patience, hops = text.split(":")
+        return des.Handoff(float(patience), int(hops))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--handoff must be PATIENCE_SECONDS:HOPS, e.g. 0.6:3; got {text!r}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,11 +66,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--load", type=float, default=0.8)
     ap.add_argument("--capacity", type=float, default=9.7,
                     help="requests/s at saturation (what python -m bench measured)")
+    ap.add_argument("--bar", type=float, default=1.25,
+                    help="report the share of seeds whose ratio to the limit is at most this")
+    ap.add_argument("--handoff", type=_handoff, default=None, metavar="PATIENCE:HOPS")
     args = ap.parse_args(argv)
-    for name, xs in ratios(args.seeds, args.duration, args.warmup,
-                           args.capacity * args.load).items():
+    for name, xs in ratios(args.seeds, args.duration, args.warmup, args.capacity * args.load,
+                           handoff=args.handoff).items():
+        within = (f", {sum(x <= args.bar for x in xs)} of {len(xs)} seeds <= {args.bar:g}x"
+                  if name.endswith("/ limit") else "")
         print(f"{name}: median {percentile(xs, 50):.2f}x (p10 {percentile(xs, 10):.2f}, "
-              f"p90 {percentile(xs, 90):.2f}), range {min(xs):.2f}-{max(xs):.2f}")
+              f"p90 {percentile(xs, 90):.2f}), range {min(xs):.2f}-{max(xs):.2f}{within}")
     return 0
 
 

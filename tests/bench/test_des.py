@@ -87,3 +87,50 @@ def test_model_seeds_reports_every_ratio_per_seed():
     assert all(len(xs) == 2 for xs in out.values())
     # The central queue is the limit: no method beats it by much on any seed.
     assert all(x >= 0.9 for name, xs in out.items() if "limit" in name for x in xs)
+
+
+def test_model_seeds_prints_the_handoff_row_and_the_share_within_the_bar(capsys):
+    from bench import model_seeds
+
+    model_seeds.main(["--seeds", "2", "--duration", "20", "--warmup", "2", "--handoff", "0.5:2"])
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("least_conn+handoff / limit: median") for line in lines)
+    assert all("seeds <= 1.25x" in line for line in lines if "/ limit" in line)
+    with pytest.raises(SystemExit):
+        model_seeds.main(["--handoff", "0.5"])
+    assert "--handoff must be PATIENCE_SECONDS:HOPS" in capsys.readouterr().err
+
+
+def test_handoff_moves_a_waiting_request_to_the_replica_that_frees_first():
+    # Two replicas of one slot: replica 0 runs a long job, replica 1 a short one. least_conn
+    # sends the third job to replica 0 (tie, round robin), where it would wait for the long
+    # one; with a handoff after 0.1 s it moves to replica 1, which frees at about 0.1 s.
+    p = des.Params(replicas=2, slots=1, prefill_base_s=0.0, prefill_per_token_s=0.0,
+                   decode_base_s=0.01, decode_per_seq_s=0.0)
+    jobs = [des.Job(0.0, 0, 1000), des.Job(0.0, 0, 10), des.Job(0.001, 0, 5)]
+    stay = des.simulate(jobs, p, "least_conn")
+    assert stay.replica[2] == 0 and stay.ttft[2] > 9.0
+    moved = des.simulate(jobs, p, "least_conn", handoff=des.Handoff(patience_s=0.1, hops=1))
+    assert moved.replica[2] == 1
+    assert moved.ttft[2] == pytest.approx(0.1 + 0.003 - 0.001, abs=0.005)  # patience + hop
+    assert moved.ttft[:2] == stay.ttft[:2]
+
+
+def test_handoff_without_hops_is_plain_dispatch_and_the_last_replica_keeps_the_request():
+    jobs = _trace(400, 7.5, 4)
+    p = des.Params(4, 8, 0.05, 0.00025, 0.03, 0.001)
+    plain = des.simulate(jobs, p, "least_conn")
+    assert des.simulate(jobs, p, "least_conn", handoff=des.Handoff(0.2, hops=0)) == plain
+    # However many hops are allowed, every job is served once (none is dropped in a handoff).
+    many = des.simulate(jobs, p, "least_conn", handoff=des.Handoff(0.05, hops=10))
+    assert all(t == t and t > 0 for t in many.ttft)
+
+
+def test_handoff_is_checked():
+    jobs = _trace(10, 5.0, 2)
+    p = des.Params(2, 2, 0.05, 0.00025, 0.03, 0.001)
+    for bad in (des.Handoff(0.0, 1), des.Handoff(0.1, -1)):
+        with pytest.raises(ValueError, match="handoff needs"):
+            des.simulate(jobs, p, "least_conn", handoff=bad)
+    with pytest.raises(ValueError, match="handoff needs"):
+        des.simulate(jobs, p, "fcfs", handoff=des.Handoff(0.1, 1))

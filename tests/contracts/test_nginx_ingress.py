@@ -177,3 +177,17 @@ def test_only_the_verified_chart_version_is_accepted():
     [problem] = caught.value.problems
     assert problem.startswith("llm-serving:ingress.controller.chartVersion:")
     assert CONTROLLER["chartVersion"] in problem
+
+
+@pytest.mark.parametrize("value, ok", [
+    ("X-Queue-Start", True),  # passes the client's own header on
+    ("X-Queue-Start: fixed", True),
+    ("X-Queue-Start: $msec", False),  # what late binding would need (docs/load-balancing.md)
+    ("X-Request-Start: t=${msec}", False),
+])
+def test_the_pinned_controller_cannot_stamp_a_proxy_time_on_the_request(value, ok):
+    """Late binding (bench/des.py Handoff) needs each request to carry the time it reached the
+    proxy, so a replica can queue a handed-off request by it. The controller's only way to set a
+    request header without snippets rejects every nginx variable."""
+    problems = facts.annotation_problems({"nginx.org/proxy-set-headers": value}, CONTROLLER)
+    assert (not problems) is ok, problems

@@ -67,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--overload", type=float, default=full.overload,
                     help="load of the session_hash_bounded overload cell (0 skips it)")
     ap.add_argument("--capacity-seconds", type=float, default=12.0)
-    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--seeds", default="1",
+                    help="trace seeds, comma-separated; several are run in turn and pooled "
+                         "(bootstrap blocks drawn within each seed's run)")
     ap.add_argument("--quick", action="store_true",
                     help="one load (80%%), short cells, shorter outputs, 3 methods per "
                          "workload, one NGINX (< 3 min)")
@@ -102,19 +104,26 @@ def main(argv: list[str] | None = None) -> int:
             balance.parse_target(target)
         except ValueError as exc:
             ap.error(str(exc))
+    try:
+        seeds = tuple(dict.fromkeys(int(x) for x in _csv(args.seeds)))
+    except ValueError:
+        seeds = ()
+    if not seeds:
+        ap.error(f"--seeds must be comma-separated integers, e.g. 1,2,3; got {args.seeds!r}")
     if plan.sessions_load <= 0 or not plan.sessions:
         del workloads["sessions"]
 
     t_start = time.monotonic()
-    base = balance.free_base_port(args.replicas + 1 + 1 + sum(plan.pods), args.seed)
-    cells, modelled = balance.measure(plan, args.replicas, model, workloads, args.seed,
+    base = balance.free_base_port(args.replicas + 1 + 1 + sum(plan.pods), seeds[0])
+    cells, modelled = balance.measure(plan, args.replicas, model, workloads, seeds,
                                       capacity_seconds, base)
     elapsed = time.monotonic() - t_start
 
     md, png = balance.out_paths(args.out, args.quick)
     args.out.mkdir(parents=True, exist_ok=True)
     balance_report.plot(cells, modelled, png,
-                        f"{args.replicas} sim replicas, seed {args.seed}, "
+                        f"{args.replicas} sim replicas, seed{'s' * (len(seeds) > 1)} "
+                        f"{','.join(map(str, seeds))}, "
                         f"{plan.duration:g} s per cell")
     table = balance_report.table(cells, modelled)
     checks = balance_report.model_check(cells, modelled)
@@ -127,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
              f"- Default method (`LoadBalancingConfig().method`): `{balance.DEFAULT_METHOD}`.",
              "- Intervals: 95 %, paired moving-block bootstrap over the measured requests "
              "(blocks of about sqrt(n) consecutive requests); the cells of one workload and "
-             "load replay the same trace.", "", table, "",
+             "load replay the same trace"
+             + (f"; seeds {', '.join(map(str, seeds))} pooled, blocks drawn within each seed's "
+                "run." if len(seeds) > 1 else "."), "", table, "",
              *(f"- {line}" for line in checks + bars), "",
              f"![p99 TTFT per method]({png.name})"]
     md.write_text("\n".join(lines) + "\n")

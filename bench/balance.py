@@ -8,7 +8,10 @@ the client spreads requests over them at random), or straight to the replicas (`
 client-side round robin: the proxy's own cost). Requests arriving during the warm-up are sent
 but not counted. Every interval is a paired moving-block bootstrap over the measured requests
 (bench/ci.py): cells of one workload and load replay the same trace, so request i is the same
-request in every cell.
+request in every cell. With several seeds (``--seeds 1,2,3``) every cell is run once per seed's
+trace and the runs are pooled (``pooled``): one cell per (workload, load, NGINX, target) whose
+requests are the seeds' in order, and whose ``strata`` keep the bootstrap's blocks inside each
+seed's run.
 
 The limit: the same trace through a discrete-event model of the sim engine with one central
 FCFS queue over all slots (bench/des.py). The model also replays round robin and least_conn;
@@ -32,7 +35,7 @@ from pathlib import Path
 
 import httpx
 
-from bench import capacity, client, des, trace
+from bench import capacity, ci, client, des, trace
 from bench.simmodel import SimModel
 from bench.stats import Record, Summary, summarize
 from components.balancing import LoadBalancingConfig
@@ -40,6 +43,7 @@ from components.balancing import LoadBalancingConfig
 METHODS = ("round_robin", "least_conn", "random_two_least_conn", "session_hash",
            "session_hash_bounded")
 DEFAULT_METHOD: str = LoadBalancingConfig().method
+LIMIT_DISPATCHER = "fcfs"
 
 
 def say(msg: str) -> None:
@@ -86,6 +90,51 @@ class Cell:
     """Requests that found every replica at its bound (nginx's "no live upstreams")."""
     seconds: float = 0.0
     extra: dict[str, object] = field(default_factory=dict)
+    records: list[Record] = field(default_factory=list)
+    """The measured requests, as the client saw them."""
+    strata: tuple[int, ...] = ()
+    """Requests per pooled seed, in order (empty: one seed)."""
+
+    @property
+    def key(self) -> tuple[str, float, int, str]:
+        return self.workload, round(self.load, 6), self.pods, self.target
+
+    def quantile(self, q: float) -> ci.Interval:
+        return ci.quantile(self.ttft, q, strata=self.strata or None)
+
+
+def pooled(runs: Sequence[Sequence[Cell]]) -> list[Cell]:
+    """One cell per (workload, load, NGINX, target) of several seeds' runs of the same plan:
+    requests concatenated seed by seed, counts summed, ``strata`` the per-seed request counts."""
+    if len(runs) == 1:
+        return list(runs[0])
+    by_key = [{c.key: c for c in run} for run in runs]
+    out = []
+    for first in runs[0]:
+        group = [run[first.key] for run in by_key]
+        records = [r for c in group for r in c.records]
+        n = [len(c.ttft) for c in group]
+        hits = [c.hit for c in group]
+        hit = None if any(h is None for h in hits) else \
+            sum(h * k for h, k in zip(hits, n)) / sum(n)  # type: ignore[operator]
+        out.append(Cell(first.workload, first.load, first.pods, first.target,
+                        summarize(records), [t for c in group for t in c.ttft],
+                        max(c.busiest for c in group), hit, sum(c.spilled for c in group),
+                        sum(c.seconds for c in group), records=records, strata=tuple(n)))
+    return out
+
+
+def pooled_models(runs: Sequence[dict]) -> dict:
+    """The model rows of several seeds, concatenated like ``pooled`` does the cells; the
+    per-seed lengths go under ``"strata"``."""
+    out: dict = {"capacity": runs[0]["capacity"], "strata": {}}
+    for key in runs[0]:
+        if not isinstance(key, tuple):
+            continue
+        out[key] = {d: [t for run in runs for t in run[key][d]] for d in runs[0][key]}
+        if len(runs) > 1:
+            out["strata"][key] = tuple(len(run[key][LIMIT_DISPATCHER]) for run in runs)
+    return out
 
 
 def _scrape(url: str, key: str | None) -> tuple[float, dict | None]:
@@ -141,7 +190,7 @@ def run_cell(cluster, pool, tr: trace.Trace, wname: str, load: float, target: st
     measured = [r for r, q in zip(records, tr.requests) if q.arrival >= warmup]
     return Cell(wname, load, pool.instances if policy is not None else 0, target,
                 summarize(measured), [_ttft(r) for r in measured], busiest, hit, spilled,
-                seconds)
+                seconds, records=measured)
 
 
 def _ttft(r: Record) -> float | None:
@@ -208,15 +257,18 @@ QUICK = Plan(loads=(0.8,), standalone=("round_robin", "least_conn", "session_has
 
 
 def measure(plan: Plan, replicas: int, model: SimModel, workloads: dict[str, trace.Workload],
-            seed: int, capacity_seconds: float, base_port: int) -> tuple[list[Cell], dict]:
-    """Run every cell of ``plan``; return the cells and the model rows per (workload, load)."""
+            seeds: Sequence[int], capacity_seconds: float,
+            base_port: int) -> tuple[list[Cell], dict]:
+    """Run every cell of ``plan`` on each seed's trace; return the cells and the model rows per
+    (workload, load), pooled over the seeds."""
+    seed = seeds[0]
     from bench.ingress_pool import NginxPool
     from local.cluster import LocalCluster
 
     grace = model.max_tokens * (model.decode_base_ms + model.decode_ms_per_seq * model.slots) \
         / 1000 * 2 + 10
-    cells: list[Cell] = []
-    modelled: dict = {"capacity": {}}
+    runs: dict[int, list[Cell]] = {sd: [] for sd in seeds}
+    models: dict[int, dict] = {sd: {"capacity": {}} for sd in seeds}
     pools: dict[int, NginxPool] = {}
     say(f"{model.describe()}; {replicas} replicas on {os.cpu_count()} cores")
     with LocalCluster(replicas, port=base_port + replicas, first_replica_port=base_port,
@@ -236,19 +288,23 @@ def measure(plan: Plan, replicas: int, model: SimModel, workloads: dict[str, tra
                     cluster.replica_urls, cluster.model_name, cluster.api_key, pool, model.slots,
                     warmup=min(5.0, capacity_seconds / 2), duration=capacity_seconds,
                     salt=f"cap-{wname}"))
-                modelled["capacity"][wname] = cap
+                for sd in seeds:
+                    models[sd]["capacity"][wname] = cap
                 say(f"[{wname}] capacity {cap:.2f} requests/s ({tps:.0f} tokens/s, {errs} errors)")
-                for load, pods, target, duration in plan.cells(wname):
-                    tr = trace.generate(cap * load, duration, seed, wl, model.max_model_len)
+                for sd, (load, pods, target, duration) in itertools.product(seeds,
+                                                                            plan.cells(wname)):
+                    tr = trace.generate(cap * load, duration, sd, wl, model.max_model_len)
                     warm = min(plan.warmup, duration / 4)
+                    modelled = models[sd]
                     if not wl.sessions and (wname, load) not in modelled:
                         modelled[(wname, load)] = model_cells(tr, model, replicas, warm, wname,
                                                               load)
                     cell = run_cell(cluster, pools.get(pods, pools[1]), tr, wname, load, target,
-                                    warm, grace, salt=f"run{next(run_no)}", seed=seed)
-                    cells.append(cell)
+                                    warm, grace, salt=f"run{next(run_no)}", seed=sd)
+                    runs[sd].append(cell)
                     s = cell.summary
-                    say(f"[{wname} {load:.0%} x{pods} {target}] {s.requests} req, {s.errors} err, "
+                    tag = f"seed {sd} " if len(seeds) > 1 else ""
+                    say(f"[{tag}{wname} {load:.0%} x{pods} {target}] {s.requests} req, {s.errors} err, "
                         f"TTFT p50 {s.ttft_p50 * 1e3:.0f} ms p99 {s.ttft_p99 * 1e3:.0f} ms, "
                         f"busiest {cell.busiest:.2f}x"
                         + (f", cache hit {cell.hit:.0%}" if cell.hit is not None else "")
@@ -257,10 +313,11 @@ def measure(plan: Plan, replicas: int, model: SimModel, workloads: dict[str, tra
         finally:
             for p in pools.values():
                 p.close()
-    return cells, modelled
+    return pooled([runs[sd] for sd in seeds]), pooled_models([models[sd] for sd in seeds])
 
 
-def cell(cells: Sequence[Cell], workload: str, load: float, pods: int, target: str) -> Cell | None:
+def cell(cells: Sequence[Cell], workload: str, load: float, pods: int,
+         target: str) -> Cell | None:
     for c in cells:
         if (c.workload, c.pods, c.target) == (workload, pods, target) \
                 and math.isclose(c.load, load):

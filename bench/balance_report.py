@@ -27,6 +27,10 @@ def _x(iv: ci.Interval) -> str:
     return f"{iv.value:.2f}× ({iv.lo:.2f}–{iv.hi:.2f})"
 
 
+def _strata(c: Cell) -> tuple[int, ...] | None:
+    return c.strata or None
+
+
 def table(cells: Sequence[Cell], modelled: dict) -> str:
     """One row per cell, plus the model's rows under each standalone load."""
     head = ["workload", "load", "NGINX", "target", "requests", "errors", "TTFT p50 ms (95% CI)",
@@ -36,23 +40,26 @@ def table(cells: Sequence[Cell], modelled: dict) -> str:
     done_model: set = set()
     for c in cells:
         limit = modelled.get((c.workload, c.load), {}).get(LIMIT)
-        to_limit = ci.ratio(c.ttft, limit, 99) if limit is not None else ci.NAN
+        to_limit = ci.ratio(c.ttft, limit, 99, strata=_strata(c)) if limit is not None \
+            else ci.NAN
         s = c.summary
         lines.append("| " + " | ".join([
             c.workload, f"{c.load:.0%}", str(c.pods) if c.pods else "—", c.target,
-            str(s.requests), str(s.errors), _ms(ci.quantile(c.ttft, 50)),
-            _ms(ci.quantile(c.ttft, 99)), _x(to_limit),
+            str(s.requests), str(s.errors), _ms(c.quantile(50)), _ms(c.quantile(99)),
+            _x(to_limit),
             "—" if math.isnan(s.e2e_p50) else f"{s.e2e_p50:.2f}", f"{c.busiest:.2f}×",
             "—" if c.hit is None else f"{c.hit:.0%}", str(c.spilled) if c.pods else "—",
         ]) + " |")
         key = (c.workload, c.load)
         if key in modelled and key not in done_model and _last_of(cells, c):
             done_model.add(key)
+            st = modelled.get("strata", {}).get(key)
             for d, ttft in modelled[key].items():
-                lim = ci.ratio(ttft, modelled[key][LIMIT], 99)
+                lim = ci.ratio(ttft, modelled[key][LIMIT], 99, strata=st)
                 lines.append("| " + " | ".join([
                     c.workload, f"{c.load:.0%}", "—", MODEL_LABEL[d], str(len(ttft)), "0",
-                    _ms(ci.quantile(ttft, 50)), _ms(ci.quantile(ttft, 99)), _x(lim),
+                    _ms(ci.quantile(ttft, 50, strata=st)), _ms(ci.quantile(ttft, 99, strata=st)),
+                    _x(lim),
                     "—", "—", "—", "—"]) + " |")
     return "\n".join(lines)
 
@@ -74,7 +81,7 @@ def model_check(cells: Sequence[Cell], modelled: dict) -> list[str]:
             if live is None:
                 continue
             for q in (50, 99):
-                iv = ci.quantile(live.ttft, q)
+                iv = live.quantile(q)
                 modelled_q = ci.quantile(rows[method], q).value
                 verdict = "inside" if iv.contains(modelled_q) else "OUTSIDE"
                 out.append(f"model check {wname} {load:.0%} {method} p{q}: model "
@@ -83,9 +90,9 @@ def model_check(cells: Sequence[Cell], modelled: dict) -> list[str]:
 
 
 def _ratio(a: Cell | None, b: Cell | None, q: float) -> ci.Interval:
-    if a is None or b is None or len(a.ttft) != len(b.ttft):
+    if a is None or b is None or len(a.ttft) != len(b.ttft) or a.strata != b.strata:
         return ci.NAN
-    return ci.ratio(a.ttft, b.ttft, q)
+    return ci.ratio(a.ttft, b.ttft, q, strata=_strata(a))
 
 
 def bars(cells: Sequence[Cell], modelled: dict) -> list[str]:
@@ -94,7 +101,7 @@ def bars(cells: Sequence[Cell], modelled: dict) -> list[str]:
     default = cell(cells, "standalone", 0.8, 1, DEFAULT_METHOD)
     limit = modelled.get(("standalone", 0.8), {}).get(LIMIT)
     if default is not None and limit is not None:
-        r = ci.ratio(default.ttft, limit, 99)
+        r = ci.ratio(default.ttft, limit, 99, strata=_strata(default))
         out.append(f"default ({DEFAULT_METHOD}) p99 TTFT / limit at 80%: {_x(r)} — "
                    f"bar ≤ 1.25×: {_verdict(r, 1.25)}")
     rr = _ratio(cell(cells, "standalone", 0.8, 1, "round_robin"), default, 99)
@@ -124,8 +131,8 @@ def bars(cells: Sequence[Cell], modelled: dict) -> list[str]:
         for t in sorted({c.target for c in cells if c.pods == k}):
             kc, one = cell(cells, "standalone", 0.8, k, t), cell(cells, "standalone", 0.8, 1, t)
             if kc is not None and one is not None:
-                out.append(f"K={k} NGINX {t}: p99 TTFT {_ms(ci.quantile(kc.ttft, 99))} ms vs "
-                           f"K=1 {_ms(ci.quantile(one.ttft, 99))} ms; ratio {_x(_ratio(kc, one, 99))}")
+                out.append(f"K={k} NGINX {t}: p99 TTFT {_ms(kc.quantile(99))} ms vs "
+                           f"K=1 {_ms(one.quantile(99))} ms; ratio {_x(_ratio(kc, one, 99))}")
     for c in cells:
         if c.target.startswith("session_hash_bounded") and c.load > 1:
             out.append(f"overload {c.load:.0%} {c.target}: {c.summary.errors} of "
@@ -176,7 +183,7 @@ def plot(cells: Sequence[Cell], modelled: dict, path: Path, title: str) -> None:
     for ax, (g, cs) in zip(axes[0], groups):
         labels, vals, lo, hi = [], [], [], []
         for c in cs:
-            iv = ci.quantile(c.ttft, 99)
+            iv = c.quantile(99)
             labels.append(f"{c.target}\nx{c.pods}" if c.pods > 1 else c.target)
             vals.append(iv.value * 1e3)
             lo.append((iv.value - iv.lo) * 1e3)
@@ -184,7 +191,8 @@ def plot(cells: Sequence[Cell], modelled: dict, path: Path, title: str) -> None:
         ax.bar(range(len(vals)), vals, yerr=[lo, hi], capsize=3, color="C0")
         limit = modelled.get((g, 0.8), {}).get(LIMIT)
         if limit is not None:
-            ax.axhline(ci.quantile(limit, 99).value * 1e3, color="C3", ls="--",
+            ax.axhline(ci.quantile(limit, 99, strata=modelled.get("strata", {}).get((g, 0.8)))
+                       .value * 1e3, color="C3", ls="--",
                        label="limit: central FCFS (model)")
             ax.legend(fontsize=7)
         ax.set_xticks(range(len(vals)), labels, rotation=35, ha="right", fontsize=7)

@@ -78,6 +78,38 @@ def test_reports_print_intervals_the_limit_and_the_two_closing_lines():
     assert any("round_robin p99" in c and "OUTSIDE" in c for c in checks)  # 0.9x vs 3x
 
 
+def test_seeds_pool_into_one_cell_per_target_with_their_runs_as_strata():
+    from bench.stats import Record
+
+    def run(seed, n, scale):
+        rng = random.Random(seed)
+        base = [scale * rng.expovariate(10) for _ in range(n)]
+        cells = []
+        for target, f, hit in (("least_conn", 1.0, 0.2), ("session_hash_bounded", 1.2, 0.5)):
+            ttft = [f * x for x in base]
+            recs = [Record(i, "x", 0.0, sent=0.0, first=t, last=t + 1, tokens=2, status=200,
+                           done=True) for i, t in enumerate(ttft)]
+            c = _cell("sessions", target, ttft, hit=hit, spilled=seed)
+            c.records = recs
+            cells.append(c)
+        return cells
+
+    cells = balance.pooled([run(1, 300, 1.0), run(2, 500, 3.0)])
+    assert [c.target for c in cells] == ["least_conn", "session_hash_bounded"]
+    lc, bd = cells
+    assert lc.strata == (300, 500) and len(lc.ttft) == 800 and lc.summary.requests == 800
+    assert bd.spilled == 3 and bd.hit == pytest.approx(0.5)
+    # The paired ratio keeps each seed's blocks together: exactly 1.2x on every resample.
+    r = balance_report._ratio(bd, lc, 99)
+    assert r.lo == pytest.approx(1.2) and r.hi == pytest.approx(1.2)
+    assert balance.pooled([run(1, 10, 1.0)])[0].strata == ()
+    models = balance.pooled_models([
+        {"capacity": {"standalone": 9.7}, ("standalone", 0.8): {"fcfs": [1.0] * 3}},
+        {"capacity": {"standalone": 9.7}, ("standalone", 0.8): {"fcfs": [2.0] * 4}}])
+    assert models[("standalone", 0.8)]["fcfs"] == [1.0] * 3 + [2.0] * 4
+    assert models["strata"][("standalone", 0.8)] == (3, 4)
+
+
 def test_pool_spreads_requests_over_instances_with_their_own_counts(tmp_path):
     from bench.ingress_pool import NginxPool
     from components.balancing import LoadBalancingConfig

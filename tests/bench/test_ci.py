@@ -66,3 +66,20 @@ def test_interval_brackets_its_value_and_scales():
     bits = [float(rng.random() < 0.3) for _ in range(400)]
     m = ci.mean(bits)
     assert m.value == sum(bits) / 400 and m.lo < m.value < m.hi
+
+
+def test_pooled_runs_are_resampled_inside_each_run():
+    # Two runs of 400 requests: one fast, one slow. Blocks drawn inside each run keep 400 of
+    # each in every bootstrap sample, so the pooled median stays between the two (about 5);
+    # blocks that ignore the runs mix them in varying shares and it jumps to either side.
+    rng = random.Random(5)
+    fast = [rng.uniform(0.9, 1.1) for _ in range(400)]
+    slow = [rng.uniform(9.0, 11.0) for _ in range(400)]
+    pooled = ci.quantile(fast + slow, 50, strata=[400, 400])
+    assert 4 < pooled.lo <= pooled.hi < 6
+    mixed = ci.quantile(fast + slow, 50)
+    assert mixed.lo < 1.2 and mixed.hi > 8.8
+    r = ci.ratio(fast + slow, fast + slow, 99, strata=[400, 400])
+    assert (r.lo, r.hi) == (1.0, 1.0)
+    with pytest.raises(ValueError, match="add up to the sample"):
+        ci.quantile(fast + slow, 50, strata=[400, 300])

@@ -97,10 +97,12 @@ class LoadBalancingConfig(Section):
     bound_factor: float = Field(1.25, gt=0, le=16)
     """session_hash_bounded: requests in flight per replica, as a multiple of the replica's
     slots, before the hash skips it (nginx `max_conns`, per NGINX instance). 1.25 measured best
-    (sessions at 80% load, docs/load-balancing.md): 91% of session_hash's cache hits and 0.96x
-    least_conn's p99, with 0.4% of requests finding every replica at its bound; 1.0 kept 76% of
-    the hits and 4.4% found every replica full (the controller's 502 in the cluster); 1.5 kept
-    94% but its p99 was 1.34x least_conn's."""
+    (sessions at 80% load, docs/load-balancing.md): 91-97% of session_hash's cache hits and a
+    lower median, with 0.4% of requests finding every replica at its bound; 1.0 kept 76% of the
+    hits and 4.4% found every replica full (the controller's 502 in the cluster); 1.5 kept 94%
+    but its p99 was 1.34x least_conn's. At 1.25 the p99 is 1.09x least_conn's over three traces
+    pooled (1.63x on another), and keyless requests (round robin within the bound) fare worse
+    than under least_conn."""
     per_token_seconds: float = Field(0.1, gt=0, le=60)
     """Time budget per output token; read and send timeouts are maxOutputTokens times this."""
     timeout_floor_seconds: int = Field(60, ge=1, le=86_400)

@@ -215,10 +215,10 @@ def banner(cluster: LocalCluster) -> str:
             f"  -H {shlex.quote('Authorization: Bearer ' + cluster.api_key)} \\\n"
             "  -H 'Content-Type: application/json' \\\n"
             f"  -d {shlex.quote(body)}")
-    http_client = (f", http_client=httpx.Client(verify={str(cluster.tls_certificate)!r})"
-                   if cluster.tls_certificate else "")
+    http_client = (", http_client=httpx.Client(verify=ssl.create_default_context("
+                   f"cafile={str(cluster.tls_certificate)!r}))" if cluster.tls_certificate else "")
     python = "\n".join([
-        *(["import httpx"] if http_client else []),
+        *(["import ssl", "import httpx"] if http_client else []),
         "from openai import OpenAI",
         f"client = OpenAI(base_url={cluster.endpoint!r}, api_key={cluster.api_key!r}"
         f"{http_client})",

@@ -7,6 +7,7 @@ The configuration comes from `components.nginx_conf.nginx_conf`, the recipe clus
 
 from __future__ import annotations
 
+import ssl
 import subprocess
 import time
 from pathlib import Path
@@ -108,7 +109,8 @@ class NginxControl:
         self._nginx = procs.spawn(self._nginx_args(), log=log)
         self._save_state()
         scheme = "https" if self.tls else "http"
-        verify: Any = str(self.tls_certificate) if self.tls_certificate else True
+        verify: Any = (ssl.create_default_context(cafile=str(self.tls_certificate))
+                       if self.tls_certificate else True)
         with httpx.Client(timeout=1.0, verify=verify) as client:
             while True:
                 code = self._nginx.poll()

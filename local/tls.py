@@ -1,8 +1,8 @@
 """A self-signed certificate for local mode's nginx (`python -m local up --tls`).
 
 Made with the `openssl` command line, for `localhost` and 127.0.0.1, valid 30 days; the key
-is readable by its owner only. Clients trust exactly this certificate (`verify=<cert>`),
-nothing else changes.
+is readable by its owner only. Clients trust exactly this certificate
+(`verify=ssl.create_default_context(cafile=<cert>)`), nothing else changes.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import Callable
 from pathlib import Path
 
@@ -77,7 +78,7 @@ def test_tls_serves_https_only_with_its_self_signed_certificate(make_cluster: Ma
     assert cert is not None and cert.exists()
     key = cert.with_name("tls.key")
     assert key.stat().st_mode & 0o077 == 0  # the key is the owner's alone
-    with httpx.Client(verify=str(cert)) as trusting:
+    with httpx.Client(verify=ssl.create_default_context(cafile=str(cert))) as trusting:
         client = openai.OpenAI(base_url=cluster.endpoint, api_key=cluster.api_key,
                                http_client=trusting, max_retries=0)
         assert [m.id for m in client.models.list().data] == [cluster.model_name]
@@ -91,4 +92,5 @@ def test_tls_serves_https_only_with_its_self_signed_certificate(make_cluster: Ma
     except httpx.ConnectError as exc:
         assert "CERTIFICATE_VERIFY_FAILED" in str(exc)
     text = banner(cluster)
-    assert f"--cacert {cert}" in text and "http_client=httpx.Client(verify=" in text
+    assert f"--cacert {cert}" in text
+    assert f"httpx.Client(verify=ssl.create_default_context(cafile={str(cert)!r}))" in text

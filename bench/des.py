@@ -26,7 +26,7 @@ the limit"). A request that waited ``patience_s`` in one replica's queue leaves 
 dispatched again, after ``hop_s``, among the replicas it has not tried (as nginx's
 ``proxy_next_upstream`` would on a 429 from the replica), at most ``hops`` times; the last
 replica keeps it. Queues order requests by arrival at the proxy, so a handed-off request does
-not lose its place to newer ones.
+not lose its place to newer ones (``keep_place=False``: it joins the back).
 
 Pure and deterministic: the same requests, model and seed give the same times.
 """
@@ -69,6 +69,9 @@ class Handoff:
     """Dispatches after the first, at most (the replica count minus one caps it too)."""
     hop_s: float = 0.003
     """Time to answer the handoff and send the request to the next replica."""
+    keep_place: bool = True
+    """Queue a handed-off request by its arrival at the proxy (False: at the back, as a
+    replica that cannot see that time would)."""
 
 
 @dataclass
@@ -177,7 +180,10 @@ def simulate(jobs: Sequence[Job], params: Params, dispatcher: str, seed: int = 0
         if r.running < p.slots:
             admit(r, j, t)
             return
-        bisect.insort(r.queue, j)
+        if handoff is not None and not handoff.keep_place:
+            r.queue.append(j)
+        else:
+            bisect.insort(r.queue, j)
         sent = bin(tried[j]).count("1")
         if handoff is not None and sent <= handoff.hops and sent < p.replicas:
             push(t + handoff.patience_s, "patience", r.index, j)

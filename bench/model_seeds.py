@@ -1,10 +1,11 @@
 """How much one trace's luck moves the p99 ratios: the discrete-event model over many seeds.
 
 ``python -m bench.model_seeds [--seeds 20] [--duration 290] [--warmup 30] [--load 0.8]
-[--handoff 0.6:3]`` prints, for each ratio of p99 TTFT, its median, p10-p90, range and the
+[--handoff 0.6:3[:back]]`` prints, for each ratio of p99 TTFT, its median, p10-p90, range and the
 share of seeds at or below ``--bar`` (for the ratios to the limit): round robin to least_conn,
 and each method to the central-FCFS limit. ``--handoff PATIENCE:HOPS`` adds least_conn with
-late binding (``des.Handoff``), a what-if the deployed stack cannot express. Pure computation
+late binding (``des.Handoff``; ``:back`` queues a handed-off request at the back), a what-if
+the deployed stack cannot express. Pure computation
 (seconds of CPU), the benchmark's latency model and standalone workload at ``--capacity``
 requests/s.
 """
@@ -50,11 +51,13 @@ def ratios(seeds: int, duration: float, warmup: float, rate: float, replicas: in
 
 def _handoff(text: str) -> des.Handoff:
     try:
-        patience, hops = text.split(":")
-        return des.Handoff(float(patience), int(hops))
+        patience, hops, *where = text.split(":")
+        if where not in ([], ["back"]):
+            raise ValueError
+        return des.Handoff(float(patience), int(hops), keep_place=not where)
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"--handoff must be PATIENCE_SECONDS:HOPS, e.g. 0.6:3; got {text!r}") from None
+            f"--handoff must be PATIENCE_SECONDS:HOPS[:back], e.g. 0.6:3; got {text!r}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="requests/s at saturation (what python -m bench measured)")
     ap.add_argument("--bar", type=float, default=1.25,
                     help="report the share of seeds whose ratio to the limit is at most this")
-    ap.add_argument("--handoff", type=_handoff, default=None, metavar="PATIENCE:HOPS")
+    ap.add_argument("--handoff", type=_handoff, default=None, metavar="PATIENCE:HOPS[:back]")
     args = ap.parse_args(argv)
     for name, xs in ratios(args.seeds, args.duration, args.warmup, args.capacity * args.load,
                            handoff=args.handoff).items():

@@ -99,6 +99,8 @@ def test_model_seeds_prints_the_handoff_row_and_the_share_within_the_bar(capsys)
     with pytest.raises(SystemExit):
         model_seeds.main(["--handoff", "0.5"])
     assert "--handoff must be PATIENCE_SECONDS:HOPS" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        model_seeds.main(["--handoff", "0.5:2:front"])
 
 
 def test_handoff_moves_a_waiting_request_to_the_replica_that_frees_first():
@@ -124,6 +126,8 @@ def test_handoff_without_hops_is_plain_dispatch_and_the_last_replica_keeps_the_r
     # However many hops are allowed, every job is served once (none is dropped in a handoff).
     many = des.simulate(jobs, p, "least_conn", handoff=des.Handoff(0.05, hops=10))
     assert all(t == t and t > 0 for t in many.ttft)
+    back = des.simulate(jobs, p, "least_conn", handoff=des.Handoff(0.05, 10, keep_place=False))
+    assert all(t == t and t > 0 for t in back.ttft)
 
 
 def test_handoff_is_checked():

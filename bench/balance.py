@@ -100,7 +100,7 @@ class Cell:
         return self.workload, round(self.load, 6), self.pods, self.target
 
     def quantile(self, q: float) -> ci.Interval:
-        return ci.quantile(self.ttft, q, strata=self.strata or None)
+        return ci.quantile(self.ttft, q, strata=self.strata)
 
 
 def pooled(runs: Sequence[Sequence[Cell]]) -> list[Cell]:

@@ -7,9 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench import ci
-from bench.balance import DEFAULT_METHOD, Cell, cell
+from bench.balance import DEFAULT_METHOD, LIMIT_DISPATCHER as LIMIT, Cell, cell
 
-LIMIT = "fcfs"
 MODEL_LABEL = {"fcfs": "limit: central FCFS (model)", "round_robin": "round_robin (model)",
                "least_conn": "least_conn (model)",
                "random_two_least_conn": "random_two_least_conn (model)"}
@@ -27,10 +26,6 @@ def _x(iv: ci.Interval) -> str:
     return f"{iv.value:.2f}× ({iv.lo:.2f}–{iv.hi:.2f})"
 
 
-def _strata(c: Cell) -> tuple[int, ...] | None:
-    return c.strata or None
-
-
 def table(cells: Sequence[Cell], modelled: dict) -> str:
     """One row per cell, plus the model's rows under each standalone load."""
     head = ["workload", "load", "NGINX", "target", "requests", "errors", "TTFT p50 ms (95% CI)",
@@ -40,8 +35,7 @@ def table(cells: Sequence[Cell], modelled: dict) -> str:
     done_model: set = set()
     for c in cells:
         limit = modelled.get((c.workload, c.load), {}).get(LIMIT)
-        to_limit = ci.ratio(c.ttft, limit, 99, strata=_strata(c)) if limit is not None \
-            else ci.NAN
+        to_limit = ci.ratio(c.ttft, limit, 99, strata=c.strata) if limit is not None else ci.NAN
         s = c.summary
         lines.append("| " + " | ".join([
             c.workload, f"{c.load:.0%}", str(c.pods) if c.pods else "—", c.target,
@@ -92,7 +86,7 @@ def model_check(cells: Sequence[Cell], modelled: dict) -> list[str]:
 def _ratio(a: Cell | None, b: Cell | None, q: float) -> ci.Interval:
     if a is None or b is None or len(a.ttft) != len(b.ttft) or a.strata != b.strata:
         return ci.NAN
-    return ci.ratio(a.ttft, b.ttft, q, strata=_strata(a))
+    return ci.ratio(a.ttft, b.ttft, q, strata=a.strata)
 
 
 def bars(cells: Sequence[Cell], modelled: dict) -> list[str]:
@@ -101,7 +95,7 @@ def bars(cells: Sequence[Cell], modelled: dict) -> list[str]:
     default = cell(cells, "standalone", 0.8, 1, DEFAULT_METHOD)
     limit = modelled.get(("standalone", 0.8), {}).get(LIMIT)
     if default is not None and limit is not None:
-        r = ci.ratio(default.ttft, limit, 99, strata=_strata(default))
+        r = ci.ratio(default.ttft, limit, 99, strata=default.strata)
         out.append(f"default ({DEFAULT_METHOD}) p99 TTFT / limit at 80%: {_x(r)} — "
                    f"bar ≤ 1.25×: {_verdict(r, 1.25)}")
     rr = _ratio(cell(cells, "standalone", 0.8, 1, "round_robin"), default, 99)

@@ -59,8 +59,8 @@ def default_block(n: int) -> int:
 def _block_starts(n: int, block: int | None, rng: np.random.Generator, samples: int,
                   strata: Sequence[int] | None = None) -> np.ndarray:
     """Index arrays (samples x n) of moving-block bootstrap samples over range(n); with
-    ``strata``, blocks of each consecutive stratum are drawn inside it (block None: about the
-    square root of the stratum's length)."""
+    ``strata`` (empty or None: one run), blocks of each consecutive stratum are drawn inside it
+    (block None: about the square root of the stratum's length)."""
     sizes = list(strata) if strata else [n]
     if sum(sizes) != n or any(m < 1 for m in sizes):
         raise ValueError(f"strata {sizes} must be positive and add up to the sample ({n})")

@@ -201,9 +201,7 @@ def model_cells(tr: trace.Trace, model: SimModel, replicas: int, warmup: float, 
                 load: float) -> dict[str, list[float | None]]:
     """Per-request TTFT of the measured requests under each DES dispatcher."""
     jobs = [des.Job(r.arrival, r.prompt_tokens, r.max_tokens) for r in tr.requests]
-    params = des.Params(replicas, model.slots, model.prefill_base_ms / 1e3,
-                        model.prefill_ms_per_token / 1e3, model.decode_base_ms / 1e3,
-                        model.decode_ms_per_seq / 1e3)
+    params = model.des_params(replicas)
     out = {}
     for d in des.DISPATCHERS:
         res = des.simulate(jobs, params, d, seed=1)

@@ -30,8 +30,7 @@ HANDOFF = "least_conn+handoff"
 def ratios(seeds: int, duration: float, warmup: float, rate: float, replicas: int = 4,
            handoff: des.Handoff | None = None) -> dict[str, list[float]]:
     m = SimModel()
-    params = des.Params(replicas, m.slots, m.prefill_base_ms / 1e3, m.prefill_ms_per_token / 1e3,
-                        m.decode_base_ms / 1e3, m.decode_ms_per_seq / 1e3)
+    params = m.des_params(replicas)
     wanted = dict(RATIOS)
     if handoff is not None:
         wanted[f"{HANDOFF} / limit"] = (HANDOFF, "fcfs")

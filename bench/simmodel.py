@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from bench import des
+
 
 @dataclass(frozen=True)
 class SimModel:
@@ -31,6 +33,12 @@ class SimModel:
             "LLM_SIM_PREFIX_CACHE_TOKENS": str(self.prefix_cache_tokens),
             "LLM_DRAIN_SECONDS": "2", "LLM_LOG_LEVEL": "warning",
         }
+
+    def des_params(self, replicas: int) -> des.Params:
+        """The same model for the discrete-event model (bench/des.py), in seconds."""
+        return des.Params(replicas, self.slots, self.prefill_base_ms / 1e3,
+                          self.prefill_ms_per_token / 1e3, self.decode_base_ms / 1e3,
+                          self.decode_ms_per_seq / 1e3)
 
     def describe(self) -> str:
         return (f"sim: prefill {self.prefill_base_ms:g} ms + {self.prefill_ms_per_token:g} "

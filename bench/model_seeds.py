@@ -5,9 +5,8 @@
 share of seeds at or below ``--bar`` (for the ratios to the limit): round robin to least_conn,
 and each method to the central-FCFS limit. ``--handoff PATIENCE:HOPS`` adds least_conn with
 late binding (``des.Handoff``; ``:back`` queues a handed-off request at the back), a what-if
-the deployed stack cannot express. Pure computation
-(seconds of CPU), the benchmark's latency model and standalone workload at ``--capacity``
-requests/s.
+the deployed stack cannot express. Pure computation (seconds of CPU), the benchmark's latency
+model and standalone workload at ``--capacity`` requests/s.
 """
 
 from __future__ import annotations

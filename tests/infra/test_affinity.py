@@ -143,7 +143,8 @@ def _hold(port: int, session: str) -> tuple[http.client.HTTPConnection, int]:
 @needs_nginx
 def test_at_the_bound_a_session_spills_along_the_ring_and_when_all_are_full_to_least_conn(
         replicas, start_nginx):
-    proxy = start_nginx(policy(**BOUNDED, boundFactor=1.0, maxFails=0), [r.address for r in replicas], slots=1)
+    proxy = start_nginx(policy(**BOUNDED, boundFactor=1.0, maxFails=0),
+                        [r.address for r in replicas], slots=1)
     held = []
     try:
         for expected_busy in (1, 2, 3):  # each replica takes one (max_conns=1)

@@ -2,7 +2,8 @@
 
 import pulumi
 
-from components import LlmStack, load_stack_config
+from components.config.pulumi_source import load_stack_config
+from components.resources.stack import LlmStack
 
 config, secrets = load_stack_config()
 stack = LlmStack("llm", {"config": config, "secrets": secrets})

@@ -3,7 +3,7 @@ with a real Prometheus scraping the local replicas.
 
 `AlertWatch(cluster, alert)` starts local mode's Prometheus (local/prometheus.py)
 with the rule file rendered from the stack's alerting policy
-(components/alerting.py, target "local") and polls its /api/v1/alerts from a
+(components/policies/alerting.py, target "local") and polls its /api/v1/alerts from a
 thread, recording when the alert turns firing and when it is gone. A drill
 marks when its fault started and ended and asks for the two delays.
 
@@ -25,8 +25,9 @@ from typing import Any, Self
 
 import httpx
 
-from components.alerting import alert_policy, rules_file
-from components.config import StackConfig, parse_stack_config
+from components.config.parse import parse_stack_config
+from components.config.stack import StackConfig
+from components.policies.alerting import alert_policy, rules_file
 from local.prometheus import JOB, LocalPrometheus
 
 DEFAULT_STACK = {"model": {"id": "sim-llm"}}

@@ -36,7 +36,7 @@ from bench.command import shown
 from bench.ports import free_ports
 from bench.simmodel import SimModel
 from components.engines import PROFILES
-from components.scaling import AutoscalingConfig, ScalingPolicy
+from components.policies.scaling import AutoscalingConfig, ScalingPolicy
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMESPACE = "llm-serving"

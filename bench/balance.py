@@ -38,7 +38,7 @@ import httpx
 from bench import capacity, ci, client, des, trace
 from bench.simmodel import SimModel
 from bench.stats import Record, Summary, summarize
-from components.balancing import LoadBalancingConfig
+from components.policies.balancing import LoadBalancingConfig
 
 METHODS = ("round_robin", "least_conn", "random_two_least_conn", "session_hash",
            "session_hash_bounded")

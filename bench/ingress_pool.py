@@ -3,7 +3,7 @@ balancer: each has its own upstream zone, so its in-flight counts (least_conn, m
 its own, and the client spreads its requests across them. session_hash_bounded's bound is
 shared out over the instances, as the cluster rendering shares it over the controller pods.
 
-Each instance is the local-mode nginx.conf (`components.nginx_conf.nginx_conf`) in a private
+Each instance is the local-mode nginx.conf (`components.policies.nginx_conf.nginx_conf`) in a private
 prefix with one worker, started in the foreground and stopped by the PID started here.
 """
 
@@ -22,8 +22,8 @@ from typing import Self
 import httpx
 
 from bench.ports import free_ports
-from components.balancing import HEALTH_PATH, LoadBalancingConfig
-from components.nginx_conf import nginx_conf
+from components.policies.balancing import HEALTH_PATH, LoadBalancingConfig
+from components.policies.nginx_conf import nginx_conf
 from local import privileges
 from local.procs import find_nginx
 

@@ -1,14 +1,13 @@
-"""Pulumi components that deploy, expose and secure LLM inference servers."""
+"""Deploy, expose, balance and scale LLM inference servers: the layers, bottom up.
 
-from components.api_key import ApiKey, ApiKeyArgs
-from components.config import ConfigError, StackConfig, load_stack_config, parse_stack_config
-from components.deployment import LlmDeployment, LlmDeploymentArgs
-from components.image import LlmImage, LlmImageArgs
-from components.service import LlmService, LlmServiceArgs
-from components.stack import LlmStack, LlmStackArgs
+- `components.pins`, `components.engines`: upstream versions and what differs between engines.
+- `components.config`: the stack configuration's sections, parsed once into frozen models.
+- `components.policies`: one policy per concern (balancing, scaling, alerting, TLS...), each
+  rendered to every target: the cluster's objects and local mode's nginx, Prometheus and
+  autoscaler. Pure: no Pulumi SDK.
+- `components.resources`: the Pulumi components that compose them into a stack (`LlmStack`).
 
-__all__ = [
-    "ApiKey", "ApiKeyArgs", "ConfigError", "LlmDeployment", "LlmDeploymentArgs",
-    "LlmImage", "LlmImageArgs", "LlmService", "LlmServiceArgs", "LlmStack",
-    "LlmStackArgs", "StackConfig", "load_stack_config", "parse_stack_config",
-]
+Only `components.resources` and `components.config.pulumi_source` import the Pulumi SDK, so
+local mode, the server and the benchmarks run without it; this file imports nothing, so that
+importing a policy never pulls in the resources.
+"""

@@ -20,7 +20,8 @@ from typing import get_args
 
 from pydantic import ValidationError
 
-from components.balancing import LbMethod, LoadBalancingConfig
+from components.policies.balancing import LbMethod, LoadBalancingConfig
+from local.autoscaler import stack_config, start_autoscaling
 from local.cluster import (
     REPO_ROOT,
     LocalCluster,
@@ -28,7 +29,6 @@ from local.cluster import (
     recorded_alive,
     stop_recorded,
 )
-from local.autoscaler import stack_config, start_autoscaling
 from local.procs import LocalModeError, log_tail, owns, read_state
 
 DEFAULT_WORKDIR = REPO_ROOT / ".local-run"

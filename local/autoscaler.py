@@ -25,9 +25,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from components.alerting import local_rules
 from components.engines import PROFILES
-from components.scaling import Decision, ScalingPolicy
+from components.policies.alerting import local_rules
+from components.policies.scaling import Decision, ScalingPolicy
 from local.procs import LocalModeError
 from local.prometheus import LocalPrometheus
 
@@ -171,7 +171,7 @@ def stack_config(path: Path | None) -> Any:
     autoscaling on (secrets are not needed here and are skipped)."""
     import yaml
 
-    from components.config import ConfigError, parse_stack_config
+    from components.config.parse import ConfigError, parse_stack_config
 
     raw: dict[str, Any] = {"model": {"id": "sim-llm"}, "autoscaling": {"enabled": True}}
     if path is not None:

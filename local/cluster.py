@@ -1,6 +1,6 @@
 """`LocalCluster`: N server replicas behind a real nginx on one machine, no root needed.
 
-The same `nginx.conf` recipe as cluster mode (`components.nginx_conf.nginx_conf`) runs in a
+The same `nginx.conf` recipe as cluster mode (`components.policies.nginx_conf.nginx_conf`) runs in a
 private prefix, so what a benchmark or a developer sees locally is the balancing, retry and
 streaming behaviour of the deployed stack - only the replicas are processes instead of pods.
 
@@ -23,18 +23,18 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from components.balancing import LoadBalancingConfig
+from components.policies.balancing import LoadBalancingConfig
 from local import privileges, procs
 from local.elastic import Elastic
-from local.replicas import REPO_ROOT, ReplicaProcesses, _Replica  # noqa: F401 - public
 from local.nginx import NginxControl, answers, children, policy_label  # noqa: F401 - public
+from local.procs import LocalModeError
+from local.replicas import REPO_ROOT, ReplicaProcesses, _Replica  # noqa: F401 - public
 from local.state import (  # noqa: F401 - public here too
     DEFAULT_DRAIN_SECONDS,
     KILL_GRACE_SECONDS,
     recorded_alive,
     stop_recorded,
 )
-from local.procs import LocalModeError
 
 ENGINES = ("sim", "transformers")
 

@@ -2,7 +2,7 @@
 
 `NginxControl` is a mixin: `LocalCluster` provides `workdir`, `policy`, `port`, `workers`,
 `max_output_tokens`, `_nginx_bin`, `_nginx`, `_replicas`, `_progress` and `_save_state`.
-The configuration comes from `components.nginx_conf.nginx_conf`, the recipe cluster mode uses.
+The configuration comes from `components.policies.nginx_conf.nginx_conf`, the recipe cluster mode uses.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import Any
 
 import httpx
 
-from components.balancing import HEALTH_PATH, LoadBalancingConfig
-from components.nginx_conf import nginx_conf
+from components.policies.balancing import HEALTH_PATH, LoadBalancingConfig
+from components.policies.nginx_conf import nginx_conf
 from local import privileges, procs
 from local import tls as local_tls
 from local.procs import LocalModeError

@@ -45,7 +45,7 @@ from typing import Self
 
 import httpx
 
-from components.scaling import promql_duration
+from components.policies.scaling import promql_duration
 from local import procs
 from local.procs import LocalModeError
 

@@ -2,7 +2,7 @@
 
 `python -m tools.config_reference` prints it; `--write README.md` replaces the
 table between the README's config-reference markers. A test fails when the
-README and components/config.py disagree.
+README and components/config/stack.py disagree.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from pydantic import BaseModel
-from pydantic_core import PydanticUndefined
 
-from components.config import SECRET_KEYS, StackConfig
+from components.config.parse import SECRET_KEYS
+from components.config.stack import StackConfig
 
 SECRET_DESCRIPTIONS = {
     "apiKey": "API key clients must send as `Authorization: Bearer`; generated with pulumi-random when unset. Secret.",

@@ -16,10 +16,12 @@ from typing import Any
 
 import yaml
 
-from components.alerting import local_rules
-from components.config import ConfigError, StackConfig, parse_stack_config, stack_warnings
+from components.config.parse import ConfigError, parse_stack_config
+from components.config.rules import stack_warnings
+from components.config.stack import StackConfig
 from components.engines import PROFILES
-from components.nginx_conf import nginx_conf
+from components.policies.alerting import local_rules
+from components.policies.nginx_conf import nginx_conf
 from tools import offline
 
 

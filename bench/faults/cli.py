@@ -12,22 +12,22 @@ from dataclasses import replace
 from pathlib import Path
 
 from bench.faults.disconnect import drill_disconnect
-from bench.faults.flood import drill_flood
 from bench.faults.drills import (
     Plan,
+    _line,
     drill_crash,
     drill_overload,
     drill_reload,
     drill_rolling,
     measure_capacity,
     say,
-    _line,
 )
-from bench.faults.model import DrillModel, DrillResult, exit_code, summary_table
+from bench.faults.flood import drill_flood
 from bench.faults.load import wait_idle
+from bench.faults.model import DrillModel, DrillResult, exit_code, summary_table
 from bench.faults.report import markdown, splice
 from bench.ports import free_ports
-from components.balancing import LoadBalancingConfig
+from components.policies.balancing import LoadBalancingConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 DRILLS = ("rolling", "crash", "overload", "reload", "disconnect", "flood")

@@ -18,7 +18,7 @@ from typing import Any
 
 from bench.faults.model import Check, Counts, DrillResult
 from bench.stats import percentile
-from components.balancing import CLIENT_BODY_TIMEOUT_SECONDS
+from components.policies.balancing import CLIENT_BODY_TIMEOUT_SECONDS
 
 
 async def _one(port: int, api_key: str, model: str, i: int) -> tuple[str, float, bool]:

@@ -112,7 +112,7 @@ def test_seeds_pool_into_one_cell_per_target_with_their_runs_as_strata():
 
 def test_pool_spreads_requests_over_instances_with_their_own_counts(tmp_path):
     from bench.ingress_pool import NginxPool
-    from components.balancing import LoadBalancingConfig
+    from components.policies.balancing import LoadBalancingConfig
     from tests.infra.nginx_support import NGINX, Upstream, free_port, request
 
     if NGINX is None:
@@ -139,7 +139,7 @@ def test_pool_moves_to_free_ports_when_one_is_taken():
     import socket
 
     from bench.ingress_pool import NginxPool
-    from components.balancing import LoadBalancingConfig
+    from components.policies.balancing import LoadBalancingConfig
     from tests.infra.nginx_support import NGINX, Upstream, free_port, request
 
     if NGINX is None:

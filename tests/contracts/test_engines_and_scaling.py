@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from components.config import parse_stack_config
-from components.deployment import HOME_DIR, RUN_AS_USER
+from components.config.parse import parse_stack_config
 from components.engines import PROFILES
 from components.pins import PINNED
+from components.resources.deployment import HOME_DIR, RUN_AS_USER
 from tests.contracts import facts
 from tests.infra.conftest import GPU_CONFIG
 from tests.infra.test_traffic_and_scaling import GPU_SCALING, SCALED_OBJECT, stack

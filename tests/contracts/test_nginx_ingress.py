@@ -5,11 +5,13 @@ watched namespaces and name limits."""
 from __future__ import annotations
 
 import itertools
+
 import pytest
 
-from components.balancing import LoadBalancingConfig, ingress_annotations
-from components.config import parse_stack_config, stack_warnings
-from components.ingress import controller_pod_labels
+from components.config.parse import parse_stack_config
+from components.config.rules import stack_warnings
+from components.policies.balancing import LoadBalancingConfig, ingress_annotations
+from components.resources.ingress import controller_pod_labels
 from tests.contracts import facts
 from tests.infra.conftest import BASE_CONFIG
 from tests.infra.test_traffic_and_scaling import INGRESS, RELEASE, spec, stack
@@ -169,7 +171,7 @@ def test_existing_controller_without_host_is_warned_about():
 
 
 def test_only_the_verified_chart_version_is_accepted():
-    from components.config import ConfigError
+    from components.config.parse import ConfigError
 
     with pytest.raises(ConfigError) as caught:
         parse_stack_config({**BASE_CONFIG, "ingress": {"enabled": True,

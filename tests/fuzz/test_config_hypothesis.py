@@ -5,7 +5,7 @@ traceback.
 problem names a key (``llm-serving:<path>: ...``). The strategies start from valid configs (the
 repository's stacks and a few variants) and mutate one field at any depth — wrong types, random
 strings and numbers, nested JSON, JSON text as Pulumi hands structured values over — so most
-examples get through pydantic and reach the cross-section checks (``components.config_rules.cross_check``).
+examples get through pydantic and reach the cross-section checks (``components.config.rules.cross_check``).
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from components.config import NAMESPACE, ConfigError, StackConfig, parse_stack_config
+from components.config.parse import ConfigError, parse_stack_config
+from components.config.stack import StackConfig
+from components.config.types import NAMESPACE
 
 REPO = Path(__file__).resolve().parents[2]
 HYPOTHESIS = {"derandomize": True, "deadline": None, "database": None, "print_blob": True,

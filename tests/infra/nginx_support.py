@@ -206,8 +206,8 @@ def nginx_runner(tmp_path: Path) -> Iterator[Callable[..., Nginx]]:
     """`start(policy, addresses, tokens=512, **render)`: a real nginx on a free port running the
     policy's local-mode nginx.conf (one worker; as root, workers as root so they can write the
     private prefix); every one started is stopped on exit."""
-    from components.balancing import LoadBalancingConfig
-    from components.nginx_conf import nginx_conf
+    from components.policies.balancing import LoadBalancingConfig
+    from components.policies.nginx_conf import nginx_conf
 
     running: list[Nginx] = []
 

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from components import affinity
-from components.balancing import LoadBalancingConfig, ingress_annotations
-from components.nginx_conf import nginx_conf
+from components.policies import affinity
+from components.policies.balancing import LoadBalancingConfig, ingress_annotations
+from components.policies.nginx_conf import nginx_conf
 from tests.contracts import facts
 from tests.infra.nginx_support import Nginx, Upstream, free_port, nginx_runner, request
 from tests.infra.test_balancing import needs_nginx, policy
@@ -212,7 +212,7 @@ def test_the_nginx_that_runs_local_mode_has_the_facts_this_relies_on():
 
 
 def _problems(raw: dict[str, Any]) -> list[str]:
-    from components.config import ConfigError, parse_stack_config
+    from components.config.parse import ConfigError, parse_stack_config
 
     with pytest.raises(ConfigError) as caught:
         parse_stack_config(raw)
@@ -220,7 +220,8 @@ def _problems(raw: dict[str, Any]) -> list[str]:
 
 
 def test_stack_config_names_what_the_bounded_method_and_the_body_key_need():
-    from components.config import parse_stack_config, stack_warnings
+    from components.config.parse import parse_stack_config
+    from components.config.rules import stack_warnings
 
     model = {"id": "Qwen/Qwen2.5-0.5B-Instruct"}
     problems = _problems({"model": model, "loadBalancing": BOUNDED})

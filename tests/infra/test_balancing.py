@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from components.balancing import (
+from components.policies.balancing import (
     SNIPPET_ANNOTATIONS,
     UPSTREAM_SERVER_KEEPALIVE_SECONDS,
     LoadBalancingConfig,
@@ -20,7 +20,7 @@ from components.balancing import (
     read_timeout_seconds,
     send_timeout_seconds,
 )
-from components.nginx_conf import nginx_conf
+from components.policies.nginx_conf import nginx_conf
 from tests.contracts import facts
 from tests.infra.nginx_support import NGINX, Nginx, Upstream, free_port, nginx_runner, request
 

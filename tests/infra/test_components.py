@@ -8,11 +8,19 @@ from typing import Any
 import pulumi
 import pytest
 
-from components import ApiKey, LlmDeployment, LlmImage, LlmService, LlmStack
-from components.config import Secrets, parse_stack_config
-from components.deployment import RUN_AS_USER, selector_labels, startup_failure_threshold
+from components.config.parse import parse_stack_config
+from components.config.pulumi_source import Secrets
 from components.engines import VLLM_IMAGE
-from components.service import external_address
+from components.resources.api_key import ApiKey
+from components.resources.deployment import (
+    RUN_AS_USER,
+    LlmDeployment,
+    selector_labels,
+    startup_failure_threshold,
+)
+from components.resources.image import LlmImage
+from components.resources.service import LlmService, external_address
+from components.resources.stack import LlmStack
 from tests.infra.conftest import BASE_CONFIG, GPU_CONFIG, Run
 from tools import offline
 from tools.offline import FAKE_LB_IP, _normalise

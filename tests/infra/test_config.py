@@ -8,7 +8,8 @@ from typing import Any
 import pulumi
 import pytest
 
-from components.config import ConfigError, load_stack_config, parse_stack_config
+from components.config.parse import ConfigError, parse_stack_config
+from components.config.pulumi_source import load_stack_config
 from tests.infra.conftest import BASE_CONFIG, GPU_CONFIG
 
 
@@ -172,9 +173,15 @@ def test_secret_values_stay_outputs_and_never_enter_the_model(mocks):
     assert secrets.api_key is None
 
 
-def test_config_errors_print_without_a_traceback():
-    # Pulumi prints a RunError's message alone; anything else gets a stack trace.
-    assert issubclass(ConfigError, pulumi.RunError)
+def test_config_errors_print_without_a_traceback(mocks):
+    # Pulumi prints a RunError's message alone; anything else gets a stack trace. The parser
+    # itself stays free of the Pulumi SDK: only the program's loader raises a RunError.
+    assert not issubclass(ConfigError, pulumi.RunError)
+    pulumi.runtime.set_all_config({"llm-serving:model": json.dumps({"id": "m", "typo": 1})}, [])
+    with pytest.raises(ConfigError) as caught:
+        load_stack_config()
+    assert isinstance(caught.value, pulumi.RunError)
+    assert "llm-serving:model.typo: unknown key" in str(caught.value)
 
 
 def test_secret_keys_reported_through_the_environment_count_as_secrets(mocks, monkeypatch):

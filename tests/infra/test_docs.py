@@ -1,4 +1,4 @@
-"""The README's configuration reference stays in step with components/config.py."""
+"""The README's configuration reference stays in step with components/config/stack.py."""
 
 from __future__ import annotations
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pulumi
 import pytest
 
-from components import LlmImage
-from components.config import Secrets, parse_stack_config
-from components.image import HF_TOKEN_BUILD_SECRET
+from components.config.parse import parse_stack_config
+from components.config.pulumi_source import Secrets
+from components.resources.image import HF_TOKEN_BUILD_SECRET, LlmImage
 from tests.infra.conftest import GPU_CONFIG
 from tests.infra.test_components import stack
 from tools import offline

@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from components.config import ConfigError, parse_stack_config, stack_warnings
+from components.config.parse import ConfigError, parse_stack_config
+from components.config.rules import stack_warnings
 from tests.infra.conftest import BASE_CONFIG, GPU_CONFIG
 from tests.infra.test_traffic_and_scaling import INGRESS, RELEASE, spec, stack
 

@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from components.balancing import CLIENT_BODY_TIMEOUT_SECONDS, LoadBalancingConfig
-from components.nginx_conf import connection_limits, nginx_conf
+from components.policies.balancing import CLIENT_BODY_TIMEOUT_SECONDS, LoadBalancingConfig
+from components.policies.nginx_conf import connection_limits, nginx_conf
 from tests.infra.nginx_support import NGINX, nginx_runner, request
 
 needs_nginx = pytest.mark.skipif(NGINX is None and not os.environ.get("CI"),

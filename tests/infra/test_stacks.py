@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.config import ConfigError
-from tests.infra.test_balancing import needs_nginx
-from tests.infra.nginx_support import NGINX
+from components.config.parse import ConfigError
 from components.pins import KEDA_REPOSITORY, NIC_CHART, NIC_CHART_VERSION
+from tests.infra.nginx_support import NGINX
+from tests.infra.test_balancing import needs_nginx
 from tools import offline
 
 STACK_FILES = sorted(offline.PROJECT_DIR.glob("Pulumi.*.yaml"))

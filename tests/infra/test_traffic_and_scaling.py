@@ -7,13 +7,14 @@ from typing import Any
 
 import pytest
 
-from components.balancing import ingress_annotations
-from components.config import ConfigError, Secrets, parse_stack_config
+from components.config.parse import ConfigError, parse_stack_config
+from components.config.pulumi_source import Secrets
 from components.engines import PROFILES
-from components.ingress import NginxIngress
 from components.pins import NIC_CHART_VERSION
-from components.scaling import ScalingPolicy
-from components.stack import LlmStack
+from components.policies.balancing import ingress_annotations
+from components.policies.scaling import ScalingPolicy
+from components.resources.ingress import NginxIngress
+from components.resources.stack import LlmStack
 from tests.contracts import facts
 from tests.infra.conftest import BASE_CONFIG, GPU_CONFIG, Run
 from tools import offline

@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from components.balancing import LoadBalancingConfig
+from components.policies.balancing import LoadBalancingConfig
 from local import LocalCluster, LocalModeError
 from local.procs import find_nginx, port_in_use
 from tests.local.support import FAST_SIM, assert_gone, chat, served

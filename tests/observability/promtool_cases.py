@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
-from components.alerting import AlertPolicy, alerting_rules, recorded
+from components.policies.alerting import AlertPolicy, alerting_rules, recorded
 
 STEP_MINUTES = 1
 LOOKBACK_MINUTES = 5

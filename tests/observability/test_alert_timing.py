@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from bench.alert_timing import AlertWatch
-from components.alerting import LOCAL_JOB
-from components.scaling import AutoscalingConfig
+from components.policies.alerting import LOCAL_JOB
+from components.policies.scaling import AutoscalingConfig
 from local.prometheus import JOB
 from tests.local.conftest import make_cluster  # noqa: F401  (fixture; skips without nginx)
 from tests.local.support import FAST_SIM
@@ -65,8 +65,8 @@ def test_backlog_alert_fires_and_resolves_in_a_real_prometheus(make_cluster, tmp
 
 
 def test_local_rules_compress_the_clock_but_keep_the_thresholds() -> None:
-    from components.alerting import local_rules
-    from components.config import parse_stack_config
+    from components.config.parse import parse_stack_config
+    from components.policies.alerting import local_rules
 
     cfg = parse_stack_config({"model": {"id": "m/x"}, "monitoring": {"slo": {"ttftP99Seconds": 3}}})
     fast = yaml.safe_load(local_rules(cfg, time_factor=60, scrape_seconds=0.25))
@@ -105,9 +105,9 @@ def test_local_up_autoscale_prometheus_loads_the_stack_rules(make_cluster, tmp_p
 
 
 def test_local_rules_of_a_vllm_stack_read_the_server_engine_local_mode_runs() -> None:
-    from components.alerting import local_rules
-    from components.config import parse_stack_config
+    from components.config.parse import parse_stack_config
     from components.engines import PROFILES
+    from components.policies.alerting import local_rules
 
     cfg = parse_stack_config({"engine": "vllm", "gpu": {"count": 1}, "model": {"id": "m/x"},
                               "replicas": 2})

@@ -6,15 +6,15 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from components.config import parse_stack_config
-from components.ingress import controller_values
-from components.monitoring import (
+from components.config.parse import parse_stack_config
+from components.policies.monitoring import (
     CONTROLLER_LATENCY_METRIC,
     CONTROLLER_METRICS_PORT,
     controller_metrics_enabled,
     controller_metrics_values,
     merge_values,
 )
+from components.resources.ingress import controller_values
 from tests.observability.support import CONTROLLER_FACTS
 
 FACTS = json.loads(CONTROLLER_FACTS.read_text())

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from grafana_foundation_sdk.models.dashboard import Dashboard
 
-from components.config import parse_stack_config
-from components.dashboard import SIDECAR_LABEL, build_dashboard, dashboard_uid
-from components.monitoring import CONTROLLER_LATENCY_METRIC
+from components.config.parse import parse_stack_config
+from components.policies.dashboard import SIDECAR_LABEL, build_dashboard, dashboard_uid
+from components.policies.monitoring import CONTROLLER_LATENCY_METRIC
 from tools import offline
 
 GPU = {"engine": "vllm", "gpu": {"count": 1}, "model": {"id": "m/x"}, "namespace": "llm-prod",

@@ -8,10 +8,10 @@ import json
 
 import pytest
 
-from components.alerting import alert_policy, rule_groups
-from components.config import parse_stack_config
-from components.dashboard import build_dashboard
+from components.config.parse import parse_stack_config
 from components.engines import PROFILES
+from components.policies.alerting import alert_policy, rule_groups
+from components.policies.dashboard import build_dashboard
 from tests.observability.support import (
     CONTROLLER_FACTS,
     VLLM_FACTS,

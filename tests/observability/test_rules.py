@@ -16,8 +16,14 @@ from typing import Any
 import pytest
 import yaml
 
-from components.alerting import AlertPolicy, alert_policy, alerting_rules, rule_groups, rules_file
-from components.config import parse_stack_config
+from components.config.parse import parse_stack_config
+from components.policies.alerting import (
+    AlertPolicy,
+    alert_policy,
+    alerting_rules,
+    rule_groups,
+    rules_file,
+)
 from tests.observability.promtool_cases import SCENARIOS, promtool_tests
 
 PROMTOOL = shutil.which("promtool")

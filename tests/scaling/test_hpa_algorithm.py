@@ -1,4 +1,4 @@
-"""The HPA algorithm local mode runs (`components.scaling.HpaRule`), table-driven.
+"""The HPA algorithm local mode runs (`components.policies.scaling.HpaRule`), table-driven.
 
 Sources of the cases (read at these revisions):
 - HPA_DOC: kubernetes/website@10ae76015a9a9af1cf6d5ef14bc43b7f2be2584e:
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import pytest
 
-from components.scaling import (
+from components.policies.scaling import (
     DEFAULT_SCALE_DOWN,
     DEFAULT_SCALE_UP,
     RatePolicy,

@@ -10,9 +10,9 @@ import time
 import httpx
 from starlette.testclient import TestClient
 
-from components.config import parse_stack_config
+from components.config.parse import parse_stack_config
 from components.engines import PROFILES
-from components.scaling import ScalingPolicy
+from components.policies.scaling import ScalingPolicy
 from local import LocalCluster
 from local.autoscaler import LocalAutoscaler
 from local.prometheus import LocalPrometheus

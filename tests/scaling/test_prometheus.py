@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from components.scaling import promql_duration
+from components.policies.scaling import promql_duration
 from local.procs import LocalModeError
 from local.prometheus import (
     LocalPrometheus,

@@ -1,5 +1,5 @@
 """Stack configuration sections of how clients reach the model: the Service, the ingress
-controller and the network policy (assembled in components/config.py)."""
+controller and the network policy (assembled in components/config/stack.py)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Field
 
-from components.config_types import Cidr, DnsLabel, NonEmptyStr, api_path
+from components.config.sections import Section
+from components.config.types import Cidr, DnsLabel, NonEmptyStr, api_path
+from components.config.workload import Resources, ResourcesConfig
 from components.pins import NIC_CHART_VERSION
-from components.sections import Section
-from components.tls import CertManagerConfig
-from components.workload_config import Resources, ResourcesConfig
+from components.policies.tls import CertManagerConfig
 
 
 class ServiceConfig(Section):
@@ -83,7 +83,7 @@ class IngressConfig(Section):
     tls_secret: DnsLabel | None = None
     """An existing Kubernetes TLS Secret (in the stack's namespace) for `host`."""
     cert_manager: CertManagerConfig = CertManagerConfig()
-    """Get the certificate for `host` from cert-manager instead (components/tls.py). With
+    """Get the certificate for `host` from cert-manager instead (components/policies/tls.py). With
     either, plain HTTP is redirected to HTTPS and the endpoint is https://."""
 
     @property

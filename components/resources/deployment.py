@@ -8,8 +8,8 @@ from typing import Any, Mapping, NotRequired, TypedDict
 import pulumi
 import pulumi_kubernetes as k8s
 
-from components.api_key import SECRET_KEY as API_KEY_SECRET_KEY
-from components.config import StackConfig
+from components.config.stack import StackConfig
+from components.resources.api_key import SECRET_KEY as API_KEY_SECRET_KEY
 
 HF_TOKEN_SECRET_KEY = "token"
 """Key of the Hugging Face token inside its Secret."""

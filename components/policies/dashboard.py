@@ -9,10 +9,8 @@ not the recorded ones, so the dashboard works without the alert rules.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any, Mapping, NotRequired, TypedDict
+from typing import TYPE_CHECKING, Any
 
-import pulumi
-import pulumi_kubernetes as k8s
 from grafana_foundation_sdk.builders import common as common_builders
 from grafana_foundation_sdk.builders import dashboard as dash
 from grafana_foundation_sdk.builders import prometheus, stat, timeseries
@@ -20,10 +18,10 @@ from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models import common
 from grafana_foundation_sdk.models.dashboard import DataSourceRef, Threshold, ThresholdsMode
 
-from components.monitoring import CONTROLLER_LATENCY_METRIC, controller_metrics_enabled
+from components.policies.monitoring import CONTROLLER_LATENCY_METRIC, controller_metrics_enabled
 
 if TYPE_CHECKING:
-    from components.config import StackConfig
+    from components.config.stack import StackConfig
 
 SIDECAR_LABEL = {"grafana_dashboard": "1"}
 """kube-prometheus-stack's Grafana sidecar loads ConfigMaps with this label (its default)."""
@@ -171,31 +169,3 @@ def build_dashboard(cfg: "StackConfig") -> dict[str, Any]:
     for number, panel in enumerate(model["panels"], start=1):
         panel["id"] = number
     return model
-
-
-class LlmDashboardArgs(TypedDict):
-    config: "StackConfig"
-    namespace: pulumi.Input[str]
-    """Where the Grafana sidecar looks for dashboards."""
-    labels: NotRequired[Mapping[str, str]]
-
-
-class LlmDashboard(pulumi.ComponentResource):
-    """The stack's Grafana dashboard in a ConfigMap for the Grafana sidecar."""
-
-    def __init__(
-        self, name: str, args: LlmDashboardArgs, opts: pulumi.ResourceOptions | None = None
-    ) -> None:
-        super().__init__("llm-serving:index:LlmDashboard", name, None, opts)
-        cfg = args["config"]
-        board = build_dashboard(cfg)
-        k8s.core.v1.ConfigMap(
-            f"{name}-dashboard",
-            metadata={
-                "namespace": args["namespace"],
-                "labels": {**dict(args.get("labels", {})), **SIDECAR_LABEL},
-            },
-            data={f"{dashboard_uid(cfg)}.json": json.dumps(board, indent=1, sort_keys=True)},
-            opts=pulumi.ResourceOptions(parent=self),
-        )
-        self.register_outputs({})

@@ -19,16 +19,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Literal, Mapping, NotRequired, TypedDict
+from typing import TYPE_CHECKING, Any, Literal
 
-import pulumi
-import pulumi_kubernetes as k8s
 import yaml
 
 from components.engines import EngineProfile
 
 if TYPE_CHECKING:
-    from components.config import StackConfig
+    from components.config.stack import StackConfig
 
 Target = Literal["cluster", "local"]
 
@@ -247,7 +245,7 @@ def rule_groups(policy: AlertPolicy) -> list[dict[str, Any]]:
 def rules_file(policy: AlertPolicy) -> str:
     """The plain Prometheus rule file (`rule_files:`) of the policy."""
     header = (
-        f"# Rendered from the stack configuration (components/alerting.py), "
+        f"# Rendered from the stack configuration (components/policies/alerting.py), "
         f"target: {policy.target}.\n"
     )
     return header + yaml.safe_dump({"groups": rule_groups(policy)}, sort_keys=False)
@@ -271,29 +269,3 @@ def local_rules(cfg: "StackConfig", time_factor: float = 1.0,
             window_seconds=max(2, math.ceil(window)),
         )
     return rules_file(policy)
-
-
-class LlmAlertRulesArgs(TypedDict):
-    config: "StackConfig"
-    namespace: pulumi.Input[str]
-    labels: NotRequired[Mapping[str, str]]
-    """Labels the Prometheus selects rules by, e.g. release: kube-prometheus-stack."""
-
-
-class LlmAlertRules(pulumi.ComponentResource):
-    """A Prometheus Operator PrometheusRule with the stack's recording rules and alerts."""
-
-    def __init__(
-        self, name: str, args: LlmAlertRulesArgs, opts: pulumi.ResourceOptions | None = None
-    ) -> None:
-        super().__init__("llm-serving:index:LlmAlertRules", name, None, opts)
-        policy = alert_policy(args["config"], "cluster")
-        k8s.apiextensions.CustomResource(
-            f"{name}-rules",
-            api_version="monitoring.coreos.com/v1",
-            kind="PrometheusRule",
-            metadata={"namespace": args["namespace"], "labels": dict(args.get("labels", {}))},
-            spec={"groups": rule_groups(policy)},
-            opts=pulumi.ResourceOptions(parent=self),
-        )
-        self.register_outputs({})

@@ -1,56 +1,15 @@
-"""Monitoring: the ServiceMonitor that scrapes the engine, and the ingress
-controller's metrics (its chart values), when `monitoring.serviceMonitor` is on.
-
-Alert rules live in components/alerting.py, the dashboard in components/dashboard.py."""
+"""What the stack scrapes besides the engine: the ingress controller's own metrics (its chart
+values), on when `monitoring.serviceMonitor` is on and the stack installs the controller.
+The ServiceMonitor of the engine is components/resources/monitoring.py; alert rules are
+components/policies/alerting.py, the dashboard components/policies/dashboard.py."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping, NotRequired, TypedDict
-
-import pulumi
-import pulumi_kubernetes as k8s
+from typing import TYPE_CHECKING, Any, Mapping
 
 if TYPE_CHECKING:
-    from components.config import StackConfig
-    from components.monitoring_config import MonitoringConfig
-
-
-class LlmServiceMonitorArgs(TypedDict):
-    namespace: pulumi.Input[str]
-    service_labels: Mapping[str, str]
-    """Labels that select the model Service."""
-    metrics_path: str
-    interval_seconds: int
-    labels: NotRequired[Mapping[str, str]]
-    """Labels the Prometheus selects ServiceMonitors by."""
-
-
-class LlmServiceMonitor(pulumi.ComponentResource):
-    def __init__(
-        self, name: str, args: LlmServiceMonitorArgs, opts: pulumi.ResourceOptions | None = None
-    ) -> None:
-        super().__init__("llm-serving:index:LlmServiceMonitor", name, None, opts)
-        if args["interval_seconds"] < 1:
-            raise ValueError("LlmServiceMonitor: 'interval_seconds' must be at least 1")
-        namespace = pulumi.Output.from_input(args["namespace"])
-        k8s.apiextensions.CustomResource(
-            f"{name}-servicemonitor",
-            api_version="monitoring.coreos.com/v1",
-            kind="ServiceMonitor",
-            metadata={"namespace": namespace, "labels": dict(args.get("labels", {}))},
-            spec={
-                "selector": {"matchLabels": dict(args["service_labels"])},
-                "namespaceSelector": {"matchNames": [namespace]},
-                "endpoints": [{
-                    "port": "http",
-                    "path": args["metrics_path"],
-                    "interval": f"{args['interval_seconds']}s",
-                }],
-            },
-            opts=pulumi.ResourceOptions(parent=self),
-        )
-        self.register_outputs({})
-
+    from components.config.monitoring import MonitoringConfig
+    from components.config.stack import StackConfig
 
 # --- the ingress controller's own metrics ------------------------------------------
 # F5 NGINX Ingress Controller chart 2.6.x (controller 5.5.x) values, read from

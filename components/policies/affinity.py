@@ -25,10 +25,25 @@ the controller's replica count.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from components.balancing import LoadBalancingConfig
+
+class SessionPolicy(Protocol):
+    """What affinity reads of the balancing policy (`LoadBalancingConfig` has it); a Protocol,
+    so this module does not import the policy that imports it."""
+
+    @property
+    def method(self) -> str: ...
+    @property
+    def session_key(self) -> str: ...
+    @property
+    def session_header(self) -> str: ...
+    @property
+    def session_body_bytes(self) -> int: ...
+    @property
+    def bound_factor(self) -> float: ...
+    @property
+    def bounded(self) -> bool: ...
 
 BODY_KEY_VARIABLE = "$llm_session_body_key"
 """nginx variable holding the first `sessionBodyBytes` bytes of the request body (local mode)."""
@@ -37,7 +52,7 @@ SPILL_UPSTREAM = "llm_spill"
 SPILL_LOCATION = "@llm_spill"
 
 
-def max_conns(policy: LoadBalancingConfig, replica_slots: int | None,
+def max_conns(policy: SessionPolicy, replica_slots: int | None,
               nginx_instances: int = 1) -> int:
     """The `max_conns` of each replica for one NGINX instance: `boundFactor` x the replica's
     slots, shared out over `nginx_instances` (at least 1)."""
@@ -53,7 +68,7 @@ def max_conns(policy: LoadBalancingConfig, replica_slots: int | None,
     return max(1, math.ceil(round(policy.bound_factor * replica_slots / nginx_instances, 6)))
 
 
-def cluster_gaps(policy: LoadBalancingConfig) -> list[str]:
+def cluster_gaps(policy: SessionPolicy) -> list[str]:
     """What the ingress controller cannot express of `policy`, and what it renders instead."""
     gaps = []
     if policy.method in ("session_hash", "session_hash_bounded") and policy.session_key == "body":
@@ -73,7 +88,7 @@ def cluster_gaps(policy: LoadBalancingConfig) -> list[str]:
     return gaps
 
 
-def body_key_map(policy: LoadBalancingConfig) -> list[str]:
+def body_key_map(policy: SessionPolicy) -> list[str]:
     """http-level nginx lines defining `BODY_KEY_VARIABLE`.
 
     `$request_body` is set only while the whole body sits in one memory buffer, so the caller

@@ -1,7 +1,7 @@
 """LlmAutoscaler: replicas that follow load. CPU engines scale on utilisation
 (HPA); GPU engines on their own queue metrics read from Prometheus (KEDA).
 
-Everything but the CPU metric comes from `components.scaling.ScalingPolicy`, the object
+Everything but the CPU metric comes from `components.policies.scaling.ScalingPolicy`, the object
 local mode evaluates too (`local.autoscaler`), so what a local benchmark measures is what
 the cluster runs."""
 
@@ -12,10 +12,10 @@ from typing import Mapping, NotRequired, TypedDict
 import pulumi
 import pulumi_kubernetes as k8s
 
-from components.config import StackConfig
+from components.config.stack import StackConfig
 from components.pins import KEDA_CHART, KEDA_REPOSITORY
-from components.pod_security import pod_security_labels
-from components.scaling import ScalingPolicy
+from components.policies.pod_security import pod_security_labels
+from components.policies.scaling import ScalingPolicy
 
 
 class LlmAutoscalerArgs(TypedDict):

@@ -8,11 +8,11 @@ from typing import Any, Mapping, NotRequired, Sequence, TypedDict
 import pulumi
 import pulumi_kubernetes as k8s
 
-from components.exposure_config import CONTROLLER_SERVICE_SUFFIX, ControllerConfig
-from components.monitoring import merge_values
+from components.config.exposure import CONTROLLER_SERVICE_SUFFIX, ControllerConfig
 from components.pins import NIC_CHART
-from components.pod_security import pod_security_labels
-from components.service import external_address
+from components.policies.monitoring import merge_values
+from components.policies.pod_security import pod_security_labels
+from components.resources.service import external_address
 
 
 class NginxIngressArgs(TypedDict):
@@ -33,13 +33,13 @@ class NginxIngressArgs(TypedDict):
     """TLS Secret for `host` (existing, or the one cert-manager fills); plain HTTP is then
     redirected to HTTPS."""
     issuer_annotations: NotRequired[Mapping[str, str]]
-    """cert-manager's Ingress annotations (components/tls.py), when it provides the Secret."""
+    """cert-manager's Ingress annotations (components/policies/tls.py), when it provides the Secret."""
     depends_on: NotRequired[Sequence[pulumi.Resource]]
     """What the Ingress waits for besides the controller (e.g. the ClusterIssuer)."""
     labels: NotRequired[Mapping[str, str]]
     extra_values: NotRequired[Mapping[str, Any]]
     """More chart values, merged over the component's own (e.g. the controller's metrics
-    endpoint and ServiceMonitor, components/monitoring.py)."""
+    endpoint and ServiceMonitor, components/policies/monitoring.py)."""
 
 
 def controller_values(

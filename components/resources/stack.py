@@ -8,20 +8,24 @@ from typing import TypedDict
 import pulumi
 import pulumi_kubernetes as k8s
 
-from components.api_key import ApiKey
-from components.autoscaling import LlmAutoscaler
-from components.balancing import ingress_annotations
-from components.config import Secrets, StackConfig, stack_warnings
-from components.deployment import HF_TOKEN_SECRET_KEY, LlmDeployment
-from components.image import HF_TOKEN_BUILD_SECRET, LlmImage, LlmImageArgs
-from components.ingress import NginxIngress, controller_pod_labels
-from components.alerting import LlmAlertRules
-from components.dashboard import LlmDashboard
-from components.monitoring import LlmServiceMonitor, controller_metrics_values
-from components.pod_security import pod_security_labels
-from components.policies import PodPolicies
-from components.tls import CertManager, ingress_tls_annotations, tls_secret_name
-from components.service import LlmService
+from components.config.pulumi_source import Secrets
+from components.config.rules import stack_warnings
+from components.config.stack import StackConfig
+from components.policies.balancing import ingress_annotations
+from components.policies.monitoring import controller_metrics_values
+from components.policies.pod_security import pod_security_labels
+from components.policies.tls import ingress_tls_annotations, tls_secret_name
+from components.resources.alert_rules import LlmAlertRules
+from components.resources.api_key import ApiKey
+from components.resources.autoscaling import LlmAutoscaler
+from components.resources.dashboard import LlmDashboard
+from components.resources.deployment import HF_TOKEN_SECRET_KEY, LlmDeployment
+from components.resources.image import HF_TOKEN_BUILD_SECRET, LlmImage, LlmImageArgs
+from components.resources.ingress import NginxIngress, controller_pod_labels
+from components.resources.monitoring import LlmServiceMonitor
+from components.resources.pod_policies import PodPolicies
+from components.resources.service import LlmService
+from components.resources.tls import CertManager
 
 
 class LlmStackArgs(TypedDict):

@@ -16,15 +16,11 @@ tests/contracts/data/cert-manager-v1.21.1.json.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, NotRequired, TypedDict
+from typing import Any
 
-import pulumi
-import pulumi_kubernetes as k8s
-
-from components.config_types import DnsLabel, NonEmptyStr
-from components.pins import CERT_MANAGER_CHART, CERT_MANAGER_REPOSITORY, CERT_MANAGER_VERSION
-from components.pod_security import pod_security_labels
-from components.sections import Section
+from components.config.sections import Section
+from components.config.types import DnsLabel, NonEmptyStr
+from components.pins import CERT_MANAGER_VERSION
 
 LETSENCRYPT_PRODUCTION = "https://acme-v02.api.letsencrypt.org/directory"
 
@@ -83,53 +79,3 @@ def acme_issuer_spec(cfg: CertManagerConfig, class_name: str) -> dict[str, Any]:
     if cfg.acme_email is not None:
         acme["email"] = cfg.acme_email
     return {"acme": acme}
-
-
-class CertManagerArgs(TypedDict):
-    config: CertManagerConfig
-    class_name: str
-    """IngressClass of this stack's controller (the HTTP-01 solver goes through it)."""
-    labels: NotRequired[Mapping[str, str]]
-
-
-class CertManager(pulumi.ComponentResource):
-    """cert-manager (when `install`) and the stack's ACME ClusterIssuer (unless an existing
-    ClusterIssuer is named). `ready` is what the Ingress should depend on."""
-
-    ready: list[pulumi.Resource]
-
-    def __init__(self, name: str, args: CertManagerArgs,
-                 opts: pulumi.ResourceOptions | None = None) -> None:
-        super().__init__("llm-serving:index:CertManager", name, None, opts)
-        cfg = args["config"]
-        labels = dict(args.get("labels", {}))
-        self.ready = []
-        if cfg.install:
-            namespace = k8s.core.v1.Namespace(
-                f"{name}-ns",
-                metadata={"name": cfg.namespace,
-                          "labels": {**labels, **pod_security_labels("restricted")}},
-                opts=pulumi.ResourceOptions(parent=self),
-            )
-            self.ready.append(k8s.helm.v3.Release(
-                f"{name}-release",
-                name="cert-manager",
-                chart=CERT_MANAGER_CHART,
-                version=cfg.chart_version,
-                repository_opts={"repo": CERT_MANAGER_REPOSITORY},
-                namespace=namespace.metadata.name,
-                values=cert_manager_values(),
-                # The webhook must answer before a ClusterIssuer can be created.
-                skip_await=False,
-                opts=pulumi.ResourceOptions(parent=self),
-            ))
-        if cfg.cluster_issuer is None:
-            self.ready.append(k8s.apiextensions.CustomResource(
-                f"{name}-issuer",
-                api_version="cert-manager.io/v1",
-                kind="ClusterIssuer",
-                metadata={"name": issuer_name(args["class_name"], cfg), "labels": labels},
-                spec=acme_issuer_spec(cfg, args["class_name"]),
-                opts=pulumi.ResourceOptions(parent=self, depends_on=list(self.ready)),
-            ))
-        self.register_outputs({})

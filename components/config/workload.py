@@ -1,5 +1,5 @@
 """Stack configuration sections of the model workload: the model, its image, resources,
-GPUs, weight cache, rollout and disruption budget (assembled in components/config.py)."""
+GPUs, weight cache, rollout and disruption budget (assembled in components/config/stack.py)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from components.config_types import CpuQuantity, DnsLabel, MemoryQuantity, NonEmptyStr
-from components.sections import Section
+from components.config.sections import Section
+from components.config.types import CpuQuantity, DnsLabel, MemoryQuantity, NonEmptyStr
 
 
 class ModelConfig(Section):

@@ -4,7 +4,7 @@ One frozen model (`LoadBalancingConfig`) and two renderers that must agree:
 
 * `ingress_annotations` -> the F5 NGINX Ingress Controller's `nginx.org/*` annotations
   (cluster mode; never `nginx.ingress.kubernetes.io/*`, never snippets);
-* `nginx_conf` -> a complete, runnable `nginx.conf` for local mode (components/nginx_conf.py).
+* `nginx_conf` -> a complete, runnable `nginx.conf` for local mode (components/policies/nginx_conf.py).
 
 Why per-request, load-aware balancing: an LLM request holds a replica for seconds to minutes
 and requests differ by orders of magnitude in cost, so round robin piles work onto whichever
@@ -27,9 +27,9 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from components import affinity
-from components.affinity import BODY_KEY_VARIABLE
-from components.sections import Section
+from components.config.sections import Section
+from components.policies import affinity
+from components.policies.affinity import BODY_KEY_VARIABLE
 
 UPSTREAM_SERVER_KEEPALIVE_SECONDS = 5
 """Idle keep-alive timeout of the upstream servers (uvicorn's and vLLM's default: 5 s).

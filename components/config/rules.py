@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from components import affinity
-from components.config_types import NAMESPACE, cpu_cores, memory_bytes
+from components.config.types import NAMESPACE, cpu_cores, memory_bytes
+from components.policies import affinity
 
 if TYPE_CHECKING:
-    from components.config import StackConfig
+    from components.config.stack import StackConfig
 
 
 def cross_check(cfg: StackConfig) -> list[str]:

@@ -1,4 +1,4 @@
-"""Field types shared by the configuration sections (components/config.py and the policy
+"""Field types shared by the configuration sections (components/config/stack.py and the policy
 modules that own a section), with messages a user can act on."""
 
 from __future__ import annotations

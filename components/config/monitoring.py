@@ -1,12 +1,12 @@
 """Stack configuration sections of monitoring: the Prometheus Operator objects and the SLO
-thresholds the alerts use (assembled in components/config.py)."""
+thresholds the alerts use (assembled in components/config/stack.py)."""
 
 from __future__ import annotations
 
 from pydantic import Field
 
-from components.config_types import DnsLabel, Labels
-from components.sections import Section
+from components.config.sections import Section
+from components.config.types import DnsLabel, Labels
 
 
 class SloConfig(Section):

@@ -5,7 +5,7 @@ engine profile and namespace) into one frozen object from which come
 
 * the cluster objects: `hpa_behavior()` (the HPA's `behavior`, also inside KEDA's ScaledObject)
   and `scaled_object_spec()` (KEDA's ScaledObject spec: triggers with the PromQL text,
-  thresholds, min/max, polling interval), rendered by `components.autoscaling.LlmAutoscaler`;
+  thresholds, min/max, polling interval), rendered by `components.resources.autoscaling.LlmAutoscaler`;
 * the local-mode rule: `HpaRule`, the Kubernetes HPA algorithm over the same triggers, which
   `local.autoscaler` evaluates against a real Prometheus with the very same query text.
 
@@ -41,9 +41,9 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from components.config_types import DnsLabel
+from components.config.sections import Section
+from components.config.types import DnsLabel
 from components.pins import KEDA_CHART_VERSION  # the scaler semantics above were read at it
-from components.sections import Section
 
 HPA_TOLERANCE = 0.1
 """kube-controller-manager `--horizontal-pod-autoscaler-tolerance` default (both directions)."""

@@ -1,6 +1,6 @@
 """The load-balancing policy rendered as a complete, runnable `nginx.conf` for local mode.
 
-The second rendering of `components.balancing.LoadBalancingConfig` (the first is the
+The second rendering of `components.policies.balancing.LoadBalancingConfig` (the first is the
 controller's annotations, `balancing.ingress_annotations`); both read the same policy object
 and the same derived values, so what local mode measures is what the cluster runs.
 """
@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-from components import affinity
-from components.balancing import (
+from components.policies import affinity
+from components.policies.balancing import (
     _NEXT_UPSTREAM,
     API_PREFIX,
     CLIENT_BODY_TIMEOUT_SECONDS,
@@ -204,7 +204,7 @@ def nginx_conf(
     rate = policy.rate_limit
 
     lines = [
-        "# Rendered by components/balancing.py (local mode); edit the loadBalancing section,",
+        "# Rendered by components/policies/balancing.py (local mode); edit the loadBalancing section,",
         "# not this file.",
         f"daemon {'on' if daemon else 'off'};",
         f"worker_processes {worker_processes};",
@@ -301,7 +301,7 @@ def nginx_conf(
         lines += [
             "",
             "    # Every replica at its bound (nginx: \"no live upstreams\", 502): the request goes",
-            "    # to the least busy replica instead, unbounded (components/affinity.py).",
+            "    # to the least busy replica instead, unbounded (components/policies/affinity.py).",
             f"    upstream {affinity.SPILL_UPSTREAM} {{",
             f"        zone {affinity.SPILL_UPSTREAM} 64k;",
             "        least_conn;",

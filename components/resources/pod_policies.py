@@ -7,7 +7,7 @@ from typing import Any, Mapping, NotRequired, TypedDict
 import pulumi
 import pulumi_kubernetes as k8s
 
-from components.config import StackConfig
+from components.config.stack import StackConfig
 
 
 class PodPoliciesArgs(TypedDict):

@@ -1,0 +1,155 @@
+"""The stack configuration model: every `llm-serving:*` key of a stack file maps to one field
+of `StackConfig`. Defaults live here and in the sections, nowhere else (mock tests never read
+Pulumi.yaml). Parsing, with errors that name the stack key path (for example
+`llm-serving:model.maxOutputTokens`), is components/config/parse.py; rules that span
+sections are components/config/rules.py.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from components.config.exposure import IngressConfig, NetworkPolicyConfig, ServiceConfig
+from components.config.monitoring import MonitoringConfig
+from components.config.sections import Section
+from components.config.types import DnsLabel, Labels
+from components.config.workload import (
+    DisruptionBudgetConfig,
+    GpuConfig,
+    ImageConfig,
+    ModelCacheConfig,
+    ModelConfig,
+    ResourcesConfig,
+    RolloutConfig,
+)
+from components.engines import PROFILES, EngineLaunch, EngineName, EngineProfile
+from components.policies.balancing import LoadBalancingConfig
+from components.policies.scaling import AutoscalingConfig
+
+__all__ = ["StackConfig"]
+
+
+# --- the whole stack -------------------------------------------------------------
+
+
+class StackConfig(Section):
+    engine: EngineName = "server"
+    """server: this repository's CPU server image; vllm: the official vLLM image on GPUs."""
+    model: ModelConfig
+    """The model to serve."""
+    image: ImageConfig = ImageConfig()
+    """Which image the pods run, and how it is built."""
+    replicas: int = Field(1, ge=0, le=1000)
+    """Model-server pods."""
+    resources: ResourcesConfig = ResourcesConfig()
+    """CPU and memory per replica."""
+    gpu: GpuConfig = GpuConfig()
+    """GPUs per replica and where such pods may run."""
+    model_cache: ModelCacheConfig = ModelCacheConfig()
+    """Where the weights live between restarts."""
+    service: ServiceConfig = ServiceConfig()
+    """How clients reach the API."""
+    rollout: RolloutConfig = RolloutConfig()
+    """Draining: how a pod finishes its work when it is replaced."""
+    load_balancing: LoadBalancingConfig = LoadBalancingConfig()
+    """How NGINX spreads requests over replicas (ingress and local mode alike)."""
+    ingress: IngressConfig = IngressConfig()
+    """Optional NGINX ingress in front of the model."""
+    autoscaling: AutoscalingConfig = AutoscalingConfig()
+    """Optional autoscaling on LLM signals."""
+    disruption_budget: DisruptionBudgetConfig = DisruptionBudgetConfig()
+    """Limits voluntary disruptions of the model pods."""
+    network_policy: NetworkPolicyConfig = NetworkPolicyConfig()
+    """Who may reach the model pods."""
+    monitoring: MonitoringConfig = MonitoringConfig()
+    """Prometheus Operator integration."""
+    namespace: DnsLabel = "llm-serving"
+    """Namespace the stack creates and deploys into."""
+    labels: Labels = {}
+    """Labels added to every object."""
+
+    @property
+    def profile(self) -> EngineProfile:
+        return PROFILES[self.engine]
+
+    @property
+    def launch(self) -> EngineLaunch:
+        """What the engine's command line and environment are built from."""
+        model = self.model
+        return EngineLaunch(
+            model_id=model.id,
+            revision=model.revision,
+            served_name=model.served,
+            max_context_length=model.max_context_length,
+            max_output_tokens=model.max_output_tokens,
+            max_concurrency=model.max_concurrency,
+            extra_args=model.extra_args,
+            drain_seconds=self.rollout.drain_seconds,
+            gpu_count=self.gpu.count,
+        )
+
+    @property
+    def service_type(self) -> str:
+        if self.service.type is not None:
+            return self.service.type
+        return "ClusterIP" if self.ingress.enabled else "LoadBalancer"
+
+    @property
+    def scraped_by_prometheus(self) -> bool:
+        """A Prometheus scrapes the pods: a ServiceMonitor, or KEDA's queue-depth query."""
+        return self.monitoring.service_monitor or (
+            self.autoscaling.enabled and self.profile.scale_signal == "queue")
+
+    @property
+    def network_policy_on(self) -> bool:
+        """`networkPolicy.enabled`, or by default: on wherever it cannot cut the stack off."""
+        if self.network_policy.enabled is not None:
+            return self.network_policy.enabled
+        return not (self.scraped_by_prometheus and self.network_policy.monitoring_namespace is None)
+
+    @property
+    def downloads_weights(self) -> bool:
+        """The pods fetch weights from the hub at start (not baked into the image)."""
+        return self.model_cache.type != "baked"
+
+    @property
+    def scale_down_window_seconds(self) -> int:
+        window = self.autoscaling.scale_down_stabilization_seconds
+        return self.model.load_timeout_seconds if window is None else window
+
+    @property
+    def rollout_max_surge(self) -> int:
+        if self.rollout.max_surge is not None:
+            return self.rollout.max_surge
+        return 0 if self.gpu.count > 0 else 1
+
+    @property
+    def rollout_max_unavailable(self) -> int:
+        """0 when surging (every ready replica keeps serving); else one pod at a time, as
+        Kubernetes refuses maxSurge and maxUnavailable both 0."""
+        return 0 if self.rollout_max_surge > 0 else 1
+
+    @property
+    def fewest_replicas(self) -> int:
+        """Replicas the stack may be down to when a rollout starts."""
+        return self.autoscaling.min_replicas if self.autoscaling.enabled else self.replicas
+
+    @property
+    def rollout_downtime(self) -> bool:
+        """True when a rollout can take the ready replicas to zero."""
+        fewest = self.fewest_replicas
+        return fewest > 0 and fewest - self.rollout_max_unavailable < 1
+
+    @property
+    def startup_budget_seconds(self) -> int:
+        return self.model.load_timeout_seconds
+
+    @property
+    def grace_period_seconds(self) -> int:
+        """preStop pause + drain + a margin for the process to exit."""
+        return self.rollout.pre_stop_seconds + self.rollout.drain_seconds + 10
+
+    @property
+    def progress_deadline_seconds(self) -> int:
+        """Image pull (vLLM images are ~10 GB) plus the model load budget."""
+        return max(600, self.model.load_timeout_seconds + 600)

@@ -149,9 +149,11 @@ def build(spec: Spec, result: FitResult | None = None) -> dict[str, Any]:
                 "replays) over batch x KV length; batch-1 prefill run eagerly (median of 3); "
                 "graph-replayed forwards of T new tokens in one sequence (median of 10). "
                 "Random weights: the text is noise, the compute is real."),
-            "data": [{"file": f"measurements/{f}", "what": what, "model": spec.key} for f, what in zip(FILES, (
-                "decode step over batch x KV tokens (CUDA graphs) and batch-1 eager prefill",
-                "forward time vs new tokens in one step (CUDA graphs)"), strict=True)],
+            "data": [{"file": f"measurements/{f}", "what": what, "model": spec.key}
+                     for f, what in zip(FILES, (
+                         "decode step over batch x KV tokens (CUDA graphs) and batch-1 eager "
+                         "prefill", "forward time vs new tokens in one step (CUDA graphs)"),
+                         strict=True)],
             "notes": (
                 "The GPU's cost of a step, measured without a serving engine: vLLM runs the "
                 "same matrix multiplies, but its attention kernels differ (split-KV decoding "

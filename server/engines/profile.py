@@ -426,16 +426,17 @@ _TAGS = {"slots", "continuous", "slots-linear", "roofline"}
 
 
 def _describe(err: dict[str, Any]) -> str:
-    loc = list(err.get("loc", ()))
+    raw = list(err.get("loc", ()))
+    loc = list(raw)
     # A discriminated union puts the tag into the path (scheduler.slots.slots): drop it.
     if len(loc) > 1 and loc[0] in ("scheduler", "cost") and loc[1] in _TAGS:
         del loc[1]
     key = ".".join(str(p) for p in loc)
     msg = str(err.get("msg", "")).removeprefix("Value error, ")
     if err.get("type") == "extra_forbidden":
-        allowed = _allowed_keys(loc[:-1])
+        allowed = _allowed_keys(raw[:-1])
         msg = "unknown key" + (f" (allowed: {', '.join(allowed)})" if allowed else "")
-    elif err.get("type") == "union_tag_invalid" or err.get("type") == "union_tag_not_found":
+    elif err.get("type") in ("union_tag_invalid", "union_tag_not_found"):
         field = "kind" if loc and loc[0] == "scheduler" else "form"
         key = f"{key}.{field}"
         allowed = sorted(_FORM_OF_KIND) if field == "kind" else sorted(_FORM_OF_KIND.values())
@@ -447,10 +448,13 @@ def _describe(err: dict[str, Any]) -> str:
 
 
 def _allowed_keys(loc: Iterable[Any]) -> list[str]:
-    """The keys a mapping at ``loc`` may hold (walks the models along the path)."""
+    """The keys a mapping at ``loc`` (pydantic's path, union tags included) may hold."""
     node: Any = Profile
     for part in loc:
         node = _strip(node)
+        if get_origin(node) is Union:  # a discriminated union: the part is the tag
+            node = next((a for a in get_args(node) if part in _tags_of(a)), None)
+            continue
         if isinstance(part, int):
             args = get_args(node)
             node = args[0] if args else None
@@ -462,15 +466,20 @@ def _allowed_keys(loc: Iterable[Any]) -> list[str]:
             return []
         node = field.annotation
     node = _strip(node)
-    if get_origin(node) is Union:  # a discriminated union: every variant's keys
-        keys: set[str] = set()
-        for arg in get_args(node):
-            if isinstance(arg, type) and issubclass(arg, BaseModel):
-                keys |= set(arg.model_fields)
-        return sorted(keys)
     if isinstance(node, type) and issubclass(node, BaseModel):
         return list(node.model_fields)
     return []
+
+
+def _tags_of(model: Any) -> set[str]:
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        return set()
+    tags: set[str] = set()
+    for name in ("kind", "form"):
+        field = model.model_fields.get(name)
+        if field is not None:
+            tags |= set(get_args(field.annotation))
+    return tags
 
 
 def _strip(node: Any) -> Any:

@@ -205,8 +205,7 @@ def _sim_profile_env(args: argparse.Namespace) -> tuple[dict[str, str], str]:
             why = "chosen" if factor > 1 else "none needed"
         else:
             why = "as given"
-        note = (f"  profile   {profile.describe()}
-"
+        note = (f"  profile   {profile.describe()}\n"
                 f"  time      dilated {factor:g}x ({why}): {replicas} replicas at full batch "
                 f"emit {rate:,.0f} SSE events/s undilated, {rate / factor:,.0f} dilated; this "
                 f"machine's budget is {budget:,.0f}/s ({dilation.TARGET_SHARE:.0%} of "

@@ -305,9 +305,9 @@ class Profile(_Frozen):
     @property
     def ref(self) -> str:
         """How to name it to another process (``LLM_SIM_PROFILE``): its name when it is a
-        shipped profile, else its path."""
+        shipped profile, else its absolute path."""
         if self._path is not None and self._path.resolve() != profile_path(self.name).resolve():
-            return str(self._path)
+            return str(self._path.resolve())
         return self.name
 
     @property

@@ -166,3 +166,51 @@ def test_sim_model_dilated() -> None:
         2.5 * 0.038)
     with pytest.raises(ValueError, match="slots discrete-event model needs a slots profile"):
         SimModel.named("h200-llama8b").des_params(2)
+
+
+# --- profile compare ----------------------------------------------------------------------------
+
+
+def test_steady_latency_of_a_slots_profile_follows_its_formulas() -> None:
+    p = load_profile("cpu-sim")
+    ttft, itl = profile_cli.steady_latency(p, 200, 4, 64)
+    assert (ttft, itl) == (pytest.approx(0.050 + 0.05), pytest.approx(0.034))
+    # 16 streams on 8 slots: each request waits one request length (Little's law, C/S - 1 = 1)
+    ttft16, itl16 = profile_cli.steady_latency(p, 200, 16, 64)
+    assert itl16 == pytest.approx(0.038)
+    assert ttft16 == pytest.approx(0.1 + (0.1 + 63 * 0.038))
+
+
+def test_steady_latency_of_a_continuous_profile_chunks_the_prompt() -> None:
+    p = load_profile("h200-llama8b")
+    one, itl = profile_cli.steady_latency(p, 8192, 1, 128)
+    # batch 1: the whole prompt in one step (8,192 tokens fit the budget), no one to wait for
+    assert one == pytest.approx(p.prefill_seconds(8192))
+    assert itl == pytest.approx(p.decode_step_seconds(1, 8192 + 64))
+    # with 64 others decoding, the budget leaves 8,128 tokens: two chunks, each beside them
+    busy, _ = profile_cli.steady_latency(p, 8192, 65, 128)
+    others = (8192 + 64,) * 64
+    assert busy == pytest.approx(p.decode_step_seconds(64, 8256) / 2 + sum(
+        p.step_seconds(StepBatch(decode_kv=others, prefill=(chunk,)))
+        for chunk in ((8128, 0), (64, 8128))))
+
+
+def test_profile_compare_figures(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert profile_cli.main(["compare", "h200-llama8b", "h200-llama8b"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "profile compare: median |diff| 0.0%, worst 0.0%")
+    # a copy whose dense floor is 10 % higher: every figure moves, none by much more (a
+    # one-token step, floor minus its discount, moves 11 %)
+    data = load_profile("h200-llama8b").model_dump(mode="json")
+    data["name"] = "slower"
+    data["cost"]["params"]["weights_ms"] *= 1.1
+    path = tmp_path / "slower.yaml"
+    path.write_text(__import__("yaml").safe_dump(data))
+    assert profile_cli.main(["compare", str(path), "h200-llama8b", "--prompts", "128,2048",
+                             "--concurrency", "1,64"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len([line for line in out if "%" in line and "ms" not in line]) == 4 + 1
+    median = float(out[-1].split("median |diff| ")[1].split("%")[0])
+    worst = float(out[-1].split("worst ")[1].split("%")[0])
+    assert 0 < median <= worst <= 12.0
+    assert profile_cli.main(["compare", "cpu-sim", "h200-llama8b", "--prompts", "x"]) == 2

@@ -106,7 +106,7 @@ def test_a_profile_outside_the_shipped_ones_is_named_by_its_path(tmp_path: Path)
     data = _cpu_sim()
     data["name"] = "other"
     path = _write(tmp_path, data)
-    assert load_profile(path).ref == str(path)
+    assert load_profile(path).ref == str(path.resolve())
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: [")
     with pytest.raises(ProfileError, match=f"{bad}: not valid YAML"):

@@ -37,7 +37,7 @@ VLLM_DEFAULTS = {
 VLLM_SOURCES = (
     "vLLM 0.33.0 defaults for `vllm serve` on a GPU of 70-160 GiB that is not an A100 "
     "(an H200): max_num_seqs 1024 and max_num_batched_tokens 8192 "
-    "(vllm/engine/arg_utils.py:2984-2996, get_batch_defaults, OPENAI_API_SERVER); block_size "
+    "(vllm/engine/arg_utils.py:2983-2996, get_batch_defaults, OPENAI_API_SERVER); block_size "
     "16 (vllm/config/cache.py:185, kept by FlashAttention for a bf16 KV cache, "
     "vllm/v1/attention/backends/flash_attn.py:372-379); enable_prefix_caching true "
     "(vllm/config/cache.py:257); enable_chunked_prefill true (vllm/config/scheduler.py:134); "

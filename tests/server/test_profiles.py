@@ -217,7 +217,7 @@ def test_dilation_stretches_the_measured_steps() -> None:
     """The same profile at dilation 1 and 3: measured inter-token times scale by 3."""
     def measure(dilation: float) -> float:
         settings = from_env({"LLM_SIM_PROFILE": "cpu-sim", "LLM_SIM_PREFIX_CACHE_TOKENS": "0",
-                             "LLM_SIM_DECODE_BASE_MS": "6", "LLM_SIM_DECODE_MS_PER_SEQ": "1",
+                             "LLM_SIM_DECODE_BASE_MS": "20", "LLM_SIM_DECODE_MS_PER_SEQ": "2",
                              "LLM_SIM_PREFILL_BASE_MS": "1",
                              "LLM_SIM_TIME_DILATION": str(dilation)})
 
@@ -233,5 +233,5 @@ def test_dilation_stretches_the_measured_steps() -> None:
         return statistics.median(b - a for r in runs for a, b in itertools.pairwise(r[1:]))
 
     plain, dilated = measure(1), measure(3)
-    assert plain == pytest.approx(0.008, rel=0.25)  # 6 ms + 1 ms x 2 sequences
-    assert dilated == pytest.approx(3 * 0.008, rel=0.15)
+    assert plain == pytest.approx(0.024, rel=0.15)  # 20 ms + 2 ms x 2 sequences
+    assert dilated == pytest.approx(3 * 0.024, rel=0.15)

@@ -142,9 +142,9 @@ def _from_x(name: str, x: float) -> float:
 
 
 def _start(cells: Sequence[Cell], scale: float) -> dict[str, float]:
-    """A start read off the data: the floor from the fastest engine-like cell, compute per
-    token from the cell with the most new tokens; the rest in proportion to them, times
-    ``scale`` for the terms a start cannot read."""
+    """A start read off the data: the floor from the fastest cell, compute per token from the
+    cell with the most new tokens; the terms no single cell shows start in proportion to those
+    (ratios typical of a GPU), times ``scale``."""
     fastest = min(c.measured_s for c in cells) * 1e3
     most = max(cells, key=lambda c: c.batch.tokens)
     per_token_us = most.measured_s * 1e6 / max(1, most.batch.tokens)
@@ -152,7 +152,7 @@ def _start(cells: Sequence[Cell], scale: float) -> dict[str, float]:
         "weights_ms": fastest, "single_token_discount_ms": 0.05 * fastest,
         "compute_us_per_token": 0.8 * per_token_us, "roofline_sharpness": 1.5,
         "attention_base_ms": 0.01 * fastest * scale,
-        "kv_read_ns_per_token": 5e3 * per_token_us / 1e3 * scale / 3,
+        "kv_read_ns_per_token": 1.7 * per_token_us * scale,
         "attention_parallel_seqs": 16.0, "per_sequence_us": 0.2 * per_token_us * scale,
         "prefill_attention_ns_per_pair": 0.05 * per_token_us * scale,
     }

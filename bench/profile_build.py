@@ -4,21 +4,23 @@
 parameters and the residual of every cell come from bench/fit.py run on the files in
 server/profiles/measurements/, and the scheduler block from vLLM 0.33.0's defaults plus the
 KV-cache arithmetic below. ``--check`` says whether the shipped files are what this module
-writes (tests/bench/test_profiles.py checks the same).
+writes, to the tolerance of a re-fit on another machine (tests/bench/test_profiles.py checks
+the same).
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from bench.fit import FitResult, read_cells, fit_roofline
-from server.engines.profile import PROFILE_DIR, parse_profile, profile_path
+from bench.fit import FitResult, fit_roofline, read_cells, residuals
+from server.engines.profile import PROFILE_DIR, RooflineCost, parse_profile, profile_path
 
 MEASUREMENTS = PROFILE_DIR / "measurements"
 FILES = ("h200-decode-prefill-2026-12-04.json", "h200-step-vs-tokens-2026-12-04.json")
@@ -189,7 +191,47 @@ def write(specs: tuple[Spec, ...] = SPECS) -> list[Path]:
     return changed
 
 
-def stale(specs: tuple[Spec, ...] = SPECS) -> list[str]:
-    """Names of the shipped profiles that differ from what :func:`write` would write."""
-    return [s.name for s in specs
-            if not profile_path(s.name).is_file() or profile_path(s.name).read_text() != render(s)]
+TOLERANCE = 2e-3
+"""How far a re-fit may land from the shipped file and still count as the same fit: the
+optimum is flat in some directions (a fixed attention cost trades against a per-sequence one),
+so a different machine's arithmetic may move a parameter's fourth digit. What must agree is
+every cell's prediction and every method term, to this relative tolerance."""
+
+
+def differences(spec: Spec) -> list[str]:
+    """How the shipped profile differs from a fresh fit (empty: it is current)."""
+    path = profile_path(spec.name)
+    if not path.is_file():
+        return [f"{path} is missing"]
+    shipped = yaml.safe_load(path.read_text())
+    fresh = yaml.safe_load(render(spec))
+    problems = [f"{key} differs" for key in fresh
+                if key not in ("cost", "fit") and shipped.get(key) != fresh[key]]
+    old_fit, new_fit = shipped.get("fit") or {}, fresh["fit"]
+    old_cells = {(c["file"], c["cell"]): c for c in old_fit.get("cells", [])}
+    for c in new_fit["cells"]:
+        old = old_cells.pop((c["file"], c["cell"]), None)
+        if old is None:
+            problems.append(f"cell {c['cell']} of {c['file']} is missing")
+        elif not math.isclose(old["predicted_ms"], c["predicted_ms"], rel_tol=TOLERANCE):
+            problems.append(f"{c['cell']}: {old['predicted_ms']} ms shipped, a re-fit "
+                            f"predicts {c['predicted_ms']} ms")
+    problems += [f"cell {cell} of {file} is not measured" for file, cell in old_cells]
+    # and the shipped cells are what the shipped parameters predict (nobody edited one alone)
+    profile = parse_profile(shipped, str(path))
+    if isinstance(profile.cost, RooflineCost) and profile.fit is not None:
+        own = residuals(profile.cost.params, profile.fit.method_terms, cells(spec))
+        for r, c in zip(own, profile.fit.cells, strict=False):
+            if abs(r.predicted_s * 1e3 - c.predicted_ms) > 1.5e-3:
+                problems.append(f"{c.cell}: the file says {c.predicted_ms} ms, its own "
+                                f"parameters predict {r.predicted_s * 1e3:.3f} ms")
+    for name, value in new_fit["method_terms"].items():
+        old = old_fit.get("method_terms", {}).get(name)
+        if old is None or not math.isclose(old, value, rel_tol=TOLERANCE):
+            problems.append(f"method term {name}: {old} shipped, {value} re-fitted")
+    return problems
+
+
+def stale(specs: tuple[Spec, ...] = SPECS) -> dict[str, list[str]]:
+    """The shipped profiles that differ from a fresh fit, with how."""
+    return {s.name: d for s in specs if (d := differences(s))}

@@ -232,8 +232,9 @@ def _fit(check_only: bool) -> int:
 
     if check_only:
         stale = profile_build.stale()
-        for name in stale:
-            print(f"{name}: differs from a fresh fit; run `python -m bench profile fit`")
+        for name, problems in stale.items():
+            print(f"{name}: differs from a fresh fit ({'; '.join(problems[:5])}); run "
+                  "`python -m bench profile fit`")
         if not stale:
             print(f"fitted profiles current: {', '.join(s.name for s in profile_build.SPECS)}")
         return 1 if stale else 0

@@ -43,16 +43,26 @@ def test_shipped_residuals_are_what_the_stored_parameters_give(spec) -> None:
 
 @pytest.mark.parametrize("spec", profile_build.SPECS, ids=lambda s: s.name)
 def test_shipped_parameters_are_a_fresh_fit(spec) -> None:
-    """A re-fit from the measurement files lands on the stored parameters (4 digits), and the
-    fit meets the bar: no counted cell off by more than 10 %."""
+    """A re-fit from the measurement files predicts every cell as the stored parameters do,
+    and the fit meets the bar: no counted cell off by more than 10 %."""
+    assert profile_build.differences(spec) == []
     profile = load_profile(spec.name)
     result = profile_build.fitted(spec)
-    for name, value in profile.cost.params.model_dump().items():
-        assert getattr(result.params, name) == pytest.approx(value, rel=2e-3), name
-    for name, value in profile.fit.method_terms.items():
-        assert result.method_terms[name] == pytest.approx(value, rel=2e-3), name
     assert result.worst_abs_error < 0.10
-    assert profile_build.render(spec) == profile.path.read_text()
+    stored = residuals(profile.cost.params, profile.fit.method_terms, profile_build.cells(spec))
+    # the stored parameters are an optimum: no worse than the re-fit, beyond rounding
+    assert sum(math.log(r.predicted_s / r.cell.measured_s) ** 2 for r in stored) <= sum(
+        math.log(r.predicted_s / r.cell.measured_s) ** 2 for r in result.residuals) + 1e-5
+
+
+def test_a_hand_edit_is_caught(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    spec = profile_build.SPECS[0]
+    text = load_profile(spec.name).path.read_text().replace("kv_read_ns_per_token: ",
+                                                            "kv_read_ns_per_token: 1")
+    edited = tmp_path / f"{spec.name}.yaml"
+    edited.write_text(text)
+    monkeypatch.setattr(profile_build, "profile_path", lambda name: tmp_path / f"{name}.yaml")
+    assert any("its own parameters predict" in d for d in profile_build.differences(spec))
 
 
 def test_fit_recovers_known_parameters_from_synthetic_cells() -> None:

@@ -1,4 +1,4 @@
-"""``python -m bench profile ...``: latency profiles (server/profiles/, docs in server/README.md).
+"""``python -m bench profile ...``: latency profiles (server/profiles/, docs/latency-profiles.md).
 
     python -m bench profile list
     python -m bench profile show PROFILE

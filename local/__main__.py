@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import signal
 import sys
@@ -89,6 +90,13 @@ def _parser() -> argparse.ArgumentParser:
                     help="port of the local Prometheus (default 9090)")
     up.add_argument("--time-factor", type=float, default=1.0,
                     help="run polling, windows and periods this many times faster (default 1)")
+    up.add_argument("--profile", default=None,
+                    help="sim latency profile: a name in server/profiles/ (cpu-sim, "
+                         "h200-llama8b, ...) or a path to a profile file")
+    up.add_argument("--time-dilation", type=float, default=None,
+                    help="multiply every modelled duration by this (default with --profile: "
+                         "the smallest that keeps the SSE event rate within this machine's "
+                         "headroom, local/headroom.yaml; else 1)")
     up.set_defaults(run=_up)
 
     down = sub.add_parser("down", help="stop the cluster that `up` started")
@@ -122,7 +130,8 @@ def _up(args: argparse.Namespace) -> int:
         args.replicas = scaling_cfg.autoscaling.min_replicas if scaling_cfg else 3
     if args.time_factor <= 0:
         raise LocalModeError(f"--time-factor must be positive, got {args.time_factor}")
-    cluster = _cluster(args)
+    sim_env, dilation_note = _sim_profile_env(args)
+    cluster = _cluster(args, sim_env)
     cluster.supervisor_markers = ["local", "up"]
     _interrupt_on_sigterm()
     engine = cluster.engine
@@ -139,6 +148,8 @@ def _up(args: argparse.Namespace) -> int:
                 cluster, scaling_cfg, port=args.prometheus_port, time_factor=args.time_factor,
                 on_event=_say)
         _say(banner(cluster))
+        if dilation_note:
+            _say(dilation_note)
         if scaling_cfg is not None:
             _say(f"autoscaling: {scaler.policy.min_replicas}-{scaler.policy.max_replicas} "
                  f"replicas; Prometheus {prometheus.url}; queries: "
@@ -163,7 +174,51 @@ def _up(args: argparse.Namespace) -> int:
                 _say("stopped")
 
 
-def _cluster(args: argparse.Namespace) -> LocalCluster:
+def _sim_profile_env(args: argparse.Namespace) -> tuple[dict[str, str], str]:
+    """The replicas' LLM_SIM_* environment for --profile / --time-dilation, and a note for the
+    banner saying which profile runs and why at that dilation."""
+    if args.profile is None and args.time_dilation is None:
+        return {}, ""
+    if (args.engine or ("transformers" if args.model else "sim")) != "sim":
+        raise LocalModeError("--profile and --time-dilation apply to the sim engine only")
+    if args.time_dilation is not None and not args.time_dilation > 0:
+        raise LocalModeError(f"--time-dilation must be positive, got {args.time_dilation}")
+    from local import dilation
+    from server.engines.profile import ProfileError, load_profile
+
+    env: dict[str, str] = {}
+    note = ""
+    try:
+        profile = load_profile(args.profile) if args.profile is not None else None
+    except ProfileError as exc:
+        raise LocalModeError(f"--profile: {exc}") from None
+    replicas = args.replicas
+    factor = args.time_dilation
+    if profile is not None:
+        env["LLM_SIM_PROFILE"] = profile.ref
+        env["LLM_MAX_CONCURRENCY"] = str(profile.scheduler.admission_slots)
+        headroom = dilation.load_headroom()
+        rate = dilation.full_batch_event_rate(profile, replicas)
+        budget = dilation.TARGET_SHARE * headroom.for_this_machine()
+        if factor is None:
+            factor = dilation.pick_dilation(profile, replicas, headroom)
+            why = "chosen" if factor > 1 else "none needed"
+        else:
+            why = "as given"
+        note = (f"  profile   {profile.describe()}\n"
+                f"  time      dilated {factor:g}x ({why}): {replicas} replicas at full batch "
+                f"emit {rate:,.0f} SSE events/s undilated, {rate / factor:,.0f} dilated; this "
+                f"machine's budget is {budget:,.0f}/s ({dilation.TARGET_SHARE:.0%} of "
+                f"{headroom.for_this_machine():,.0f}, `{headroom.command}` on "
+                f"{headroom.cores} cores, {headroom.date}). Divide measured times by {factor:g}.")
+    elif factor is not None:
+        note = f"  time      dilated {factor:g}x (as given). Divide measured times by {factor:g}."
+    if factor is not None and factor != 1:
+        env["LLM_SIM_TIME_DILATION"] = repr(float(factor))
+    return env, note
+
+
+def _cluster(args: argparse.Namespace, sim_env: dict[str, str] | None = None) -> LocalCluster:
     """Build the cluster, turning argument problems into LocalModeError (exit 2)."""
     engine = args.engine or ("transformers" if args.model else "sim")
     try:
@@ -172,8 +227,11 @@ def _cluster(args: argparse.Namespace) -> LocalCluster:
         return LocalCluster(
             args.replicas, engine=engine, model=args.model, policy=policy, port=args.port,
             first_replica_port=args.first_port, api_key=args.api_key, workdir=args.workdir,
-            max_output_tokens=args.max_output_tokens, on_progress=_say,
-            workers=args.workers, nginx=args.nginx, tls=args.tls,
+            # nginx's read timeout is max_output_tokens x per-token seconds: dilated time
+            # stretches every token.
+            max_output_tokens=math.ceil(args.max_output_tokens * max(1.0, float(
+                (sim_env or {}).get("LLM_SIM_TIME_DILATION", 1)))), on_progress=_say,
+            workers=args.workers, nginx=args.nginx, tls=args.tls, server_env=sim_env,
         )
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())

@@ -133,8 +133,9 @@ class NginxControl:
                     raise LocalModeError(f"nginx did not answer {HEALTH_PATH} on :{self.port} "
                                          f"within {timeout:.0f} s")
                 time.sleep(POLL_SECONDS)
+        models = f" of {len(self.model_names)} models" if len(self.model_names) > 1 else ""
         self._progress(f"nginx on :{self.port} ready, {policy_label(self.policy)} over "
-                       f"{self.replicas} replica(s) ({time.monotonic() - start:.1f} s)")
+                       f"{self.replicas} replica(s){models} ({time.monotonic() - start:.1f} s)")
 
     def _wait_new_workers(self, before: set[int] | None, timeout: float = 5.0,
                           old_grace: float = 2.0) -> None:

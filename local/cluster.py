@@ -43,7 +43,6 @@ from local.state import (  # noqa: F401 - public here too
 )
 
 
-
 class LocalCluster(NginxControl, Elastic, ReplicaProcesses):
     """Replicas of the OpenAI-compatible server on consecutive ports, behind nginx.
 
@@ -93,7 +92,8 @@ class LocalCluster(NginxControl, Elastic, ReplicaProcesses):
             replicas = 3 if replicas is None else replicas
             if not isinstance(replicas, int) or replicas < 1:
                 raise ValueError(f"replicas must be at least 1, got {replicas!r}")
-            self.models = (LocalModel("sim-llm", replicas, engine, model),)
+            named = (server_env or {}).get("LLM_SERVED_MODEL_NAME")
+            self.models = (LocalModel(named or model or "sim-llm", replicas, engine, model),)
         self._named_models = models is not None
         """Each replica gets its model's LLM_SERVED_MODEL_NAME (one model: the server's own
         name, confirmed once a replica is up)."""
@@ -118,9 +118,10 @@ class LocalCluster(NginxControl, Elastic, ReplicaProcesses):
         self._tls_key: Path | None = None
         self.endpoint = f"{'https' if tls else 'http'}://127.0.0.1:{port}/v1"
         self.model_name = self._expected_model_name()
+        """Name clients send as `model` (the first model's); confirmed from /v1/models once a
+        replica is up."""
         self.models_created = int(time.time())
         """`created` of the model cards nginx lists at /v1/models (several models)."""
-        """Name clients send as `model`; confirmed from /v1/models once a replica is up."""
         self.supervisor_markers: list[str] | None = None
         """Set by the CLI: records this process in the state file so `down` signals it."""
         self._progress = on_progress or (lambda _message: None)

@@ -42,7 +42,6 @@ class LocalModel:
                 or self.replicas < 1:
             raise ValueError(f"model {self.served_name!r}: replicas must be at least 1, got "
                              f"{self.replicas!r}")
-        check_served_name(self.served_name)
 
     def env(self) -> dict[str, str]:
         """What a replica of this model adds to its environment."""
@@ -53,10 +52,14 @@ class LocalModel:
 
 
 def check_models(models: Sequence[LocalModel]) -> tuple[LocalModel, ...]:
-    """The models as a tuple; at least one, served names distinct."""
+    """The models as a tuple; at least one, served names distinct and, with several (nginx
+    routes by them), in the characters routing accepts."""
     models = tuple(models)
     if not models:
         raise ValueError("local mode needs at least one model")
+    if len(models) > 1:
+        for model in models:
+            check_served_name(model.served_name)
     names = [m.served_name for m in models]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:

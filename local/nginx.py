@@ -106,8 +106,11 @@ class NginxControl:
         result = subprocess.run(self._nginx_args("-t", "-q"), capture_output=True, text=True,
                                 timeout=30, check=False)
         if result.returncode != 0:
-            raise LocalModeError(f"nginx rejected {self._conf_path}:\n"
-                                 + (result.stderr or result.stdout).strip())
+            message = (result.stderr or result.stdout).strip()
+            if "LIMIT_HEAP" in message:  # the model-routing regex needs PCRE2
+                message += ("\nrouting several models needs nginx 1.21.5 or later built with "
+                            "PCRE2 (as Debian 12's nginx is)")
+            raise LocalModeError(f"nginx rejected {self._conf_path}:\n{message}")
 
     def _start_nginx(self, timeout: float) -> None:
         self._write_conf(self._replicas)

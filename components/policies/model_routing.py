@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 SERVED_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$")
@@ -240,8 +239,3 @@ def models_list(routes: ModelRoutes, created: int = 0) -> dict[str, object]:
 def models_list_return(routes: ModelRoutes, created: int = 0) -> str:
     body = json.dumps(models_list(routes, created), separators=(",", ":"))
     return f"return 200 '{body}';"
-
-
-def served_names(names: Sequence[str]) -> ModelRoutes:
-    """`ModelRoutes` of `names`, validated."""
-    return ModelRoutes(tuple(names))

@@ -110,9 +110,7 @@ def _listen_lines(bind: str, certificate: Path | None, key: Path | None) -> list
 def _json_error(status: int, message: str, code: str) -> str:
     """An nginx `return` answering an OpenAI-style error body (no quotes allowed in message)."""
     kind = "rate_limit_error" if status == 429 else "invalid_request_error"
-    body = ('{"error":{"message":"' + message + '","type":"' + kind + '","param":null,'
-            '"code":"' + code + '"}}')
-    return f"return {status} '{body}';"
+    return f"return {status} '{routing.error_body(message, kind, None, code)}';"
 
 
 def nginx_conf(

@@ -298,7 +298,7 @@ def test_a_routed_stream_is_relayed_as_it_comes(router, replicas):
 @needs_nginx
 def test_a_bounded_model_spills_over_its_own_replicas_only(tmp_path, replicas):
     alpha, beta_1, beta_2 = replicas["a1"], replicas["a2"], replicas["b1"]
-    held: list[http.client.HTTPConnection] = []
+    held: list[tuple[http.client.HTTPConnection, http.client.HTTPResponse]] = []
     with nginx_runner(tmp_path) as start:
         proxy = start(policy(method="session_hash_bounded", boundFactor=1.0, maxFails=0),
                       {NAMES[0]: [alpha.address], NAMES[1]: [beta_1.address, beta_2.address]},
@@ -308,14 +308,15 @@ def test_a_bounded_model_spills_over_its_own_replicas_only(tmp_path, replicas):
                 conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
                 conn.request("POST", "/v1/stream", body=b'{"model":"beta:v2.1"}',
                              headers={"X-Session-ID": "hot"})
-                assert conn.getresponse().status == 200
-                held.append(conn)
+                held.append((conn, conn.getresponse()))
+                assert held[-1][1].status == 200
             assert (alpha.hits, beta_1.hits + beta_2.hits) == (0, 3)
             assert "no live upstreams" in proxy.error_log()
         finally:
             for upstream in replicas.values():
                 upstream.stream_release.set()
-            for conn in held:
+            for conn, response in held:
+                response.read()  # the streams end before their connections close
                 conn.close()
 
 

@@ -138,9 +138,17 @@ def expected_route(body: bytes) -> str:
     return "404"
 
 
-def routed(port: int, body: bytes) -> str:
-    status, _, answer = request(port, "POST", "/v1/chat/completions", body=body,
-                                headers={"Content-Type": "application/json"})
+def routed(port: int, body: bytes, conn: http.client.HTTPConnection | None = None) -> str:
+    """Which replica group answered `body` ("a", "b") or "404"; on `conn` when given (kept
+    alive), else on a fresh connection."""
+    if conn is None:
+        status, _, answer = request(port, "POST", "/v1/chat/completions", body=body,
+                                    headers={"Content-Type": "application/json"})
+    else:
+        conn.request("POST", "/v1/chat/completions", body=body,
+                     headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        status, answer = response.status, response.read()
     if status == 404:
         error = json.loads(answer)["error"]
         assert error["code"] == "model_not_found" and error["param"] == "model"
@@ -228,7 +236,11 @@ def test_random_bodies_route_as_the_servers_parser_reads_them(router):
     rng = random.Random(19)
     bodies = [_random_json(rng, depth=rng.randrange(1, 6)).encode() for _ in range(400)]
     assert len({expected_route(b) for b in bodies}) == 3  # every outcome is exercised
-    wrong = [(b, routed(router.port, b), expected_route(b)) for b in bodies]
+    conn = http.client.HTTPConnection("127.0.0.1", router.port, timeout=5)
+    try:
+        wrong = [(b, routed(router.port, b, conn), expected_route(b)) for b in bodies]
+    finally:
+        conn.close()
     assert [w for w in wrong if w[1] != w[2]] == []
 
 

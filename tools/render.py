@@ -22,6 +22,7 @@ from components.config.stack import StackConfig
 from components.engines import PROFILES
 from components.policies.alerting import local_rules
 from components.policies.nginx_conf import nginx_conf
+from local.models import models_from_stack
 from tools import offline
 
 
@@ -87,9 +88,13 @@ SERVER_DEFAULT_QUEUE = 128
 
 
 def _local_nginx_conf(cfg: StackConfig, out: Path) -> str:
-    """The same loadBalancing policy as plain nginx.conf, for replicas on 127.0.0.1:8000+."""
-    replicas = max(cfg.autoscaling.min_replicas if cfg.autoscaling.enabled else cfg.replicas, 1)
-    upstreams = [f"127.0.0.1:{LOCAL_FIRST_PORT + i}" for i in range(replicas)]
+    """The same loadBalancing policy as plain nginx.conf, for replicas on 127.0.0.1:8000+
+    (every model's, model after model, as `python -m local up --stack` starts them)."""
+    models = models_from_stack(cfg)
+    replicas = sum(m.replicas for m in models)
+    addresses = iter(f"127.0.0.1:{LOCAL_FIRST_PORT + i}" for i in range(replicas))
+    groups = {m.served_name: [next(addresses) for _ in range(m.replicas)] for m in models}
+    upstreams = groups if len(groups) > 1 else next(iter(groups.values()))
     admitted = None
     if cfg.model.max_concurrency is not None:  # running slots + the server's default queue
         admitted = replicas * (cfg.model.max_concurrency + SERVER_DEFAULT_QUEUE)

@@ -166,3 +166,45 @@ def test_replica_failing_shows_its_log(tmp_path: Path) -> None:
 def test_down_without_a_cluster_is_harmless(tmp_path: Path) -> None:
     result = _run("down", "--workdir", str(tmp_path))
     assert result.returncode == 0 and "nothing to stop" in result.stdout
+
+
+TINY_STACK = """config:
+  llm-serving:model:
+    id: org/tiny-weights
+    servedName: tiny-chat
+  llm-serving:replicas: 2
+  llm-serving:loadBalancing:
+    method: round_robin
+"""
+
+
+def test_up_with_a_stack_serves_its_model_by_name_with_its_policy(up, tmp_path: Path) -> None:
+    import httpx
+
+    stack = tmp_path / "Pulumi.tiny.yaml"
+    stack.write_text(TINY_STACK)
+    base = free_port_range(3)
+    workdir = tmp_path / "run"
+    proc, out = up("up", "--stack", str(stack), "--port", str(base), "--first-port",
+                   str(base + 1), "--workdir", str(workdir), "--api-key", "k-1")
+    text = out.until("stops everything")
+    assert "ready: 2 sim replica(s) behind nginx (round_robin)" in text
+    assert "model     tiny-chat" in text
+    answer = httpx.post(f"http://127.0.0.1:{base}/v1/chat/completions", timeout=10,
+                        headers={"Authorization": "Bearer k-1"},
+                        json={"model": "tiny-chat", "max_tokens": 1,
+                              "messages": [{"role": "user", "content": "hi"}]})
+    assert answer.status_code == 200 and answer.json()["model"] == "tiny-chat"
+    status = _run("status", "--workdir", str(workdir))
+    assert "model tiny-chat  policy round_robin" in status.stdout
+
+
+def test_stack_errors_name_the_problem(tmp_path: Path) -> None:
+    base = free_port_range(3)
+    stack = tmp_path / "Pulumi.tiny.yaml"
+    stack.write_text(TINY_STACK)
+    _assert_user_error(_run(*_up_args(base, tmp_path / "run"), "--stack", str(stack),
+                            "--model", "org/x"),
+                       r"--model and --stack do not go together")
+    _assert_user_error(_run(*_up_args(base, tmp_path / "run"), "--stack", "no-such-stack"),
+                       r"no stack file for 'no-such-stack'")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from components.config.parse import parse_stack_config
 from tools import config_reference, offline
 
 
@@ -23,3 +24,30 @@ def test_reference_names_scalar_types():
     assert types["loadBalancing.boundFactor"] == "number"
     assert types["monitoring.slo.ttftP99Seconds"] == "number"
     assert types["autoscaling.runningAverageSeconds"] == "integer"
+
+
+def _field_value(cfg, key: str):
+    """The parsed value at a reference key such as `ingress.controller.resources.requests.cpu`."""
+    value = cfg
+    for part in key.split("."):
+        fields = type(value).model_fields
+        name = next(n for n, f in fields.items() if part in (n, f.alias))
+        value = getattr(value, name)
+    return value
+
+
+def test_every_documented_default_is_the_parsed_default():
+    """The Default column says what a stack that sets nothing gets, also inside a section
+    whose parent gives it other defaults (ingress.controller.resources: 250m, not the model
+    replicas' 1)."""
+    cfg = parse_stack_config({"model": {"id": "m"}})
+    checked = 0
+    for key, kind, default, _ in config_reference.rows():
+        if kind == "section" or "[]" in key or default == "required" or key.startswith("model."):
+            continue
+        assert default == config_reference._shown(_field_value(cfg, key)), key
+        checked += 1
+    assert checked > 80
+    rows = {row[0]: row[2] for row in config_reference.rows()}
+    assert rows["ingress.controller.resources.requests.cpu"] == "`250m`"
+    assert rows["resources.requests.cpu"] == "`1`"

@@ -129,9 +129,13 @@ def _replica_exprs(policy: AlertPolicy) -> tuple[str, str]:
             f"sum({_sel(policy, 'kube_deployment_spec_replicas')})",
         )
     up = _sel(policy, "up")
-    # A replica whose /metrics answers is serving in local mode; count() of
-    # nothing is nothing, so no replica at all reads as 0.
-    return f"count({up} == 1) or vector(0)", f"count({up}) or vector(0)"
+    # A replica whose /metrics answers is serving in local mode: up is 1 for it, 0 for one
+    # that does not answer. The sum is 0 only when every known replica fails; before the first
+    # scrape (a target's first one comes up to a scrape interval after start) there is no
+    # series and so no alert, as in the cluster, where no kube-state-metrics series means no
+    # alert. (`count(up == 1) or vector(0)` read "not scraped yet" as "none ready", and local
+    # top showed LlmNoReadyReplica pending while the replicas answered.)
+    return f"sum({up})", f"count({up}) or vector(0)"
 
 
 def recording_rules(policy: AlertPolicy) -> list[dict[str, Any]]:

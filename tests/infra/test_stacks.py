@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -249,3 +250,11 @@ def test_kubectl_key_order_follows_go_yaml():
         "_x", "Z", "a", "a.b", "a2", "a10", "a19", "a100", "ab", "b"]
     configmap = {"metadata": {}, "kind": "ConfigMap", "data": {}, "apiVersion": "v1"}
     assert list(offline.kubectl_order(configmap)) == ["apiVersion", "data", "kind", "metadata"]
+
+
+def test_readme_quotes_the_dev_render_summary(dev_render):
+    stdout, _, _ = dev_render
+    readme = " ".join((offline.PROJECT_DIR / "README.md").read_text().split())
+    [quoted] = re.findall(r"`(would create [^`]*)` for dev", readme)
+    [printed] = [l for l in stdout.splitlines() if l.startswith("would create ")]
+    assert quoted == printed

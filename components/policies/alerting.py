@@ -33,6 +33,11 @@ Target = Literal["cluster", "local"]
 LOCAL_JOB = "llm-serving-local"
 """Scrape job name of the local replicas in local mode's Prometheus."""
 
+KUBE_STATE_METRICS_REPLICAS = (
+    "kube_deployment_status_replicas_available", "kube_deployment_spec_replicas")
+"""(available, desired) replicas per Deployment from kube-state-metrics; labels `namespace` and
+`deployment` (tests/contracts/data/kube-state-metrics-2.20.0.json)."""
+
 RECORD_PREFIX = "llm_serving"
 """Recorded series are `llm_serving:<what>:<how>` (Prometheus naming convention)."""
 
@@ -124,9 +129,11 @@ def _quantile(policy: AlertPolicy, q: float, histogram: str) -> str:
 def _replica_exprs(policy: AlertPolicy) -> tuple[str, str]:
     """(available, desired) replica counts for the target."""
     if policy.target == "cluster":
-        return (
-            f"sum({_sel(policy, 'kube_deployment_status_replicas_available')})",
-            f"sum({_sel(policy, 'kube_deployment_spec_replicas')})",
+        # max by Deployment first: two kube-state-metrics scraped by one Prometheus (the
+        # stack's and kube-prometheus-stack's) report each Deployment twice.
+        return tuple(  # type: ignore[return-value]
+            f"sum(max by (deployment) ({_sel(policy, name)}))"
+            for name in KUBE_STATE_METRICS_REPLICAS
         )
     up = _sel(policy, "up")
     # A replica whose /metrics answers is serving in local mode: up is 1 for it, 0 for one

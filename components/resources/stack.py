@@ -21,6 +21,7 @@ from components.resources.autoscaling import LlmAutoscaler
 from components.resources.dashboard import LlmDashboard
 from components.resources.deployment import HF_TOKEN_SECRET_KEY, LlmDeployment
 from components.resources.image import HF_TOKEN_BUILD_SECRET, LlmImage, LlmImageArgs
+from components.resources.kube_state_metrics import KubeStateMetrics
 from components.resources.ingress import NginxIngress, controller_pod_labels
 from components.resources.monitoring import LlmServiceMonitor
 from components.resources.pod_policies import PodPolicies
@@ -196,6 +197,12 @@ class LlmStack(pulumi.ComponentResource):
             )
 
         monitoring = cfg.monitoring
+        if monitoring.kube_state_metrics == "install":
+            # After the model namespace: the chart puts its Role there.
+            KubeStateMetrics(
+                f"{name}-kube-state-metrics", {"config": cfg, "labels": labels},
+                opts=pulumi.ResourceOptions(parent=self, depends_on=[namespace]),
+            )
         if monitoring.rules:
             LlmAlertRules(
                 f"{name}-alerts",

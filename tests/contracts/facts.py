@@ -86,3 +86,34 @@ def chart_value_problems(values: Mapping[str, Any], facts: Mapping[str, Any]) ->
         if not any(p in known for p in parents) and path not in top_level:
             problems.append(f"{path}: not a value chart {facts['chartVersion']} reads")
     return problems
+
+
+# --- kube-state-metrics ------------------------------------------------------------------------
+
+_SELECTOR = re.compile(r"\b(kube_[a-zA-Z0-9_]+)\s*(?:\{([^}]*)\})?")
+_MATCHER = re.compile(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)")
+_GROUPING = re.compile(r"\b(?:by|without)\s*\(([^)]*)\)")
+
+
+def kube_state_metrics_problems(expr: str, facts: Mapping[str, Any]) -> list[str]:
+    """What a PromQL expression reads from kube-state-metrics that the pinned version does not
+    export: an unknown kube_* metric, or a label (in a selector, or grouped by) that none of the
+    expression's kube_* metrics carries."""
+    metrics = facts["metrics"]
+    version = facts["version"]
+    problems, carried = [], set()
+    for name, matchers in _SELECTOR.findall(expr):
+        if name not in metrics:
+            problems.append(f"{name}: not exported by kube-state-metrics {version}")
+            continue
+        labels = set(metrics[name]["labels"])
+        carried |= labels
+        for label in _MATCHER.findall(matchers):
+            if label not in labels:
+                problems.append(f"{name}: no label {label!r} in kube-state-metrics {version}")
+    if carried:
+        for group in _GROUPING.findall(expr):
+            for label in (l.strip() for l in group.split(",") if l.strip()):
+                if label not in carried:
+                    problems.append(f"grouped by {label!r}, a label no kube_* series here carries")
+    return problems

@@ -112,7 +112,8 @@ def test_render_cli_writes_valid_manifests(tmp_path: Path):
     written = sorted({p.name.split("-")[0] for p in tmp_path.glob("*.yaml")})
     assert (tmp_path / "nginx.conf").exists()
     assert (tmp_path / "prometheus-rules.yml").exists()
-    assert written == ["clusterissuer", "configmap", "deployment", "helmrelease", "ingress",
+    assert written == ["certificate", "clusterissuer", "configmap", "deployment", "helmrelease",
+                       "ingress",
                        "namespace", "networkpolicy", "poddisruptionbudget", "prometheusrule",
                        "scaledobject", "secret", "service", "servicemonitor"]
     # Each Helm release the stack installs, with its chart, version and full values.

@@ -59,12 +59,18 @@ def _facts(resource: offline.Recorded) -> str:
             facts.append(f"service type={service['type']}")
     elif resource.type == "kubernetes:networking.k8s.io/v1:Ingress":
         annotations = inputs.get("metadata", {}).get("annotations", {})
-        facts.append(
-            f"class={spec.get('ingressClassName')} "
-            f"lb-method={annotations.get('nginx.org/lb-method')!r} "
-            f"buffering={annotations.get('nginx.org/proxy-buffering')} "
-            f"read-timeout={annotations.get('nginx.org/proxy-read-timeout')}"
-        )
+        facts.append(f"class={spec.get('ingressClassName')}")
+        role = annotations.get("nginx.org/mergeable-ingress-type")
+        if role:
+            facts.append(f"mergeable={role}")
+        if any(rule.get("http") for rule in spec.get("rules", [])):
+            facts.append(
+                f"lb-method={annotations.get('nginx.org/lb-method')!r} "
+                f"buffering={annotations.get('nginx.org/proxy-buffering')} "
+                f"read-timeout={annotations.get('nginx.org/proxy-read-timeout')}"
+            )
+        if spec.get("tls"):
+            facts.append("tls=" + ",".join(h for t in spec["tls"] for h in t.get("hosts", [])))
     elif resource.type == "kubernetes:keda.sh/v1alpha1:ScaledObject":
         facts.append(
             f"replicas={spec.get('minReplicaCount')}..{spec.get('maxReplicaCount')} "

@@ -82,7 +82,8 @@ class CertManager(pulumi.ComponentResource):
                 # Named as cert-manager's ingress-shim names the Certificate it made for stacks
                 # rendered before the stack made its own (after the Secret): on such a cluster
                 # the create fails and says so, where a second Certificate for the same Secret
-                # would silently stop renewals (docs/reliability.md, "Certificates").
+                # would be skipped in silence while the old one kept editing the Ingress
+                # (docs/reliability.md, "Certificates").
                 "name": tls_secret_name(args["class_name"]),
                 "namespace": args["namespace"],
                 "labels": labels,

@@ -13,6 +13,7 @@ request's `model` field, and runs the stack's balancing method and autoscaling s
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import shlex
@@ -43,7 +44,12 @@ SIM_TIMEOUT = 120.0
 MODEL_TIMEOUT = 1800.0
 """A real model is downloaded (once) and loaded by every replica: allow for a slow link."""
 EXIT_USER_ERROR = 2
+DEFAULT_REPLICAS = 3
+"""Replicas without --replicas and without autoscaling (which starts at minReplicas)."""
 PROMPT = "Say hello in five words."
+EXAMPLE_MAX_TOKENS = 32
+"""The examples' max_tokens: an answer in about a second (the sim engine writes max_tokens
+words; without it, the server's default of 256 streams for about 10 s)."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,8 +68,8 @@ def _parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="start replicas behind nginx and wait for Ctrl-C")
     up.add_argument("--replicas", type=int, default=None,
-                    help="server processes per model (default 3; with --stack the stack's "
-                         "replicas; with autoscaling minReplicas)")
+                    help=f"server processes per model (default {DEFAULT_REPLICAS}; with --stack "
+                         "the stack's replicas; with autoscaling minReplicas)")
     up.add_argument("--engine", choices=("sim", "transformers"), default=None,
                     help="default: sim, or transformers when --model is given; with --stack, "
                          "transformers loads each model's id")
@@ -146,7 +152,8 @@ def _up(args: argparse.Namespace) -> int:
              f"this stack serves {len(models)}")
         scaling_cfg = None
     if args.replicas is None and models is None:
-        args.replicas = scaling_cfg.autoscaling.min_replicas if scaling_cfg else 3
+        args.replicas = (scaling_cfg.autoscaling.min_replicas if scaling_cfg
+                         else DEFAULT_REPLICAS)
     if args.time_factor <= 0:
         raise LocalModeError(f"--time-factor must be positive, got {args.time_factor}")
     sim_env, dilation_note = _sim_profile_env(args, models)
@@ -317,6 +324,7 @@ def _layout(cluster: LocalCluster) -> list[str]:
 def banner(cluster: LocalCluster) -> str:
     """Endpoint, key and examples; every snippet is meant to be pasted as printed."""
     body = json.dumps({"model": cluster.model_name, "stream": True,
+                       "max_tokens": EXAMPLE_MAX_TOKENS,
                        "messages": [{"role": "user", "content": PROMPT}]})
     cacert = (f"--cacert {shlex.quote(str(cluster.tls_certificate))} "
               if cluster.tls_certificate else "")
@@ -332,7 +340,7 @@ def banner(cluster: LocalCluster) -> str:
         f"client = OpenAI(base_url={cluster.endpoint!r}, api_key={cluster.api_key!r}"
         f"{http_client})",
         f"stream = client.chat.completions.create(model={cluster.model_name!r}, stream=True,",
-        f"    messages=[{{'role': 'user', 'content': {PROMPT!r}}}])",
+        f"    max_tokens={EXAMPLE_MAX_TOKENS}, messages=[{{'role': 'user', 'content': {PROMPT!r}}}])",
         "for chunk in stream:",
         "    if chunk.choices:",
         "        print(chunk.choices[0].delta.content or '', end='', flush=True)",
@@ -352,11 +360,29 @@ def banner(cluster: LocalCluster) -> str:
         "# stream a chat completion with curl:",
         curl,
         "",
-        "# or with the openai package (Python):",
+        _python_intro(),
+        f"{shlex.quote(_interpreter())} - <<'EOF'",
         python,
+        "EOF",
         "",
         "Ctrl-C here (or `python -m local down`) stops everything.",
     ])
+
+
+def _interpreter() -> str:
+    """The Python running local mode (`.venv/bin/python` from the checkout), relative to the
+    working directory when it lies below it, so the snippet pastes as printed."""
+    executable = Path(sys.executable)
+    try:
+        return str(executable.relative_to(Path.cwd()))
+    except ValueError:
+        return str(executable)
+
+
+def _python_intro() -> str:
+    if importlib.util.find_spec("openai") is not None:
+        return f"# or with the openai package, installed in {_interpreter()}:"
+    return f"# or with the openai package (first: {_interpreter()} -m pip install openai):"
 
 
 # --- down, status -----------------------------------------------------------------------------

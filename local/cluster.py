@@ -236,7 +236,7 @@ class LocalCluster(NginxControl, Elastic, ReplicaProcesses):
         if not replica.running():
             self._reap(replica)
             if procs.port_in_use(replica.port):
-                raise LocalModeError(f"port {replica.port} is in use ({replica.label}); "
+                raise LocalModeError(f"{procs.port_busy(replica.port, f'replica {replica.index + 1}')}; "
                                      "stop what holds it")
             self._spawn_replica(replica)
             self._save_state()
@@ -422,7 +422,7 @@ class LocalCluster(NginxControl, Elastic, ReplicaProcesses):
     def _check_ports(self, ports: list[tuple[int, str]]) -> None:
         for port, owner in ports:
             if procs.port_in_use(port):
-                raise LocalModeError(f"port {port} is in use ({owner}); pick --port/--first-port "
+                raise LocalModeError(f"{procs.port_busy(port, owner)}; pick --port/--first-port "
                                      "or stop what holds it")
 
 

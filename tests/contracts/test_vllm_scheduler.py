@@ -122,11 +122,11 @@ def long_prefill_threshold_needs_eligible() -> int:
     return 0
 
 
-def _preemption_scenario() -> tuple[Scheduler, Seq, Seq, Seq, Any]:
+def _preemption_scenario(**kw: Any) -> tuple[Scheduler, Seq, Seq, Seq, Any]:
     """8 blocks; a and b (3 blocks each) decode until the blocks run out; c (1 block) arrives in
     the step that preempts."""
     s = Scheduler(_cfg(kv_cache_tokens=128, max_model_len=128, max_num_seqs=4,
-                       enable_prefix_caching=False))
+                       enable_prefix_caching=False, **kw))
     a, b, c = Seq(48, 40, data="a"), Seq(48, 40, data="b"), Seq(10, 2, data="c")
     s.add(a)
     s.add(b)
@@ -162,8 +162,10 @@ def preempted_requeued() -> str:
 
 
 def waiting_admitted_in_a_step_that_preempted() -> bool:
-    *_, plan = _preemption_scenario()
-    return "c" in _names(plan.seqs)
+    # Without the full-sequence check (and with a small budget), b's first chunk would fit the
+    # blocks it just freed: only the rule keeps it (and c behind it) out of this step.
+    *_, plan = _preemption_scenario(reserve_full_isl=False, max_num_batched_tokens=32)
+    return bool({"b", "c"} & set(_names(plan.seqs)))
 
 
 def max_num_seqs_bounds_running() -> bool:
@@ -182,15 +184,15 @@ def _holder(s: Scheduler) -> None:
 
 
 def waiting_order() -> str:
-    s = Scheduler(_cfg(kv_cache_tokens=160, max_model_len=160, max_num_batched_tokens=16,
-                       max_num_seqs=4))
-    _holder(s)  # 6 of 10 blocks held
-    s.add(Seq(80, 2, data="big"))  # 5 blocks: does not fit
-    s.add(Seq(10, 2, data="small"))  # 1 block: would
-    plan = _step(s)
-    if _names(plan.seqs) == ["a"]:
-        return "fcfs, stops at the first that does not fit"
-    return "skips a request that does not fit"
+    for full in (True, False):  # the whole prompt, or (without that check) the first chunk
+        s = Scheduler(_cfg(kv_cache_tokens=160, max_model_len=160, max_num_seqs=4,
+                           reserve_full_isl=full))
+        _holder(s)  # 7 of 10 blocks held once it decodes
+        s.add(Seq(80, 2, data="big"))  # 5 blocks (4 for its first chunk): does not fit
+        s.add(Seq(10, 2, data="small"))  # 1 block: would
+        if _names(_step(s).seqs) != ["a"]:
+            return "skips a request that does not fit"
+    return "fcfs, stops at the first that does not fit"
 
 
 def full_sequence_must_fit_at_admission() -> bool:

@@ -183,6 +183,11 @@ class StepPlan:
     batch: StepBatch
     preempted: list[Seq] = field(default_factory=list)
     """Requests preempted (recompute) while planning this step."""
+    decoding: int = 0
+    """How many of the first ``seqs`` are known to decode (the shortcut's share)."""
+    covers_running: bool = False
+    """Every request running when the step was planned is in it."""
+    aborts: int = 0
 
     @property
     def empty(self) -> bool:
@@ -213,6 +218,12 @@ class Scheduler:
         self._watermark_blocks = int(config.watermark * n)
         self.running: list[Seq] = []
         self.waiting: deque[Seq] = deque()
+        self.fast = True
+        """Take the shortcut for steps where every running request decodes (same result; the
+        tests compare both ways)."""
+        self._all_decoding = False
+        """Every running request is decoding: one token to compute, one sampled already."""
+        self._aborts = 0
         self.steps = 0
         self.preemptions = 0
         self.lookups = 0
@@ -234,6 +245,7 @@ class Scheduler:
         if seq.status == RUNNING:
             self.running.remove(seq)
             self._free_blocks(seq)
+            self._aborts += 1
         elif seq.status in (WAITING, PREEMPTED):
             self.waiting.remove(seq)
         if not seq.finished:
@@ -275,6 +287,22 @@ class Scheduler:
         preempted: list[Seq] = []
 
         i = 0
+        decoding = 0
+        if self._all_decoding and self.fast and running:
+            # Every running request computes one token (max_num_batched_tokens >= max_num_seqs:
+            # the budget holds them all); the one whose KV fills its last block needs a new one.
+            full_blocks = [q for q in running if not q.num_computed % bs]
+            if len(full_blocks) <= len(free):
+                if full_blocks:
+                    self._take_one_each(full_blocks)
+                decode_kv = [q.num_computed for q in running]
+                for q in running:
+                    q.num_computed += 1
+                if self._caching:  # blocks whose last token this step computes
+                    self._hash_last_block([q for q in running if not q.num_computed % bs])
+                seqs = running[:]
+                i = decoding = len(running)
+                budget -= decoding
         while i < len(running) and budget > 0:
             seq = running[i]
             comp = seq.num_computed
@@ -310,6 +338,7 @@ class Scheduler:
             seqs.append(seq)
             budget -= n
             i += 1
+        covers_running = i >= len(running) and len(seqs) == len(running)
 
         if not preempted:
             while budget > 0 and waiting and len(running) < c.max_num_seqs:
@@ -360,21 +389,36 @@ class Scheduler:
 
         if seqs:
             self.steps += 1
-        return StepPlan(seqs, StepBatch(tuple(decode_kv), tuple(prefill)), preempted)
+        return StepPlan(seqs, StepBatch(tuple(decode_kv), tuple(prefill)), preempted, decoding,
+                        covers_running, self._aborts)
 
     def finish_step(self, plan: StepPlan) -> StepOutput:
         """The step ran: sample one token for every request whose prefill is complete."""
         max_len = self.config.max_model_len
-        emitted: list[Seq] = []
+        seqs = plan.seqs
+        k = plan.decoding if plan.aborts == self._aborts else 0
+        emitted: list[Seq] = seqs[:k]
         finished: list[Seq] = []
-        for seq in plan.seqs:
-            if seq.status != RUNNING or seq.num_computed < seq.num_tokens:
-                continue  # aborted during the step, or a prefill chunk that is not the last
+        for seq in emitted:  # decoding, and none aborted during the step
+            out = seq.num_output + 1
+            seq.num_output = out
+            total = seq.num_tokens + 1
+            seq.num_tokens = total
+            if out >= seq.max_tokens or total >= max_len:
+                finished.append(seq)
+        partial = False
+        for seq in seqs[k:] if k else seqs:
+            if seq.status != RUNNING:
+                continue  # aborted during the step
+            if seq.num_computed < seq.num_tokens:
+                partial = True  # a prefill chunk that is not the last
+                continue
             seq.num_output += 1
             seq.num_tokens += 1
             emitted.append(seq)
             if seq.num_output >= seq.max_tokens or seq.num_tokens >= max_len:
                 finished.append(seq)
+        self._all_decoding = plan.covers_running and not partial
         if finished:
             for seq in finished:
                 seq.status = FINISHED
@@ -411,6 +455,35 @@ class Scheduler:
                 hashes[b] = None
             ref[b] = 1
             blocks.append(b)
+
+    def _take_one_each(self, seqs: list[Seq]) -> None:
+        """:meth:`_take` of one block for each of ``seqs``, in order."""
+        free, ref, hashes, cached = self._free, self._ref, self._hash, self._cached
+        for seq in seqs:
+            b = free.popitem(last=False)[0]
+            h = hashes[b]
+            if h is not None:
+                if h is not _UNIQUE and cached.get(h) == b:
+                    del cached[h]
+                hashes[b] = None
+            ref[b] = 1
+            seq.blocks.append(b)
+
+    def _hash_last_block(self, seqs: list[Seq]) -> None:
+        """Hash the last block of each of ``seqs`` (decoding requests it just filled)."""
+        hashes, cached, bs = self._hash, self._cached, self.block_size
+        for seq in seqs:
+            idx = seq.num_hashed
+            b = seq.blocks[idx]
+            keys = seq.keys
+            if keys and idx < len(keys):
+                key = keys[idx]
+                hashes[b] = key
+                if key not in cached:
+                    cached[key] = b
+            else:
+                hashes[b] = _UNIQUE
+            seq.num_hashed = idx + 1
 
     def _hash_full_blocks(self, seq: Seq, full: int) -> None:
         """Hash ``seq``'s blocks up to ``full`` (blocks whose tokens are all known)."""

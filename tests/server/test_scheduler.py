@@ -320,3 +320,44 @@ def test_invariants_hold_under_a_random_load():
     assert s.free_blocks == c.num_blocks
     assert all(q.num_output == q.max_tokens for q in seqs if q.status != 4)
     assert s.preemptions > 0 and s.hit_tokens > 0  # the load exercised both
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_the_all_decoding_shortcut_plans_exactly_what_the_general_rules_plan(seed):
+    """Same arrivals and aborts into two schedulers, one without the shortcut: every step's
+    batch, tokens, finishes and preemptions are the same (KV tight enough to preempt)."""
+    rng = random.Random(seed)
+    c = config(kv_cache_tokens=640, max_model_len=512, max_num_seqs=12,
+               max_num_batched_tokens=96)
+    fast, slow = Scheduler(c), Scheduler(c)
+    slow.fast = False
+    pairs: list[tuple[Seq, Seq]] = []
+    shortcut_steps = 0
+    for _ in range(1500):
+        if rng.random() < 0.15:
+            n, m = rng.randint(1, 200), rng.randint(1, 150)
+            ids = [rng.randrange(3) for _ in range(16)] + [rng.randrange(10**6) for _ in range(n)]
+            keys = block_keys(ids)
+            pair = (Seq(len(ids), m, keys, data=len(pairs)), Seq(len(ids), m, keys, data=len(pairs)))
+            pairs.append(pair)
+            fast.add(pair[0])
+            slow.add(pair[1])
+        if rng.random() < 0.01 and fast.running:
+            k = rng.randrange(len(fast.running))
+            a = fast.running[k]
+            fast.abort(a)
+            slow.abort(pairs[a.data][1])
+        pf, ps = fast.plan_step(), slow.plan_step()
+        shortcut_steps += pf.decoding > 0
+        assert pf.batch == ps.batch and names(pf.seqs) == names(ps.seqs)
+        assert names(pf.preempted) == names(ps.preempted)
+        if rng.random() < 0.01 and pf.seqs:  # an abort while the step runs
+            a = rng.choice(pf.seqs)
+            if a.status == RUNNING:
+                fast.abort(a)
+                slow.abort(pairs[a.data][1])
+        of, os_ = fast.finish_step(pf), slow.finish_step(ps)
+        assert names(of.emitted) == names(os_.emitted)
+        assert names(of.finished) == names(os_.finished)
+        assert fast.free_blocks == slow.free_blocks
+    assert shortcut_steps > 100 and fast.preemptions > 0

@@ -21,7 +21,7 @@ from server.api.generation import Finished, Generation
 from server.engines.base import SamplingParams
 from server.engines.scheduler import SchedulerConfig, block_keys
 from server.engines.sim import sim_tokenize
-from server.engines.sim_batched import SimBatchedEngine
+from server.engines.sim_batched import SimBatchedEngine, scheduler_config
 from server.metrics import Metrics
 
 from .batched_app import spec_env, stand_in_step_seconds
@@ -29,9 +29,9 @@ from .support import FAST_SIM
 
 
 def engine(settings, dilation: float = 1.0, **limits) -> SimBatchedEngine:
-    config = SchedulerConfig(**{"kv_cache_tokens": 65_536, "max_model_len":
-                                settings.max_model_len, "max_num_seqs": settings.max_concurrency,
-                                "max_num_batched_tokens": 512, **limits})
+    config = scheduler_config(settings, 65_536, **{"max_num_batched_tokens": 512, **limits})
+    assert (config.max_num_seqs, config.max_model_len) == (settings.max_concurrency,
+                                                           settings.max_model_len)
     return SimBatchedEngine(settings, config, stand_in_step_seconds, dilation)
 
 
@@ -270,3 +270,12 @@ def test_a_real_server_matches_the_discrete_event_model(server_process) -> None:
     assert max(model.ttft) > 5 * 0.010 * DILATION  # requests queued: a non-trivial check
     assert max(ttft_err) < 0.025, ttft_err
     assert max(itl_err) < 0.05, itl_err
+
+
+def test_a_bad_dilation_or_a_context_other_than_the_servers_is_refused() -> None:
+    settings = from_env({}, max_model_len=1024)
+    with pytest.raises(ValueError, match="time_dilation must be > 0"):
+        engine(settings, dilation=0.0)
+    other = SchedulerConfig(kv_cache_tokens=4096, max_model_len=2048)
+    with pytest.raises(ValueError, match="LLM_MAX_MODEL_LEN"):
+        SimBatchedEngine(settings, other, stand_in_step_seconds)

@@ -60,7 +60,7 @@ class SimBatchedEngine(Engine):
 
     def __init__(self, settings: Settings, config: SchedulerConfig,
                  step_seconds: Callable[[StepBatch], float], time_dilation: float = 1.0,
-                 description: str = "") -> None:
+                 description: str = "", profile: dict[str, str] | None = None) -> None:
         if time_dilation <= 0:
             raise ValueError(f"time_dilation must be > 0, got {time_dilation}")
         if config.max_model_len != settings.max_model_len:
@@ -71,6 +71,8 @@ class SimBatchedEngine(Engine):
         self.step_seconds = step_seconds
         self.time_dilation = time_dilation
         self.description = description
+        self.profile = profile
+        """Which latency profile the step model comes from (name, kind, source), if one."""
         self.load_seconds = settings.sim_load_seconds
         self._wakeup = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
@@ -114,6 +116,7 @@ class SimBatchedEngine(Engine):
                             "as vLLM 0.33.0 schedules it" + (f"; {self.description}"
                                                              if self.description else "")),
             "time_dilation": self.time_dilation,
+            **({"profile": self.profile} if self.profile is not None else {}),
             "scheduler": {"max_num_seqs": c.max_num_seqs,
                           "max_num_batched_tokens": c.max_num_batched_tokens,
                           "kv_cache_tokens": c.num_blocks * c.block_size,

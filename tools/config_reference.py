@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import types
 import typing
 from pathlib import Path
 from typing import Any, Iterator
@@ -37,7 +38,7 @@ def _type_name(annotation: Any) -> str:
         return " \\| ".join(f"`{a}`" for a in args)
     if origin is typing.Annotated:
         return _type_name(args[0])
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType")):
+    if origin in (typing.Union, types.UnionType):
         names = [_type_name(a) for a in args if a is not type(None)]
         return " \\| ".join(names)
     if origin is tuple:
@@ -70,6 +71,9 @@ def rows(model: type[BaseModel] = StackConfig, prefix: str = "") -> Iterator[tup
     for name, field in model.model_fields.items():
         key = prefix + (field.alias or name)
         annotation = field.annotation
+        optional = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(optional) == 1:
+            annotation = optional[0]  # an optional section (or list) reads like a section
         inner = [a for a in typing.get_args(annotation) if a is not type(None)]
         section = _section_type(annotation)
         items = None
@@ -80,6 +84,8 @@ def rows(model: type[BaseModel] = StackConfig, prefix: str = "") -> Iterator[tup
             default = ""
             if field.is_required():
                 default = "required"
+            elif field.default is None:
+                default = "—"
             elif isinstance(field.default, BaseModel):
                 own = field.default.model_dump(exclude_defaults=True, by_alias=True)
                 default = ", ".join(f"{k}: `{v}`" for k, v in own.items())

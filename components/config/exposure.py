@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, Field
 
 from components.config.sections import Section
-from components.config.types import Cidr, DnsLabel, NonEmptyStr, api_path
+from components.config.types import Cidr, DnsLabel, NonEmptyStr, api_path, model_path
 from components.config.workload import Resources, ResourcesConfig
 from components.pins import NIC_CHART_VERSION
 from components.policies.tls import CertManagerConfig
@@ -78,8 +78,13 @@ class IngressConfig(Section):
     """Host name clients use, e.g. llm.example.com. Unset answers on any host: the installed
     controller (5.5+) is started with allowEmptyIngressHost; an existing one must allow it too."""
     path: Annotated[NonEmptyStr, AfterValidator(api_path)] = "/v1"
-    """Path prefix routed to the model: /v1 or below it. Only the OpenAI API is published; the
-    engines' other routes (vLLM's /tokenize, /invocations, /metrics...) get NGINX's 404."""
+    """Path prefix routed to the (first) model: /v1 or below it. Only the OpenAI API is
+    published; the engines' other routes (vLLM's /tokenize, /invocations, /metrics...) get
+    NGINX's 404."""
+    model_paths: dict[str, Annotated[str, AfterValidator(model_path)]] = {}
+    """Path prefix of each other model, by served name, e.g. {coder: /coder/v1}: the controller
+    cannot read the request body, so each model gets its own base URL, rewritten to /v1 on the
+    way to its pods. Default /<name>/v1 (the model's Kubernetes name)."""
     tls_secret: DnsLabel | None = None
     """An existing Kubernetes TLS Secret (in the stack's namespace) for `host`."""
     cert_manager: CertManagerConfig = CertManagerConfig()

@@ -8,6 +8,7 @@ program's configuration and calls it).
 
 from __future__ import annotations
 
+import difflib
 import json
 from typing import Any, Mapping
 
@@ -95,10 +96,15 @@ def _describe(error: Mapping[str, Any]) -> str:
         allowed = _allowed_keys(StackConfig, loc)
         if len(loc) == 1:
             allowed = sorted([*allowed, *SECRET_KEYS])
-        return f"{_key_path(loc)}: unknown key; allowed keys here: {', '.join(allowed)}"
+        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        return f"{_key_path(loc)}: unknown key{hint}; allowed keys here: {', '.join(allowed)}"
     if kind == "missing":
         return f"{_key_path(loc)}: required key is missing"
     message = error["msg"].removeprefix("Value error, ")
+    if not loc:
+        # A rule across the top-level keys: its message starts with the keys it names.
+        return f"{NAMESPACE}:{message}"
     return f"{_key_path(loc)}: {message} (got {error.get('input')!r})"
 
 

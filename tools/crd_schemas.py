@@ -94,6 +94,24 @@ SCALED_OBJECT: dict[str, Any] = _resource({
     },
 })
 
+_RELABEL_CONFIG: dict[str, Any] = {  # monitoring.coreos.com/v1 RelabelConfig
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "sourceLabels": {"type": "array", "items": {"type": "string"}},
+        "separator": {"type": "string"},
+        "targetLabel": {"type": "string"},
+        "regex": {"type": "string"},
+        "modulus": {"type": "integer", "minimum": 0},
+        "replacement": {"type": "string"},
+        "action": {"enum": [
+            "replace", "Replace", "keep", "Keep", "drop", "Drop", "hashmod", "HashMod",
+            "labelmap", "LabelMap", "labeldrop", "LabelDrop", "labelkeep", "LabelKeep",
+            "lowercase", "Lowercase", "uppercase", "Uppercase", "keepequal", "KeepEqual",
+            "dropequal", "DropEqual"]},
+    },
+}
+
 SERVICE_MONITOR: dict[str, Any] = _resource({
     "type": "object",
     "required": ["selector"],
@@ -124,6 +142,7 @@ SERVICE_MONITOR: dict[str, Any] = _resource({
                     "path": {"type": "string", "pattern": "^/"},
                     "interval": {"type": "string", "pattern": r"^(0|(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"},
                     "scheme": {"enum": ["http", "https"]},
+                    "relabelings": {"type": "array", "items": _RELABEL_CONFIG},
                 },
             },
         },

@@ -118,6 +118,17 @@ class StackConfig(Section):
         """Position of this view's model in `models` (0 on a stack)."""
         return self._model_index or 0
 
+    @property
+    def scoped_by_model(self) -> bool:
+        """A per-model view of a stack with several models: its metrics queries must select its
+        own model's series (engines.MODEL_LABEL), as the models share the namespace."""
+        return self._model_index is not None and self.model_count > 1
+
+    @property
+    def kube_name(self) -> str:
+        """The Kubernetes name of this view's model (`models[i].name` or derived)."""
+        return ModelEntry.of(self.model).kube_name
+
     def for_model(self, index: int) -> StackConfig:
         """The stack as one of its models sees it: that model as `model`, and its own replicas,
         GPU count, resources and autoscaling bounds in place of the stack's. Every per-model

@@ -13,6 +13,11 @@ the replica count differ:
   only place that knows about a pod that is not ready;
 - local: the scrape job of the local replicas scopes the series; a replica
   counts as available while its /metrics answers (`up == 1`).
+
+A stack with several models gets one policy per model (from its view,
+`StackConfig.for_model`): its engine series are further scoped by the model's name
+(`engines.MODEL_LABEL`) and its replica counts by its Deployment's name, so each model has
+its own recorded series and alerts, told apart by their `model` label.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 
-from components.engines import EngineProfile
+from components.engines import MODEL_LABEL, EngineProfile
 
 if TYPE_CHECKING:
     from components.config.stack import StackConfig
@@ -55,6 +60,9 @@ class AlertPolicy:
     for_seconds: int
     no_ready_for_seconds: int
     window_seconds: int
+    replica_scope: tuple[tuple[str, str], ...] | None = None
+    """Label matchers of the replica counts (kube-state-metrics series carry no model label);
+    None: `scope`."""
 
     def with_timing(self, *, for_seconds: int, window_seconds: int) -> "AlertPolicy":
         """The same policy on a shorter clock, for drills that cannot wait minutes."""
@@ -68,14 +76,23 @@ class AlertPolicy:
 
 def alert_policy(
     cfg: "StackConfig", target: Target = "cluster", job: str = LOCAL_JOB,
-    profile: EngineProfile | None = None,
+    profile: EngineProfile | None = None, deployment: str | None = None,
 ) -> AlertPolicy:
-    """The policy of one stack; `target` picks how its series are scoped, `profile` the
-    engine whose metric names the rules read (default: the stack's engine)."""
+    """The policy of one stack (or of one model's view of it); `target` picks how its series are
+    scoped, `profile` the engine whose metric names the rules read (default: the stack's
+    engine). A cluster policy of one model among several needs its Deployment's name
+    (`deployment`), which scopes its replica counts."""
     if target not in ("cluster", "local"):
         raise ValueError(f"alert_policy: 'target' must be 'cluster' or 'local', not {target!r}")
     slo = cfg.monitoring.slo
-    scope = (("namespace", cfg.namespace),) if target == "cluster" else (("job", job),)
+    scope: tuple[tuple[str, str], ...] = (
+        (("namespace", cfg.namespace),) if target == "cluster" else (("job", job),))
+    replica_scope = None
+    if target == "cluster" and cfg.scoped_by_model:
+        if deployment is None:
+            raise ValueError("alert_policy: one model of several needs its 'deployment' name")
+        replica_scope = (*scope, ("deployment", deployment))
+        scope = (*scope, (MODEL_LABEL, cfg.model.served))
     return AlertPolicy(
         profile=profile if profile is not None else cfg.profile,
         scope=scope,
@@ -88,6 +105,7 @@ def alert_policy(
         for_seconds=slo.for_minutes * 60,
         no_ready_for_seconds=slo.no_ready_for_minutes * 60,
         window_seconds=slo.window_minutes * 60,
+        replica_scope=replica_scope,
     )
 
 
@@ -95,8 +113,9 @@ def _duration(seconds: int) -> str:
     return f"{seconds // 60}m" if seconds % 60 == 0 else f"{seconds}s"
 
 
-def _sel(policy: AlertPolicy, name: str, **extra: str) -> str:
-    pairs = list(policy.scope) + sorted(extra.items())
+def _sel(policy: AlertPolicy, name: str, scope: tuple[tuple[str, str], ...] | None = None,
+         **extra: str) -> str:
+    pairs = list(policy.scope if scope is None else scope) + sorted(extra.items())
     return name + "{" + ",".join(f'{k}="{v}"' for k, v in pairs) + "}"
 
 
@@ -124,9 +143,10 @@ def _quantile(policy: AlertPolicy, q: float, histogram: str) -> str:
 def _replica_exprs(policy: AlertPolicy) -> tuple[str, str]:
     """(available, desired) replica counts for the target."""
     if policy.target == "cluster":
+        scope = policy.replica_scope
         return (
-            f"sum({_sel(policy, 'kube_deployment_status_replicas_available')})",
-            f"sum({_sel(policy, 'kube_deployment_spec_replicas')})",
+            f"sum({_sel(policy, 'kube_deployment_status_replicas_available', scope)})",
+            f"sum({_sel(policy, 'kube_deployment_spec_replicas', scope)})",
         )
     up = _sel(policy, "up")
     # A replica whose /metrics answers is serving in local mode; count() of

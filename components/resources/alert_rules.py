@@ -16,7 +16,11 @@ if TYPE_CHECKING:
 
 class LlmAlertRulesArgs(TypedDict):
     config: "StackConfig"
+    """The stack, or one model's view of it (`StackConfig.for_model`)."""
     namespace: pulumi.Input[str]
+    deployment_name: NotRequired[pulumi.Input[str]]
+    """The model's Deployment: scopes the replica counts where several models share the
+    namespace (required then)."""
     labels: NotRequired[Mapping[str, str]]
     """Labels the Prometheus selects rules by, e.g. release: kube-prometheus-stack."""
 
@@ -28,13 +32,22 @@ class LlmAlertRules(pulumi.ComponentResource):
         self, name: str, args: LlmAlertRulesArgs, opts: pulumi.ResourceOptions | None = None
     ) -> None:
         super().__init__("llm-serving:index:LlmAlertRules", name, None, opts)
-        policy = alert_policy(args["config"], "cluster")
+        cfg = args["config"]
+        spec: pulumi.Input[dict]
+        if cfg.scoped_by_model:
+            if "deployment_name" not in args:
+                raise ValueError("LlmAlertRules: one model of several needs 'deployment_name'")
+            spec = pulumi.Output.from_input(args["deployment_name"]).apply(
+                lambda deployment: {"groups": rule_groups(
+                    alert_policy(cfg, "cluster", deployment=deployment))})
+        else:
+            spec = {"groups": rule_groups(alert_policy(cfg, "cluster"))}
         k8s.apiextensions.CustomResource(
             f"{name}-rules",
             api_version="monitoring.coreos.com/v1",
             kind="PrometheusRule",
             metadata={"namespace": args["namespace"], "labels": dict(args.get("labels", {}))},
-            spec={"groups": rule_groups(policy)},
+            spec=spec,
             opts=pulumi.ResourceOptions(parent=self),
         )
         self.register_outputs({})

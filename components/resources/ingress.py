@@ -15,12 +15,23 @@ from components.policies.pod_security import pod_security_labels
 from components.resources.service import external_address
 
 
+class IngressRoute(TypedDict):
+    """One path prefix of the Ingress and the model Service behind it."""
+
+    path: str
+    service_name: pulumi.Input[str]
+    service_port: int
+    rewrite: NotRequired[str | None]
+    """Replace `path` with this prefix on the way to the pods (`nginx.org/rewrites`): a model
+    served at /coder/v1 gets /v1/... requests."""
+
+
 class NginxIngressArgs(TypedDict):
     namespace: pulumi.Input[str]
-    """Namespace of the model Service and of the Ingress."""
-    service_name: pulumi.Input[str]
-    """Model Service the Ingress routes to."""
-    service_port: int
+    """Namespace of the model Services and of the Ingress."""
+    routes: Sequence[IngressRoute]
+    """Path prefixes and their model Services; the first is the stack's endpoint. The
+    controller cannot read the request body, so several models get a path each."""
     class_name: str
     """IngressClass name; the controller this component installs owns it."""
     controller: ControllerConfig
@@ -28,7 +39,6 @@ class NginxIngressArgs(TypedDict):
     annotations: Mapping[str, str]
     """Controller annotations from the load-balancing policy (`nginx.org/*`)."""
     host: NotRequired[str | None]
-    path: NotRequired[str]
     tls_secret: NotRequired[str | None]
     """TLS Secret for `host` (existing, or the one cert-manager fills); plain HTTP is then
     redirected to HTTPS."""
@@ -83,9 +93,24 @@ def controller_pod_labels(release: str) -> dict[str, str]:
     return {"app.kubernetes.io/name": "nginx-ingress", "app.kubernetes.io/instance": release}
 
 
+def rewrites_annotation(routes: Sequence[IngressRoute]) -> pulumi.Output[str] | None:
+    """`nginx.org/rewrites` for the routes that rewrite their path: `serviceName=<svc>
+    rewrite=<prefix>`, `;`-separated (nginx/kubernetes-ingress@v5.5.4:
+    internal/configs/parsing_helpers.go, ParseRewriteList). The controller then proxies with
+    `proxy_pass http://<upstream><prefix>`, which swaps the location's path for the prefix."""
+    rewritten = [r for r in routes if r.get("rewrite")]
+    if not rewritten:
+        return None
+    parts = [pulumi.Output.concat("serviceName=", r["service_name"], " rewrite=", r["rewrite"])
+             for r in rewritten]
+    return pulumi.Output.all(*parts).apply(";".join)
+
+
 class NginxIngress(pulumi.ComponentResource):
     endpoint: pulumi.Output[str]
-    """Base URL of the API through the controller (ends in /v1)."""
+    """Base URL of the API through the controller (ends in /v1): the first route's."""
+    base_url: pulumi.Output[str]
+    """scheme://host (or address) of the controller, without a path."""
     controller_namespace: str
     release_name: str
 
@@ -96,6 +121,10 @@ class NginxIngress(pulumi.ComponentResource):
         host, tls_secret = args.get("host"), args.get("tls_secret")
         if tls_secret and not host:
             raise ValueError("NginxIngress: 'tls_secret' needs 'host', the name on the certificate")
+        routes = list(args["routes"])
+        paths = [r["path"] for r in routes]
+        if not routes or len(set(paths)) != len(paths):
+            raise ValueError(f"NginxIngress: 'routes' needs one or more distinct paths, got {paths}")
         bad = [k for k in args["annotations"] if not k.startswith("nginx.org/")]
         if bad:
             raise ValueError(
@@ -118,22 +147,24 @@ class NginxIngress(pulumi.ComponentResource):
             release = self._install_controller(name, args, labels)
             depends.append(release)
 
-        path = args.get("path", "/v1")
         spec: dict[str, Any] = {
             "ingress_class_name": args["class_name"],
             "rules": [{
                 **({"host": host} if host else {}),
                 "http": {"paths": [{
-                    "path": path,
+                    "path": route["path"],
                     "path_type": "Prefix",
                     "backend": {"service": {
-                        "name": args["service_name"],
-                        "port": {"number": args["service_port"]},
+                        "name": route["service_name"],
+                        "port": {"number": route["service_port"]},
                     }},
-                }]},
+                } for route in routes]},
             }],
         }
-        annotations = dict(args["annotations"])
+        annotations: dict[str, Any] = dict(args["annotations"])
+        rewrites = rewrites_annotation(routes)
+        if rewrites is not None:
+            annotations["nginx.org/rewrites"] = rewrites
         if tls_secret:
             spec["tls"] = [{"hosts": [host], "secret_name": tls_secret}]
             # The controller's default, pinned: with TLS on, every plain-HTTP request gets a
@@ -154,7 +185,7 @@ class NginxIngress(pulumi.ComponentResource):
 
         if host:
             scheme = "https" if tls_secret else "http"
-            self.endpoint = pulumi.Output.from_input(f"{scheme}://{host}/v1")
+            self.base_url = pulumi.Output.from_input(f"{scheme}://{host}")
         elif release is not None:
             # Read the controller's LoadBalancer Service the chart created, by the
             # name we fixed in its values.
@@ -165,15 +196,16 @@ class NginxIngress(pulumi.ComponentResource):
                 ),
                 opts=pulumi.ResourceOptions(parent=self, depends_on=[release]),
             )
-            self.endpoint = service.status.apply(
-                lambda status: f"http://{external_address(status) or 'pending'}/v1"
+            self.base_url = service.status.apply(
+                lambda status: f"http://{external_address(status) or 'pending'}"
             )
         else:
             # An existing controller: its address is not ours to know.
-            self.endpoint = pulumi.Output.from_input(
-                f"(address of the existing '{args['class_name']}' controller)/v1"
+            self.base_url = pulumi.Output.from_input(
+                f"(address of the existing '{args['class_name']}' controller)"
             )
-        self.register_outputs({"endpoint": self.endpoint})
+        self.endpoint = self.base_url.apply(lambda base: f"{base}/v1")
+        self.register_outputs({"endpoint": self.endpoint, "base_url": self.base_url})
 
     def _install_controller(
         self, name: str, args: NginxIngressArgs, labels: Mapping[str, str]

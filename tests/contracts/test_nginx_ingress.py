@@ -193,3 +193,41 @@ def test_the_pinned_controller_cannot_stamp_a_proxy_time_on_the_request(value, o
     request header without snippets rejects every nginx variable."""
     problems = facts.annotation_problems({"nginx.org/proxy-set-headers": value}, CONTROLLER)
     assert (not problems) is ok, problems
+
+
+# --- several models on one Ingress ------------------------------------------------------------
+
+
+def test_two_models_share_one_ingress_the_pinned_controller_accepts(run):
+    from tests.infra.test_models import TWO_MODELS
+
+    result = stack(run, TWO_MODELS)
+    ingress = offline.to_manifest(result.one(INGRESS))
+    annotations = ingress["metadata"]["annotations"]
+    assert facts.annotation_problems(annotations, CONTROLLER) == []
+    # The controller rejects the whole Ingress when a rewrite names a Service that is not one of
+    # its backends (validateRewriteListAnnotation).
+    backends = {p["backend"]["service"]["name"]
+                for p in ingress["spec"]["rules"][0]["http"]["paths"]}
+    rewritten = {part.strip().split(" ")[0].removeprefix("serviceName=")
+                 for part in annotations["nginx.org/rewrites"].split(";")}
+    assert rewritten and rewritten <= backends
+    assert "not a backend" in CONTROLLER["annotationValueRules"]["nginx.org/rewrites"]["rule"]
+    # One host, one regular Ingress: a second Ingress on the same host would lose it.
+    assert "is taken by another resource" in CONTROLLER["sameHostIngresses"]["rule"]
+    assert len(ingress["spec"]["rules"]) == 1
+
+
+@pytest.mark.parametrize("value", [
+    "serviceName=svc rewrite=v1",  # the path must start with '/'
+    "service=svc rewrite=/v1",  # the key is serviceName
+    "serviceName=svc rewrite=/v1 ;serviceName=b rewrite=/$1",  # no '$' in the path
+    "serviceName=svc,rewrite=/v1",
+])
+def test_a_wrong_rewrite_value_is_caught(value):
+    assert facts.annotation_problems({"nginx.org/rewrites": value}, CONTROLLER)
+
+
+def test_the_rewrite_values_the_stack_writes_pass_the_controller_rule():
+    ok = "serviceName=llm-api-coder-svc-1a2b3c4d rewrite=/v1;serviceName=b rewrite=/v1"
+    assert facts.annotation_problems({"nginx.org/rewrites": ok}, CONTROLLER) == []

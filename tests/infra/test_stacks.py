@@ -32,7 +32,7 @@ def test_stack_file_renders_schema_valid_manifests(stack_file: Path):
     kinds = {m["kind"] for m in manifests}
     assert {"Namespace", "Secret", "Deployment", "Service"} <= kinds
     assert [p for m in manifests for p in offline.schema_problems(m)] == []
-    assert set(run.exports) == {"endpoint", "apiKey", "image", "namespace"}
+    assert set(run.exports) == {"endpoint", "models", "apiKey", "image", "namespace"}
     assert run.secret_exports == {"apiKey"}
 
 

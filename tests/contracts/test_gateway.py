@@ -312,7 +312,11 @@ ROUTE = {
 GATEWAY = {
     "apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
     "metadata": {"name": "llm-gateway", "namespace": "llm-prod"},
-    "spec": {"gatewayClassName": "nginx", "listeners": [{"name": "http", "port": 80, "protocol": "HTTP"}]},
+    "spec": {"gatewayClassName": "nginx", "listeners": [
+        {"name": "http", "port": 80, "protocol": "HTTP"},
+        {"name": "https", "port": 443, "protocol": "HTTPS", "hostname": "llm.example.com",
+         "tls": {"mode": "Terminate", "certificateRefs": [{"kind": "Secret", "name": "llm-tls"}]}},
+    ]},
 }
 OBJECTIVE = {
     "apiVersion": "inference.networking.x-k8s.io/v1alpha2", "kind": "InferenceObjective",

@@ -36,6 +36,7 @@ GIE = facts.pinned("gateway-api-inference-extension")
 GWAPI = facts.pinned("gateway-api")
 
 
+@functools.cache
 def supplement(component: str, topic: str) -> dict[str, Any]:
     """A pinned component's facts on one topic: `<component>-<version>.<topic>.json`."""
     return json.loads((facts.DATA / f"{component}-{PINNED[component]}.{topic}.json").read_text())

@@ -10,7 +10,7 @@ from pydantic import AfterValidator, Field
 from components.config.sections import Section
 from components.config.types import Cidr, DnsLabel, NonEmptyStr, api_path, model_path
 from components.config.workload import Resources, ResourcesConfig
-from components.pins import NIC_CHART_VERSION
+from components.pins import NGF_VERSION, NIC_CHART_VERSION
 from components.policies.tls import CertManagerConfig
 
 
@@ -94,6 +94,57 @@ class IngressConfig(Section):
     @property
     def tls_on(self) -> bool:
         return self.tls_secret is not None or self.cert_manager.enabled
+
+
+class GatewayControllerConfig(Section):
+    install: bool = True
+    """Install NGINX Gateway Fabric (Helm) and the Gateway API and Inference Extension CRDs;
+    false uses ones that already run (with the inference extension on)."""
+    namespace: DnsLabel = "nginx-gateway"
+    """Namespace of NGINX Gateway Fabric's control plane (created when installing)."""
+    chart_version: Literal[NGF_VERSION] = NGF_VERSION  # type: ignore[valid-type]
+    """Version of the nginx-gateway-fabric chart (oci://ghcr.io/nginx/charts/nginx-gateway-fabric):
+    only the version whose rules were checked (components/pins.py, tests/contracts)."""
+
+
+class ModelRouterConfig(Section):
+    replicas: int = Field(2, ge=1, le=100)
+    """Router pods: the public entry point that reads each request's `model` field."""
+    resources: ResourcesConfig = ResourcesConfig(
+        requests=Resources(cpu="250m", memory="128Mi"), limits=Resources(memory="256Mi")
+    )
+    """CPU and memory per router pod."""
+    service_annotations: dict[str, str] = {}
+    """Cloud load-balancer annotations on the router's LoadBalancer Service."""
+    source_ranges: tuple[Cidr, ...] = ()
+    """Client CIDRs the router's LoadBalancer admits; empty admits every address."""
+
+
+class EndpointPickerConfig(Section):
+    replicas: int = Field(1, ge=1, le=10)
+    """Endpoint-picker pods per model; more than one turns on leader election (only the leader
+    is Ready)."""
+    resources: ResourcesConfig | None = None
+    """CPU and memory per endpoint-picker pod; unset keeps the chart's (requests 4 CPU, 8Gi)."""
+
+
+class GatewayConfig(Section):
+    enabled: bool = False
+    """Serve through NGINX Gateway Fabric with the Gateway API Inference Extension: per model an
+    InferencePool whose endpoint picker chooses a replica from its queue, KV-cache use and
+    prefix cache, routed by the request's `model` field (docs/gateway.md). vLLM only."""
+    class_name: DnsLabel = "llm-nginx"
+    """GatewayClass the controller installs and the stack's Gateway uses."""
+    controller: GatewayControllerConfig = GatewayControllerConfig()
+    """The NGINX Gateway Fabric release (or the existing one)."""
+    router: ModelRouterConfig = ModelRouterConfig()
+    """The model router in front of the Gateway: NGINX Gateway Fabric cannot read the request
+    body, so the router copies its `model` field into the header the routes match on."""
+    endpoint_picker: EndpointPickerConfig = EndpointPickerConfig()
+    """Each model's endpoint picker (the inferencepool chart)."""
+    tls_secret: DnsLabel | None = None
+    """An existing kubernetes.io/tls Secret (in the stack's namespace) the router serves HTTPS
+    with; plain HTTP is then redirected."""
 
 
 class NetworkPolicyConfig(Section):

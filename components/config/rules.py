@@ -76,11 +76,12 @@ def _model_list(cfg: StackConfig) -> list[str]:
                     f"{NAMESPACE}:ingress.modelPaths.{models[i].served}: {path} is already "
                     f"models[{paths[path]}]'s path")
             paths.setdefault(path, i)
-        if not cfg.ingress.enabled:
+        if not cfg.routed:
             problems.append(
                 f"{NAMESPACE}:models: {len(models)} models need one entry point that routes "
-                "between them; set ingress.enabled: true (a path prefix per model), as a "
-                "Service alone cannot route by model")
+                "between them; set gateway.enabled: true (by the request's model field) or "
+                "ingress.enabled: true (a path prefix per model), as a Service alone cannot "
+                "route by model")
         if cfg.model_cache.type == "baked":
             problems.append(
                 f"{NAMESPACE}:modelCache.type: 'baked' puts one model's weights into the image; "
@@ -123,6 +124,18 @@ def _stack(cfg: StackConfig) -> list[str]:
                 f"{NAMESPACE}:autoscaling.prometheusUrl: required for engine '{cfg.engine}', "
                 "which scales on queue depth read from Prometheus"
             )
+    if cfg.gateway.enabled:
+        if cfg.ingress.enabled:
+            problems.append(f"{NAMESPACE}:gateway.enabled: set either gateway.enabled or "
+                            "ingress.enabled, not both (each is the stack's entry point)")
+        if profile.name != "vllm":
+            problems.append(
+                f"{NAMESPACE}:gateway.enabled: the endpoint picker reads vLLM's metrics (queue, "
+                f"KV cache); engine '{cfg.engine}' exports others. Use engine 'vllm', or "
+                "ingress.enabled for this engine")
+    if cfg.service.source_ranges and cfg.gateway.enabled:
+        problems.append(f"{NAMESPACE}:service.sourceRanges: the model router is the entry point; "
+                        "set gateway.router.sourceRanges instead")
     if cfg.ingress.tls_secret is not None and cfg.ingress.host is None:
         problems.append(f"{NAMESPACE}:ingress.tlsSecret: needs ingress.host (the certificate's name)")
     lb = cfg.load_balancing
@@ -139,7 +152,8 @@ def _stack(cfg: StackConfig) -> list[str]:
     if cfg.ingress.cert_manager.enabled and cfg.ingress.host is None:
         problems.append(f"{NAMESPACE}:ingress.certManager.enabled: needs ingress.host (the "
                         "certificate's name)")
-    if cfg.service.source_ranges and cfg.service_type != "LoadBalancer":
+    if cfg.service.source_ranges and cfg.service_type != "LoadBalancer" \
+            and not cfg.gateway.enabled:
         hint = ("; the ingress controller is the entry point: set "
                 "ingress.controller.sourceRanges instead") if cfg.ingress.enabled else ""
         problems.append(
@@ -236,6 +250,16 @@ def stack_warnings(cfg: StackConfig) -> list[str]:
                 "requests fail meanwhile"
             )
     ingress = cfg.ingress
+    gateway = cfg.gateway
+    if gateway.enabled and "method" in cfg.load_balancing.model_fields_set:
+        warnings.append(
+            f"{NAMESPACE}:loadBalancing.method: does not apply on the Gateway path, where each "
+            "model's endpoint picker chooses the replica (queue, KV cache, prefix cache); the "
+            "timeouts, body size and rate limit still apply (at the model router)")
+    if gateway.enabled and gateway.tls_secret is None:
+        warnings.append(
+            f"{NAMESPACE}:gateway: no TLS; the API key crosses the network in clear. Set "
+            "gateway.tlsSecret (an existing kubernetes.io/tls Secret)")
     if ingress.enabled and cfg.model_count > 1:
         routes = ", ".join(f"{m.served} at {cfg.ingress_path(i)}" for i, m in enumerate(cfg.models))
         warnings.append(

@@ -9,7 +9,12 @@ from __future__ import annotations
 
 from pydantic import Field, PrivateAttr, model_validator
 
-from components.config.exposure import IngressConfig, NetworkPolicyConfig, ServiceConfig
+from components.config.exposure import (
+    GatewayConfig,
+    IngressConfig,
+    NetworkPolicyConfig,
+    ServiceConfig,
+)
 from components.config.monitoring import MonitoringConfig
 from components.config.sections import Section
 from components.config.types import DnsLabel, Labels
@@ -62,6 +67,8 @@ class StackConfig(Section):
     """How NGINX spreads requests over replicas (ingress and local mode alike)."""
     ingress: IngressConfig = IngressConfig()
     """Optional NGINX ingress in front of the model."""
+    gateway: GatewayConfig = GatewayConfig()
+    """Optional Gateway API inference path in front of the models (instead of `ingress`)."""
     autoscaling: AutoscalingConfig = AutoscalingConfig()
     """Optional autoscaling on LLM signals."""
     disruption_budget: DisruptionBudgetConfig = DisruptionBudgetConfig()
@@ -203,10 +210,15 @@ class StackConfig(Section):
         )
 
     @property
+    def routed(self) -> bool:
+        """A router is the entry point (the Ingress or the Gateway), not the model Service."""
+        return self.ingress.enabled or self.gateway.enabled
+
+    @property
     def service_type(self) -> str:
         if self.service.type is not None:
             return self.service.type
-        return "ClusterIP" if self.ingress.enabled else "LoadBalancer"
+        return "ClusterIP" if self.routed else "LoadBalancer"
 
     @property
     def scraped_by_prometheus(self) -> bool:

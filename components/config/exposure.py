@@ -96,6 +96,20 @@ class IngressConfig(Section):
         return self.tls_secret is not None or self.cert_manager.enabled
 
 
+GATEWAY_NAME = "inference"
+"""Name of the stack's Gateway; NGINX Gateway Fabric names its data-plane Service
+`<Gateway>-<GatewayClass>` (at most 63 characters before it hashes the name)."""
+
+
+def _gateway_class(value: str) -> str:
+    longest = DNS_LABEL_MAX - len(GATEWAY_NAME) - 1
+    if len(value) > longest:
+        raise ValueError(
+            f"must be at most {longest} characters: the data-plane Service is named "
+            f"'{GATEWAY_NAME}-<className>', at most {DNS_LABEL_MAX}")
+    return value
+
+
 class GatewayControllerConfig(Section):
     install: bool = True
     """Install NGINX Gateway Fabric (Helm) and the Gateway API and Inference Extension CRDs;
@@ -133,8 +147,11 @@ class GatewayConfig(Section):
     """Serve through NGINX Gateway Fabric with the Gateway API Inference Extension: per model an
     InferencePool whose endpoint picker chooses a replica from its queue, KV-cache use and
     prefix cache, routed by the request's `model` field (docs/gateway.md). vLLM only."""
-    class_name: DnsLabel = "llm-nginx"
-    """GatewayClass the controller installs and the stack's Gateway uses."""
+    class_name: Annotated[DnsLabel, AfterValidator(_gateway_class)] = "llm-nginx"
+    """GatewayClass the controller installs and the stack's Gateway uses (also the controller's
+    Helm release name)."""
+    replicas: int = Field(2, ge=1, le=100)
+    """NGINX data-plane pods of the Gateway (NGINX Gateway Fabric runs them)."""
     controller: GatewayControllerConfig = GatewayControllerConfig()
     """The NGINX Gateway Fabric release (or the existing one)."""
     router: ModelRouterConfig = ModelRouterConfig()
@@ -142,6 +159,9 @@ class GatewayConfig(Section):
     body, so the router copies its `model` field into the header the routes match on."""
     endpoint_picker: EndpointPickerConfig = EndpointPickerConfig()
     """Each model's endpoint picker (the inferencepool chart)."""
+    host: NonEmptyStr | None = None
+    """Host name clients use, e.g. llm.example.com (the certificate's name); the endpoint is then
+    https://<host>/v1 rather than the router's address."""
     tls_secret: DnsLabel | None = None
     """An existing kubernetes.io/tls Secret (in the stack's namespace) the router serves HTTPS
     with; plain HTTP is then redirected."""

@@ -21,6 +21,7 @@ from components.resources.api_key import ApiKey
 from components.resources.autoscaling import LlmAutoscaler
 from components.resources.dashboard import LlmDashboard
 from components.resources.deployment import HF_TOKEN_SECRET_KEY, LlmDeployment
+from components.resources.gateway import InferenceGateway, InferencePoolRoute
 from components.resources.image import HF_TOKEN_BUILD_SECRET, LlmImage, LlmImageArgs
 from components.resources.ingress import IngressRoute, NginxIngress, controller_pod_labels
 from components.resources.monitoring import LlmServiceMonitor
@@ -62,8 +63,11 @@ class LlmStack(pulumi.ComponentResource):
             metadata={
                 "name": cfg.namespace,
                 # The pods already meet the restricted profile; enforce it so a
-                # later change that weakens them is refused by the cluster.
-                "labels": {**labels, **pod_security_labels("restricted")},
+                # later change that weakens them is refused by the cluster. The endpoint
+                # pickers' chart sets no security context (they meet baseline only), so a
+                # Gateway stack enforces baseline and still warns and audits restricted.
+                "labels": {**labels, **pod_security_labels(
+                    "restricted", enforce="baseline" if cfg.gateway.enabled else None)},
             },
             opts=child,
         )
@@ -178,6 +182,22 @@ class LlmStack(pulumi.ComponentResource):
                 for view, _, _ in models
             }
 
+        if cfg.gateway.enabled:
+            gateway = InferenceGateway(
+                f"{name}-gateway", {"config": cfg, "namespace": ns_name, "labels": labels},
+                opts=child)
+            for view, deployment, _ in models:
+                InferencePoolRoute(
+                    _per_model(f"{name}-pool", view),
+                    {"config": view, "namespace": ns_name, "selector": deployment.selector,
+                     "depends_on": gateway.ready, "pool_crds": gateway.pool_crds,
+                     "labels": labels},
+                    opts=child,
+                )
+            # One base URL: the router reads each request's model.
+            self.endpoint = gateway.endpoint
+            self.endpoints = {view.model.served: gateway.endpoint for view, _, _ in models}
+
         for view, deployment, _ in models:
             self._per_model_policies(name, view, deployment, ns_name, ingress, labels, child)
 
@@ -213,7 +233,15 @@ class LlmStack(pulumi.ComponentResource):
         """One model's autoscaler, disruption budget and network policy, ServiceMonitor and
         alert rules."""
         if view.autoscaling.enabled:
-            LlmAutoscaler(
+            scaling_opts = child
+            if view.model_index > 0 and view.autoscaling.install_keda:
+                # KEDA is installed once, with the first model's autoscaler; the others wait
+                # for it (their ScaledObjects need its CRD).
+                view = view.model_copy(update={
+                    "autoscaling": view.autoscaling.model_copy(update={"install_keda": False})})
+                scaling_opts = pulumi.ResourceOptions(parent=self,
+                                                      depends_on=[self._first_autoscaler])
+            autoscaler = LlmAutoscaler(
                 _per_model(f"{name}-autoscaler", view),
                 {
                     "config": view,
@@ -221,8 +249,10 @@ class LlmStack(pulumi.ComponentResource):
                     "deployment_name": deployment.deployment_name,
                     "labels": labels,
                 },
-                opts=child,
+                opts=scaling_opts,
             )
+            if view.model_index == 0:
+                self._first_autoscaler = autoscaler
 
         if view.disruption_budget.enabled or view.network_policy_on:
             PodPolicies(
@@ -232,7 +262,9 @@ class LlmStack(pulumi.ComponentResource):
                     "namespace": ns_name,
                     "selector": deployment.selector,
                     "port": deployment.port,
-                    "ingress_namespace": ingress.controller_namespace if ingress else None,
+                    # Gateway path: the data plane and the endpoint pickers run beside the pods.
+                    "ingress_namespace": (ingress.controller_namespace if ingress else
+                                          view.namespace if view.gateway.enabled else None),
                     "ingress_pod_labels": (
                         controller_pod_labels(ingress.release_name)
                         if ingress and view.ingress.controller.install

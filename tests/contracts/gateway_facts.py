@@ -18,7 +18,6 @@ Both raise ValueError with one line per problem, naming the key or field and wha
 
 from __future__ import annotations
 
-import copy
 import functools
 import json
 from typing import Any, Callable, Iterable, Mapping
@@ -27,6 +26,7 @@ import jsonschema
 
 from components.pins import PINNED
 from tests.contracts import facts
+from tools import crd_schemas
 
 NGF_CHART = "nginx-gateway-fabric"
 EPP_CHART = "inferencepool"
@@ -234,36 +234,10 @@ def _schemas() -> dict[tuple[str, str], dict[str, Any]]:
     return found
 
 
-def _strict(schema: Any) -> Any:
-    """The schema with unknown fields rejected wherever the CRD lists the fields (the API server
-    prunes unknown fields without an error, so a misspelt one would simply vanish)."""
-    if isinstance(schema, dict):
-        out = {k: _strict(v) for k, v in schema.items()}
-        if "properties" in out and "additionalProperties" not in out \
-                and not out.get("x-kubernetes-preserve-unknown-fields"):
-            out["additionalProperties"] = False
-        return out
-    if isinstance(schema, list):
-        return [_strict(v) for v in schema]
-    return schema
-
-
-@functools.cache
 def crd_schema(api_version: str, kind: str) -> dict[str, Any] | None:
-    """JSON schema of a whole manifest of that kind (None if the pinned CRDs do not define it)."""
-    entry = _schemas().get((api_version, kind))
-    if entry is None:
-        return None
-    schema = _strict(copy.deepcopy(entry["openAPIV3Schema"]))
-    metadata = {"type": "object", "required": ["name"],
-                "properties": {"name": {"type": "string", "minLength": 1}, "namespace": {"type": "string"}}}
-    if entry["scope"] == "Namespaced":
-        metadata["required"] = ["name", "namespace"]
-    schema["properties"]["metadata"] = metadata
-    schema["properties"]["apiVersion"] = {"const": api_version}
-    schema["properties"]["kind"] = {"const": kind}
-    schema["required"] = sorted({"apiVersion", "kind", "metadata", "spec", *schema.get("required", [])})
-    return schema
+    """JSON schema of a whole manifest of that kind (None if the pinned CRDs do not define it):
+    the one `make render` validates with (tools/crd_schemas.py)."""
+    return crd_schemas.pinned_crd_schema(api_version, kind)
 
 
 def _fields(node: Any, prefix: str = "") -> Iterable[str]:

@@ -99,7 +99,9 @@ def router(tmp_path: Path) -> Iterator[tuple[int, int, FakeGateway]]:
                       not_found_port=not_found, writable_dir=str(tmp_path),
                       user="root" if os.geteuid() == 0 else None)
     proxy = Nginx(tmp_path, router_conf(plan), listen)
-    proxy.proc = subprocess.Popen(proxy.args(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # In the foreground, as the pod runs it (its command adds the same -g): stop() ends it.
+    proxy.proc = subprocess.Popen(proxy.args("-g", "daemon off;"), stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 5
         while True:

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from components.config.types import NAMESPACE, cpu_cores, memory_bytes
 from components.config.workload import kube_name_problem
 from components.policies import affinity
+from components.policies.model_router import SERVED_NAME
 
 if TYPE_CHECKING:
     from components.config.stack import StackConfig
@@ -40,6 +41,12 @@ def _model_list(cfg: StackConfig) -> list[str]:
                 "model by it)")
             continue
         served[entry.served] = i
+        if cfg.gateway.enabled and not SERVED_NAME.match(entry.served):
+            problems.append(
+                f"{where(i)}.{name_key}: '{entry.served}' cannot be routed on the Gateway path "
+                "(it is matched as a header value and written into the model router's "
+                "configuration): 1 to 128 letters, digits and '.', '_', '/', ':', '@', '+', '-' "
+                "are allowed")
         if not several:
             continue  # a single model's objects keep their fixed names
         if entry.name is None:

@@ -21,7 +21,8 @@ STACK_FILES = sorted(offline.PROJECT_DIR.glob("Pulumi.*.yaml"))
 
 
 def test_there_are_dev_and_prod_stacks():
-    assert {p.name for p in STACK_FILES} >= {"Pulumi.dev.yaml", "Pulumi.prod.yaml"}
+    assert {p.name for p in STACK_FILES} >= {"Pulumi.dev.yaml", "Pulumi.prod.yaml",
+                                             "Pulumi.prod-gateway.yaml"}
 
 
 @pytest.mark.parametrize("stack_file", STACK_FILES, ids=lambda p: p.stem.split(".")[1])
@@ -128,6 +129,25 @@ def test_render_cli_writes_valid_manifests(tmp_path: Path):
     assert "startupProbe" in deployment["spec"]["template"]["spec"]["containers"][0]
     secret = yaml.safe_load(next(tmp_path.glob("secret-*.yaml")).read_text())
     assert set(secret["stringData"].values()) == {"<secret>"}
+
+
+def test_render_cli_writes_the_gateway_stack(tmp_path: Path):
+    from components.pins import EPP_CHART, NGF_CHART, NGF_VERSION
+
+    result = _render("--stack", "prod-gateway", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    kinds = {p.name.split("-")[0] for p in tmp_path.glob("*.yaml")}
+    assert {"gateway", "httproute", "proxysettingspolicy", "clientsettingspolicy",
+            "helmrelease", "deployment", "scaledobject"} <= kinds
+    releases = {p.name: yaml.safe_load(p.read_text()) for p in tmp_path.glob("helmrelease-*.yaml")}
+    assert set(releases) == {"helmrelease-llm-nginx.yaml", "helmrelease-llm-qwen-7b.yaml",
+                             "helmrelease-llm-coder-14b.yaml", "helmrelease-keda.yaml"}
+    controller = releases["helmrelease-llm-nginx.yaml"]
+    assert (controller["chart"], controller["version"]) == (NGF_CHART, NGF_VERSION)
+    assert releases["helmrelease-llm-coder-14b.yaml"]["chart"] == EPP_CHART
+    # One Deployment per model, and the router.
+    assert len(list(tmp_path.glob("deployment-*.yaml"))) == 3
+    assert "output endpoint: https://llm.example.com/v1" in result.stdout
 
 
 @needs_nginx

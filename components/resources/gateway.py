@@ -385,11 +385,13 @@ class InferencePoolRoute(pulumi.ComponentResource):
     """One model on the Gateway: its InferencePool and endpoint picker (the upstream chart), the
     HTTPRoute that matches its name, and the route's proxy settings."""
 
+    pool: str
+    """The InferencePool's name (the picker's release name)."""
+
     def __init__(self, name: str, args: InferencePoolRouteArgs,
                  opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("llm-serving:index:InferencePoolRoute", name, None, opts)
         view = args["config"]
-        index = view.model_index
         pool = pool_name(view, 0)  # the view's only model
         labels = dict(args.get("labels", {}))
         release = k8s.helm.v3.Release(
@@ -421,5 +423,4 @@ class InferencePoolRoute(pulumi.ComponentResource):
             opts=pulumi.ResourceOptions(parent=self, depends_on=args["depends_on"]),
         )
         self.pool = pool
-        self.index = index
         self.register_outputs({})

@@ -43,6 +43,8 @@ class LlmStack(pulumi.ComponentResource):
     api_key: pulumi.Output[str]
     image: pulumi.Output[str]
     namespace: pulumi.Output[str]
+    _first_autoscaler: LlmAutoscaler
+    """The first model's autoscaler: it installs KEDA (once) when asked to."""
 
     def __init__(
         self, name: str, args: LlmStackArgs, opts: pulumi.ResourceOptions | None = None

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from bench import balance, balance_report, trace
 from bench.command import shown
-from bench.simmodel import SimModel
+from bench.simmodel import DEFAULT_PROFILE, SimModel
 
 __all__ = ["SimModel", "main"]
 
@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     if args_in[:1] == ["autoscale"]:  # `python -m bench autoscale [...]`: docs/autoscaling.md
         from bench import autoscale
         return autoscale.main(args_in[1:])
+    if args_in[:1] == ["profile"]:  # `python -m bench profile ...`: latency profiles
+        from bench import profile_cli
+        return profile_cli.main(args_in[1:])
     full = balance.Plan()
     ap = argparse.ArgumentParser(prog="python -m bench",
                                  description=__doc__ % {"minutes": FULL_MINUTES},
@@ -75,9 +78,19 @@ def main(argv: list[str] | None = None) -> int:
                          "workload, one NGINX (< 3 min)")
     ap.add_argument("--out", type=Path, default=ROOT / "docs",
                     help="directory for bench-results.md and bench-ttft.png")
+    ap.add_argument("--profile", default=DEFAULT_PROFILE,
+                    help="replicas' latency profile: a name in server/profiles/ or a path "
+                         f"(default {DEFAULT_PROFILE})")
+    ap.add_argument("--time-dilation", type=float, default=1.0,
+                    help="multiply every modelled duration, for a regime faster than this "
+                         "machine can serve live (default 1)")
     args = ap.parse_args(argv)
 
-    model = SimModel()
+    try:
+        model = SimModel.named(args.profile, args.time_dilation)
+        model.des_params(args.replicas)  # the limit rows need it: fail before starting anything
+    except ValueError as exc:  # ProfileError too
+        ap.error(str(exc))
     workloads = {"standalone": trace.Workload(), "sessions": trace.Workload(sessions=True)}
     if args.quick:
         plan = balance.QUICK

@@ -34,7 +34,7 @@ from bench.autoscale_report import Run, Sample, Setting, label, phase_table, plo
 from bench.autoscale_trace import RAMP, SURGE, Shape, build
 from bench.command import shown
 from bench.ports import free_ports
-from bench.simmodel import SimModel
+from bench.simmodel import DEFAULT_PROFILE, SimModel
 from components.engines import PROFILES
 from components.policies.scaling import AutoscalingConfig, ScalingPolicy
 
@@ -51,7 +51,8 @@ SERVER = PROFILES["server"]
 def replica_env(model: SimModel, load_wall_s: float) -> dict[str, str]:
     """The balancing bench's latency model, with a model load time and no prefix cache."""
     env = model.env()
-    del env["LLM_SIM_PREFIX_CACHE_TOKENS"]  # the surge trace has no shared prefixes
+    if model.profile.kind == "slots":
+        env["LLM_SIM_PREFIX_CACHE_TOKENS"] = "0"  # the surge trace has no shared prefixes
     return env | {
         "LLM_MAX_QUEUE": "256", "LLM_MAX_MODEL_LEN": "4096",
         "LLM_SIM_LOAD_SECONDS": f"{load_wall_s:.3f}",
@@ -83,7 +84,7 @@ def measure_capacity(model: SimModel, seconds: float, seed: int) -> float:
     base = free_ports(2, random.Random(seed))
     pool = trace.generate(50, 40, seed + 1000, trace.Workload(), 4096).requests
     with LocalCluster(1, port=base, first_replica_port=base + 1, server_env=replica_env(model, 0),
-                      max_output_tokens=model.max_tokens) as cluster:
+                      max_output_tokens=model.nginx_output_tokens) as cluster:
         cap, tps, errors = asyncio.run(capacity.measure(
             cluster.replica_urls, cluster.model_name, cluster.api_key, pool, model.slots,
             warmup=min(4.0, seconds / 2), duration=seconds, salt="cap"))
@@ -141,7 +142,7 @@ def run_one(setting: Setting, shape: Shape, load_s: float, factor: float, cap: f
     start_replicas = setting.replicas or setting.min_replicas
     cluster = LocalCluster(start_replicas, port=base, first_replica_port=base + 1,
                            server_env=replica_env(model, load_s / factor),
-                           max_output_tokens=model.max_tokens)
+                           max_output_tokens=model.nginx_output_tokens)
     prometheus = scaler = None
     with cluster:
         try:
@@ -222,16 +223,21 @@ def main(argv: list[str] | None = None) -> int:
                     help="only these runs of the plan, 1-based, e.g. 2,4 (static max and the "
                          "surge runs you compare need to be among them)")
     ap.add_argument("--out", type=Path, default=ROOT / "docs")
+    ap.add_argument("--profile", default=DEFAULT_PROFILE,
+                    help=f"replicas' latency profile, name or path (default {DEFAULT_PROFILE})")
+    ap.add_argument("--time-dilation", type=float, default=1.0,
+                    help="multiply every modelled duration (default 1)")
     args = ap.parse_args(argv)
     args.command = shown("python -m bench autoscale", sys.argv[2:] if argv is None else argv)
     factor = args.factor or (80.0 if args.quick else 30.0)
     if factor <= 0:
         ap.error("--factor must be positive")
-    model = SimModel()
+    try:
+        model = SimModel.named(args.profile, args.time_dilation)
+    except ValueError as exc:  # ProfileError: unknown profile, invalid file, bad dilation
+        ap.error(str(exc))
     started = time.monotonic()
-    say(f"sim replica: {model.slots} slots, prefill {model.prefill_base_ms:g} ms + "
-        f"{model.prefill_ms_per_token:g} ms/token, decode {model.decode_base_ms:g} ms + "
-        f"{model.decode_ms_per_seq:g} ms x active; time compressed {factor:g}x; "
+    say(f"sim replica: {model.profile.describe()}; time compressed {factor:g}x; "
         f"{os.cpu_count()} cores")
     cap = measure_capacity(model, 5.0 if args.quick else 10.0, args.seed)
     runs: list[Run] = []

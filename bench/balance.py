@@ -263,20 +263,21 @@ def measure(plan: Plan, replicas: int, model: SimModel, workloads: dict[str, tra
     from bench.ingress_pool import NginxPool
     from local.cluster import LocalCluster
 
-    grace = model.max_tokens * (model.decode_base_ms + model.decode_ms_per_seq * model.slots) \
-        / 1000 * 2 + 10
+    grace = model.max_tokens * model.full_step_seconds() * 2 + 10
     runs: dict[int, list[Cell]] = {sd: [] for sd in seeds}
     models: dict[int, dict] = {sd: {"capacity": {}} for sd in seeds}
     pools: dict[int, NginxPool] = {}
     say(f"{model.describe()}; {replicas} replicas on {os.cpu_count()} cores")
     with LocalCluster(replicas, port=base_port + replicas, first_replica_port=base_port,
-                      server_env=model.env(), max_output_tokens=model.max_tokens) as cluster:
+                      server_env=model.env(),
+                      max_output_tokens=model.nginx_output_tokens) as cluster:
         upstreams = [u.removeprefix("http://") for u in cluster.replica_urls]
         admission = replicas * (model.slots + int(model.env()["LLM_MAX_QUEUE"]))
         next_port = base_port + replicas + 1
         try:
             for k in sorted({1, *plan.pods}):
-                pools[k] = NginxPool(upstreams, k, next_port, max_output_tokens=model.max_tokens,
+                pools[k] = NginxPool(upstreams, k, next_port,
+                                     max_output_tokens=model.nginx_output_tokens,
                                      replica_slots=model.slots, admission_limit=admission)
                 next_port += k
             run_no = itertools.count()

@@ -1,47 +1,78 @@
-"""The latency model every benchmark replica runs (the sim engine's settings)."""
+"""The latency model every benchmark replica runs: a profile (server/profiles/) and the
+benchmark's token limits. The numbers live in the profile; this module only passes them on
+(to the replicas as ``LLM_SIM_PROFILE``, to the discrete-event model as ``des.Params``)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 from bench import des
+from server.engines.profile import Profile, SlotsLinearCost, SlotsScheduler, load_profile
+
+DEFAULT_PROFILE = "cpu-sim"
+"""The regime of every benchmark figure so far (4 replicas on 2 CPU cores)."""
+
+
+def _default() -> Profile:
+    return load_profile(DEFAULT_PROFILE)
 
 
 @dataclass(frozen=True)
 class SimModel:
-    """Latency model of every replica (sim engine), chosen so that 4 replicas on 2 shared cores
-    are bound by the model, not the CPU: ~40 ms decode steps keep the aggregate SSE rate under
-    ~850 events/s at saturation."""
-
-    slots: int = 8
-    prefill_base_ms: float = 50
-    prefill_ms_per_token: float = 0.25
-    decode_base_ms: float = 30
-    decode_ms_per_seq: float = 1.0
-    prefix_cache_tokens: int = 65_536
+    profile: Profile = field(default_factory=_default)
+    """The replicas' latency profile, time dilation included."""
     max_tokens: int = 384
     max_model_len: int = 16_384
 
+    @classmethod
+    def named(cls, profile: str, time_dilation: float = 1.0, **kw: int) -> SimModel:
+        """A shipped profile's name or a path to a profile file (raises ProfileError)."""
+        return cls(load_profile(profile).dilated(time_dilation), **kw)
+
+    @property
+    def slots(self) -> int:
+        """Sequences a replica admits at once (LLM_MAX_CONCURRENCY)."""
+        return self.profile.scheduler.admission_slots
+
+    @property
+    def prefix_cache_tokens(self) -> int:
+        s = self.profile.scheduler
+        if isinstance(s, SlotsScheduler):
+            return s.prefix_cache_tokens
+        return s.kv_cache_tokens if s.enable_prefix_caching else 0
+
+    @property
+    def nginx_output_tokens(self) -> int:
+        """What sizes nginx's read timeout (max_output_tokens x per-token seconds): the
+        benchmark's max_tokens, stretched by the time dilation."""
+        return math.ceil(self.max_tokens * max(1.0, self.profile.time_dilation))
+
+    def full_step_seconds(self) -> float:
+        """A decode step with every slot busy (dilated)."""
+        return self.profile.decode_step_seconds(self.slots, self.max_model_len // 2)
+
     def env(self) -> dict[str, str]:
-        return {
+        env = {
+            "LLM_SIM_PROFILE": self.profile.ref,
             "LLM_MAX_CONCURRENCY": str(self.slots), "LLM_MAX_QUEUE": "1024",
             "LLM_MAX_TOKENS": str(self.max_tokens), "LLM_MAX_MODEL_LEN": str(self.max_model_len),
-            "LLM_SIM_PREFILL_BASE_MS": str(self.prefill_base_ms),
-            "LLM_SIM_PREFILL_MS_PER_TOKEN": str(self.prefill_ms_per_token),
-            "LLM_SIM_DECODE_BASE_MS": str(self.decode_base_ms),
-            "LLM_SIM_DECODE_MS_PER_SEQ": str(self.decode_ms_per_seq),
-            "LLM_SIM_PREFIX_CACHE_TOKENS": str(self.prefix_cache_tokens),
             "LLM_DRAIN_SECONDS": "2", "LLM_LOG_LEVEL": "warning",
         }
+        if self.profile.time_dilation != 1:
+            env["LLM_SIM_TIME_DILATION"] = repr(self.profile.time_dilation)
+        return env
 
     def des_params(self, replicas: int) -> des.Params:
-        """The same model for the discrete-event model (bench/des.py), in seconds."""
-        return des.Params(replicas, self.slots, self.prefill_base_ms / 1e3,
-                          self.prefill_ms_per_token / 1e3, self.decode_base_ms / 1e3,
-                          self.decode_ms_per_seq / 1e3)
+        """The same model for the discrete-event model (bench/des.py), in seconds (dilated)."""
+        cost = self.profile.cost
+        if not isinstance(cost, SlotsLinearCost):
+            raise ValueError(f"the slots discrete-event model needs a slots profile; "
+                             f"{self.profile.name} is {self.profile.kind}")
+        p, d = cost.params, self.profile.time_dilation
+        return des.Params(replicas, self.slots, d * p.prefill_base_ms / 1e3,
+                          d * p.prefill_ms_per_token / 1e3, d * p.decode_base_ms / 1e3,
+                          d * p.decode_ms_per_seq / 1e3)
 
     def describe(self) -> str:
-        return (f"sim: prefill {self.prefill_base_ms:g} ms + {self.prefill_ms_per_token:g} "
-                f"ms/uncached token (cached free), decode step {self.decode_base_ms:g} ms + "
-                f"{self.decode_ms_per_seq:g} ms × active; {self.slots} slots/replica, "
-                f"prefix cache {self.prefix_cache_tokens} tokens/replica")
+        return f"sim: {self.profile.describe()}"

@@ -78,3 +78,14 @@ to run unprivileged (uid 101, port 8080), from nginx/docker-nginx-unprivileged a
 the tag moves with weekly rebuilds, so pin the digest in production."""
 
 PINNED["nginx-unprivileged"] = MODEL_ROUTER_NGINX_VERSION
+
+KUBE_STATE_METRICS_VERSION = "2.20.0"
+"""kube-state-metrics: the cluster replica alerts read its kube_deployment_* series
+(components/policies/alerting.py). Installed by the stack with `monitoring.kubeStateMetrics:
+install`; otherwise expected from the cluster (kube-prometheus-stack 88.5.3 ships this one)."""
+KUBE_STATE_METRICS_CHART = "kube-state-metrics"
+KUBE_STATE_METRICS_REPOSITORY = "https://prometheus-community.github.io/helm-charts"
+KUBE_STATE_METRICS_CHART_VERSION = "8.4.0"
+"""prometheus-community/kube-state-metrics chart; its appVersion is KUBE_STATE_METRICS_VERSION."""
+
+PINNED["kube-state-metrics"] = KUBE_STATE_METRICS_VERSION

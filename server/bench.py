@@ -37,7 +37,8 @@ from pathlib import Path
 
 import httpx
 
-from server.engines.sim import SimParams, sim_chat_prompt, sim_tokenize
+from server.engines.profile import Profile
+from server.engines.sim import sim_chat_prompt, sim_tokenize
 from server.settings import from_env
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,7 +63,7 @@ def quantile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
-def predict(p: SimParams, n: int, prompt_tokens: int, max_tokens: int,
+def predict(p: Profile, n: int, prompt_tokens: int, max_tokens: int,
             think: float) -> tuple[float, float, float]:
     """Return (TTFT, inter-token time, decode batch size A) predicted by the model.
 
@@ -249,14 +250,18 @@ def main(argv: list[str] | None = None) -> int:
                     help="client processes sharing the streams")
     args = ap.parse_args(argv)
 
-    # Sim parameters: the server defaults unless LLM_SIM_* are set in the environment.
+    # Sim parameters: the server defaults unless LLM_SIM_* (a profile, overrides, a time
+    # dilation) are set in the environment.
     env = {k: v for k, v in os.environ.items() if k.startswith("LLM_SIM_")}
     env |= {"LLM_ENGINE": "sim", "LLM_MAX_CONCURRENCY": str(args.streams),
             "LLM_MAX_QUEUE": str(args.streams), "LLM_MAX_TOKENS": str(args.max_tokens),
             "LLM_MAX_MODEL_LEN": str(max(4096, args.prompt_tokens * 2 + args.max_tokens)),
             "LLM_DRAIN_SECONDS": "5", "LLM_LOG_LEVEL": "warning"}
     settings = from_env(env)
-    params = SimParams.from_settings(settings)
+    params = settings.sim_latency_profile()
+    if params.kind != "slots":
+        print(f"server.bench predicts slots profiles only; {params.name} is {params.kind}")
+        return 2
 
     words = " ".join(f"w{i}" for i in range(args.prompt_tokens))
     messages = [{"role": "user", "content": words}]
@@ -283,10 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     if not s.ttft or not s.itl:
         print("no samples; errors:", s.errors[:5])
         return 1
-    p = params
-    print(f"sim model: prefill {p.prefill_base_s * 1e3:g} ms + {p.prefill_per_token_s * 1e3:g} "
-          f"ms/token; decode step {p.decode_base_s * 1e3:g} ms + "
-          f"{p.decode_per_seq_s * 1e3:g} ms x active sequences")
+    print(f"sim model: {params.describe()}")
     print(f"load: {args.streams} concurrent streams (closed loop, pause uniform(0, "
           f"{think * 1e3:.0f} ms) between requests, {args.client_procs} client processes), "
           f"prompt {prompt_tokens} tokens, max_tokens {args.max_tokens}, measured for "

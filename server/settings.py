@@ -7,6 +7,7 @@ bad value fails at startup with a message an operator can act on.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import re
@@ -14,6 +15,8 @@ from typing import Literal
 
 from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from server.engines.profile import Profile, ProfileError, load_profile, parse_profile
 
 ENV_PREFIX = "LLM_"
 _log = logging.getLogger(__name__)
@@ -71,6 +74,13 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     """`transformers` only: weight dtype; `auto` is float32 on CPU, bfloat16/float16 on CUDA."""
 
+    sim_profile: str | None = None
+    """Sim: latency profile, a shipped name (`server/profiles/<name>.yaml`: `cpu-sim`,
+    `h200-llama8b`, `h200-llama1b`) or a path to a profile file. Unset: a slots profile made of
+    the LLM_SIM_* values below. Set: those LLM_SIM_* values that are given override it."""
+    sim_time_dilation: float = Field(default=1.0, gt=0, le=100_000)
+    """Sim: every modelled duration (prefill, step) is multiplied by this, so a fast regime can
+    run on a few CPU cores; reported in /v1/models so a calibration can undo it."""
     sim_load_seconds: float = Field(default=0.0, ge=0, le=86_400)
     """Sim: how long loading takes before /ready answers 200 (a model's cold start)."""
     sim_prefill_base_ms: float = Field(default=100.0, ge=0, le=600_000)
@@ -92,12 +102,42 @@ class Settings(BaseSettings):
     def _check_engine_needs(self) -> Settings:
         if self.engine == "transformers" and not self.model:
             raise ValueError("LLM_MODEL is required when LLM_ENGINE=transformers")
+        if self.engine == "sim":
+            try:
+                self.sim_latency_profile()
+            except ProfileError as exc:
+                raise ValueError(f"LLM_SIM_PROFILE: {exc}") from None
         if self.max_tokens >= self.max_model_len:
             raise ValueError(
                 f"LLM_MAX_TOKENS ({self.max_tokens}) must be smaller than "
                 f"LLM_MAX_MODEL_LEN ({self.max_model_len}) to leave room for a prompt"
             )
         return self
+
+    def sim_latency_profile(self) -> Profile:
+        """The sim engine's latency model: LLM_SIM_PROFILE with the LLM_SIM_* values given
+        explicitly applied over it (or, with no profile named, a slots profile of the LLM_SIM_*
+        values and their defaults), dilated by LLM_SIM_TIME_DILATION."""
+        given = {f for f in _SLOTS_OVERRIDES if f in self.model_fields_set}
+        if self.sim_profile is None:
+            profile = parse_profile(_settings_profile(self), "LLM_SIM_* settings")
+        else:
+            profile = load_profile(self.sim_profile)
+            if given and profile.kind != "slots":
+                names = ", ".join(sorted(ENV_PREFIX + f.upper() for f in given))
+                raise ProfileError(
+                    f"{names} set numbers of a slots profile, and {profile.name} is a "
+                    f"{profile.kind} profile: write a profile file with the numbers you want")
+            if given:
+                data = profile.model_dump()
+                _set(data, {_SLOTS_OVERRIDES[f]: getattr(self, f) for f in given})
+                data["summary"] = (f"{profile.summary} Overridden by "
+                                   + ", ".join(sorted(ENV_PREFIX + f.upper() for f in given))
+                                   + ".")
+                path = profile.path
+                profile = parse_profile(data, f"{profile.name} with LLM_SIM_* overrides")
+                profile._path = path
+        return profile.dilated(self.sim_time_dilation)
 
     @property
     def model_name(self) -> str:
@@ -107,6 +147,42 @@ class Settings(BaseSettings):
         if self.model:
             return self.model
         return "sim-llm"
+
+
+_SLOTS_OVERRIDES = {
+    "sim_prefill_base_ms": ("cost", "params", "prefill_base_ms"),
+    "sim_prefill_ms_per_token": ("cost", "params", "prefill_ms_per_token"),
+    "sim_prefill_ms_per_cached_token": ("cost", "params", "prefill_ms_per_cached_token"),
+    "sim_decode_base_ms": ("cost", "params", "decode_base_ms"),
+    "sim_decode_ms_per_seq": ("cost", "params", "decode_ms_per_seq"),
+    "sim_prefix_cache_tokens": ("scheduler", "prefix_cache_tokens"),
+    "sim_prefix_cache_block_tokens": ("scheduler", "prefix_cache_block_tokens"),
+}
+"""LLM_SIM_* settings and the slots-profile keys they override."""
+
+
+def _settings_profile(s: Settings) -> dict:
+    """A slots profile made of the LLM_SIM_* settings (with their defaults)."""
+    data: dict = {
+        "name": "sim-settings",
+        "summary": "The sim engine's LLM_SIM_* settings (no LLM_SIM_PROFILE given).",
+        "provenance": {"source": "chosen", "engine": {"name": "sim", "version": "slots"},
+                       "model": "none", "hardware": "any", "date": datetime.date.today(),
+                       "method": "LLM_SIM_* environment variables and their defaults"},
+        "scheduler": {"kind": "slots", "slots": s.max_concurrency},
+        "cost": {"form": "slots-linear", "params": {}},
+    }
+    _set(data, {path: getattr(s, f) for f, path in _SLOTS_OVERRIDES.items()})
+    return data
+
+
+def _set(data: dict, values: dict[tuple[str, ...], object]) -> None:
+    """Set nested keys of ``data`` given by key paths."""
+    for path, value in values.items():
+        node = data
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
 
 
 def _describe(err: dict) -> str:

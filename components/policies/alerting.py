@@ -9,15 +9,15 @@ the same; only the scope (which series belong to this stack) and the source of
 the replica count differ:
 
 - cluster: engine series carry the `namespace` label the ServiceMonitor adds;
-  replicas come from kube-state-metrics (`kube_deployment_*`), which is the
-  only place that knows about a pod that is not ready;
+  replicas come from kube-state-metrics (`kube_deployment_*` of the model's own
+  Deployment), which is the only place that knows about a pod that is not ready;
 - local: the scrape job of the local replicas scopes the series; a replica
   counts as available while its /metrics answers (`up == 1`).
 
 A stack with several models gets one policy per model (from its view,
 `StackConfig.for_model`): its engine series are further scoped by the model's name
-(`engines.MODEL_LABEL`) and its replica counts by its Deployment's name, so each model has
-its own recorded series and alerts, told apart by their `model` label.
+(`engines.MODEL_LABEL`), and, as every model's, its replica counts by its Deployment's name,
+so each model has its own recorded series and alerts, told apart by their `model` label.
 """
 
 from __future__ import annotations
@@ -37,6 +37,11 @@ Target = Literal["cluster", "local"]
 
 LOCAL_JOB = "llm-serving-local"
 """Scrape job name of the local replicas in local mode's Prometheus."""
+
+KUBE_STATE_METRICS_REPLICAS = (
+    "kube_deployment_status_replicas_available", "kube_deployment_spec_replicas")
+"""(available, desired) replicas per Deployment from kube-state-metrics; labels `namespace` and
+`deployment` (tests/contracts/data/kube-state-metrics-2.20.0.json)."""
 
 RECORD_PREFIX = "llm_serving"
 """Recorded series are `llm_serving:<what>:<how>` (Prometheus naming convention)."""
@@ -74,25 +79,35 @@ class AlertPolicy:
         )
 
 
+def needs_deployment(cfg: "StackConfig") -> bool:
+    """Whether the stack's namespace holds Deployments other than this model's: several models,
+    or the Gateway path's model router and endpoint pickers."""
+    return cfg.scoped_by_model or cfg.gateway.enabled
+
+
 def alert_policy(
     cfg: "StackConfig", target: Target = "cluster", job: str = LOCAL_JOB,
     profile: EngineProfile | None = None, deployment: str | None = None,
 ) -> AlertPolicy:
     """The policy of one stack (or of one model's view of it); `target` picks how its series are
     scoped, `profile` the engine whose metric names the rules read (default: the stack's
-    engine). A cluster policy of one model among several needs its Deployment's name
-    (`deployment`), which scopes its replica counts."""
+    engine). `deployment`, the model's Deployment, scopes a cluster policy's replica counts to
+    it; it is required where other Deployments share the namespace (several models, or the
+    Gateway path's router), whose replicas would otherwise count as the model's."""
     if target not in ("cluster", "local"):
         raise ValueError(f"alert_policy: 'target' must be 'cluster' or 'local', not {target!r}")
     slo = cfg.monitoring.slo
     scope: tuple[tuple[str, str], ...] = (
         (("namespace", cfg.namespace),) if target == "cluster" else (("job", job),))
     replica_scope = None
-    if target == "cluster" and cfg.scoped_by_model:
-        if deployment is None:
-            raise ValueError("alert_policy: one model of several needs its 'deployment' name")
-        replica_scope = (*scope, ("deployment", deployment))
-        scope = (*scope, (MODEL_LABEL, cfg.model.served))
+    if target == "cluster":
+        if deployment is None and needs_deployment(cfg):
+            raise ValueError("alert_policy: a model whose namespace holds other Deployments "
+                             "(several models, or the gateway's router) needs its 'deployment'")
+        if deployment is not None:
+            replica_scope = (*scope, ("deployment", deployment))
+        if cfg.scoped_by_model:
+            scope = (*scope, (MODEL_LABEL, cfg.model.served))
     return AlertPolicy(
         profile=profile if profile is not None else cfg.profile,
         scope=scope,
@@ -143,15 +158,21 @@ def _quantile(policy: AlertPolicy, q: float, histogram: str) -> str:
 def _replica_exprs(policy: AlertPolicy) -> tuple[str, str]:
     """(available, desired) replica counts for the target."""
     if policy.target == "cluster":
-        scope = policy.replica_scope
-        return (
-            f"sum({_sel(policy, 'kube_deployment_status_replicas_available', scope)})",
-            f"sum({_sel(policy, 'kube_deployment_spec_replicas', scope)})",
+        # max by Deployment first: two kube-state-metrics scraped by one Prometheus (the
+        # stack's and kube-prometheus-stack's) report each Deployment twice. One model of
+        # several selects its own Deployment (`replica_scope`).
+        return tuple(  # type: ignore[return-value]
+            f"sum(max by (deployment) ({_sel(policy, name, policy.replica_scope)}))"
+            for name in KUBE_STATE_METRICS_REPLICAS
         )
     up = _sel(policy, "up")
-    # A replica whose /metrics answers is serving in local mode; count() of
-    # nothing is nothing, so no replica at all reads as 0.
-    return f"count({up} == 1) or vector(0)", f"count({up}) or vector(0)"
+    # A replica whose /metrics answers is serving in local mode: up is 1 for it, 0 for one
+    # that does not answer. The sum is 0 only when every known replica fails; before the first
+    # scrape (a target's first one comes up to a scrape interval after start) there is no
+    # series and so no alert, as in the cluster, where no kube-state-metrics series means no
+    # alert. (`count(up == 1) or vector(0)` read "not scraped yet" as "none ready", and local
+    # top showed LlmNoReadyReplica pending while the replicas answered.)
+    return f"sum({up})", f"count({up}) or vector(0)"
 
 
 def recording_rules(policy: AlertPolicy) -> list[dict[str, Any]]:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Mapping, NotRequired, TypedDict
 import pulumi
 import pulumi_kubernetes as k8s
 
-from components.policies.alerting import alert_policy, rule_groups
+from components.policies.alerting import alert_policy, needs_deployment, rule_groups
 
 if TYPE_CHECKING:
     from components.config.stack import StackConfig
@@ -19,8 +19,8 @@ class LlmAlertRulesArgs(TypedDict):
     """The stack, or one model's view of it (`StackConfig.for_model`)."""
     namespace: pulumi.Input[str]
     deployment_name: NotRequired[pulumi.Input[str]]
-    """The model's Deployment: scopes the replica counts where several models share the
-    namespace (required then)."""
+    """The model's Deployment: scopes the replica counts to it (required where other
+    Deployments share the namespace: several models, or the gateway's router)."""
     labels: NotRequired[Mapping[str, str]]
     """Labels the Prometheus selects rules by, e.g. release: kube-prometheus-stack."""
 
@@ -34,12 +34,13 @@ class LlmAlertRules(pulumi.ComponentResource):
         super().__init__("llm-serving:index:LlmAlertRules", name, None, opts)
         cfg = args["config"]
         spec: pulumi.Input[dict]
-        if cfg.scoped_by_model:
-            if "deployment_name" not in args:
-                raise ValueError("LlmAlertRules: one model of several needs 'deployment_name'")
+        if "deployment_name" in args:
             spec = pulumi.Output.from_input(args["deployment_name"]).apply(
                 lambda deployment: {"groups": rule_groups(
                     alert_policy(cfg, "cluster", deployment=deployment))})
+        elif needs_deployment(cfg):
+            raise ValueError("LlmAlertRules: a model whose namespace holds other Deployments "
+                             "(several models, or the gateway's router) needs 'deployment_name'")
         else:
             spec = {"groups": rule_groups(alert_policy(cfg, "cluster"))}
         k8s.apiextensions.CustomResource(

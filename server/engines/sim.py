@@ -1,15 +1,17 @@
 """Simulated engine: a latency model with no weights, for load-balancing tests and benchmarks.
 
-Model (documented in server/README.md):
+Model (documented in server/README.md): a ``slots`` latency profile (server/engines/profile.py;
+``LLM_SIM_PROFILE`` names one, e.g. ``cpu-sim``, and the ``LLM_SIM_*`` numbers override it),
+every duration multiplied by ``LLM_SIM_TIME_DILATION``:
 
 * Prefill: a new sequence pays ``prefill_base_ms + prefill_ms_per_token * uncached_tokens +
   prefill_ms_per_cached_token * cached_tokens`` and then emits its first token. ``cached_tokens``
   is what the :class:`PrefixCache` reports as already cached (a whole number of blocks),
   ``uncached_tokens`` the rest of the prompt. Prefills run concurrently with each other and
   with decoding.
-* Prefix cache (:class:`LruPrefixCache`, on when ``LLM_SIM_PREFIX_CACHE_TOKENS`` > 0): like
-  vLLM's automatic prefix caching, per replica, in blocks of
-  ``LLM_SIM_PREFIX_CACHE_BLOCK_TOKENS``.
+* Prefix cache (:class:`LruPrefixCache`, on when the profile's ``prefix_cache_tokens`` or
+  ``LLM_SIM_PREFIX_CACHE_TOKENS`` > 0): like vLLM's automatic prefix caching, per replica, in
+  blocks of ``prefix_cache_block_tokens`` (``LLM_SIM_PREFIX_CACHE_BLOCK_TOKENS``).
   A block is identified by its tokens *and everything before it*, so only a shared prefix hits.
   A prompt's full blocks are inserted when its prefill ends (generated tokens are not cached);
   least recently used blocks are evicted beyond the capacity, the tail of a prefix first.
@@ -45,6 +47,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from server.engines.base import Engine, SamplingParams, Token
+from server.engines.profile import Profile, SlotsLinearCost, SlotsScheduler
 from server.settings import Settings
 
 _PIECE = re.compile(r"\w+|[^\w\s]")
@@ -65,32 +68,6 @@ def sim_tokenize(text: str) -> list[int]:
 def sim_chat_prompt(messages: Sequence[dict[str, Any]]) -> str:
     parts = [f"<|{m['role']}|>\n{m['content']}\n" for m in messages]
     return "".join(parts) + "<|assistant|>\n"
-
-
-@dataclass(frozen=True)
-class SimParams:
-    prefill_base_s: float
-    prefill_per_token_s: float
-    decode_base_s: float
-    decode_per_seq_s: float
-    prefill_per_cached_token_s: float = 0.0
-
-    @classmethod
-    def from_settings(cls, s: Settings) -> SimParams:
-        return cls(
-            prefill_base_s=s.sim_prefill_base_ms / 1000,
-            prefill_per_token_s=s.sim_prefill_ms_per_token / 1000,
-            decode_base_s=s.sim_decode_base_ms / 1000,
-            decode_per_seq_s=s.sim_decode_ms_per_seq / 1000,
-            prefill_per_cached_token_s=s.sim_prefill_ms_per_cached_token / 1000,
-        )
-
-    def prefill_seconds(self, uncached_tokens: int, cached_tokens: int = 0) -> float:
-        return (self.prefill_base_s + self.prefill_per_token_s * uncached_tokens
-                + self.prefill_per_cached_token_s * cached_tokens)
-
-    def decode_step_seconds(self, active: int) -> float:
-        return self.decode_base_s + self.decode_per_seq_s * active
 
 
 class PrefixCache(Protocol):
@@ -170,11 +147,35 @@ class LruPrefixCache:
                 "hit_tokens": self.hit_tokens}
 
 
-def prefix_cache_from_settings(s: Settings) -> PrefixCache:
-    """The cache ``LLM_SIM_PREFIX_CACHE_TOKENS`` asks for; 0 caches nothing."""
-    if s.sim_prefix_cache_tokens < s.sim_prefix_cache_block_tokens:
+def prefix_cache_for(scheduler: SlotsScheduler) -> PrefixCache:
+    """The cache a slots profile asks for (``LLM_SIM_PREFIX_CACHE_TOKENS`` overrides it); a
+    capacity under one block caches nothing."""
+    if scheduler.prefix_cache_tokens < scheduler.prefix_cache_block_tokens:
         return NoPrefixCache()
-    return LruPrefixCache(s.sim_prefix_cache_tokens, s.sim_prefix_cache_block_tokens)
+    return LruPrefixCache(scheduler.prefix_cache_tokens, scheduler.prefix_cache_block_tokens)
+
+
+def sim_model_card(profile: Profile) -> dict[str, Any]:
+    """What /v1/models says about a simulated model: its profile and the time dilation (a
+    calibration divides measured times by it to recover the profile's own)."""
+    if isinstance(profile.cost, SlotsLinearCost):
+        p = profile.cost.params
+        latency = (f"prefill {p.prefill_base_ms:g} ms + {p.prefill_ms_per_token:g} ms/token; "
+                   f"decode step {p.decode_base_ms:g} ms + {p.decode_ms_per_seq:g} ms per "
+                   "active sequence")
+    else:
+        latency = f"continuous batching, step times of {profile.provenance.hardware}"
+    dilation = profile.time_dilation
+    return {
+        "simulated": True,
+        "description": (
+            "Simulated model: no weights, deterministic text, latency from profile "
+            f"{profile.name} ({latency}"
+            + (f"; every duration x{dilation:g}" if dilation != 1 else "") + ")"),
+        "profile": {"name": profile.name, "kind": profile.kind,
+                    "source": profile.provenance.source},
+        "time_dilation": dilation,
+    }
 
 
 @dataclass(eq=False)
@@ -185,12 +186,16 @@ class _Seq:
 class SimEngine(Engine):
     kind = "sim"
 
-    def __init__(self, settings: Settings, prefix_cache: PrefixCache | None = None) -> None:
-        self.params = SimParams.from_settings(settings)
+    def __init__(self, settings: Settings, prefix_cache: PrefixCache | None = None,
+                 profile: Profile | None = None) -> None:
+        self.profile = profile if profile is not None else settings.sim_latency_profile()
+        if not isinstance(self.profile.scheduler, SlotsScheduler):
+            raise ValueError(f"SimEngine runs slots profiles; {self.profile.name} is "
+                             f"{self.profile.kind}")
         self._context_length = settings.max_model_len
         self.load_seconds = settings.sim_load_seconds
         self.prefix_cache: PrefixCache = (
-            prefix_cache if prefix_cache is not None else prefix_cache_from_settings(settings))
+            prefix_cache if prefix_cache is not None else prefix_cache_for(self.profile.scheduler))
         # dicts as ordered sets: O(1) leave with hundreds of sequences
         self._active: dict[_Seq, None] = {}
         self._joining: dict[_Seq, None] = {}
@@ -228,16 +233,7 @@ class SimEngine(Engine):
         return sim_tokenize(text)
 
     def model_card(self) -> dict[str, Any]:
-        p = self.params
-        card: dict[str, Any] = {
-            "simulated": True,
-            "description": (
-                "Simulated model: no weights, deterministic text, latency from a model "
-                f"(prefill {p.prefill_base_s * 1000:g} ms + {p.prefill_per_token_s * 1000:g} "
-                f"ms/token; decode step {p.decode_base_s * 1000:g} ms + "
-                f"{p.decode_per_seq_s * 1000:g} ms per active sequence)"
-            ),
-        }
+        card = sim_model_card(self.profile)
         if isinstance(self.prefix_cache, LruPrefixCache):
             # Live counters for the benchmark's hit rates (the sim has no other channel that
             # is not a metrics contract).
@@ -246,7 +242,7 @@ class SimEngine(Engine):
 
     def prefill_seconds(self, prompt_ids: Sequence[int]) -> float:
         cached = min(len(prompt_ids), self.prefix_cache.cached_prefix_len(prompt_ids))
-        return self.params.prefill_seconds(len(prompt_ids) - cached, cached)
+        return self.profile.prefill_seconds(len(prompt_ids) - cached, cached)
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Token]:
         if self._loop_task is None:
@@ -276,6 +272,7 @@ class SimEngine(Engine):
 
     async def _decode_loop(self) -> None:
         next_start: float | None = None
+        base = self.profile.decode_step_seconds(0)
         while True:
             if not self._active and not self._joining:
                 self._wakeup.clear()
@@ -284,12 +281,12 @@ class SimEngine(Engine):
             now = time.monotonic()
             # Drift-free schedule; if we fell behind by more than one base step (overload, idle
             # restart), start now instead of bursting to catch up.
-            if next_start is None or now - next_start > self.params.decode_base_s:
+            if next_start is None or now - next_start > base:
                 next_start = now
             self._active.update(self._joining)
             self._joining.clear()
             batch = list(self._active)
-            end = next_start + self.params.decode_step_seconds(len(batch))
+            end = next_start + self.profile.decode_step_seconds(len(batch))
             delay = end - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)

@@ -67,8 +67,11 @@ def _render(stack_name: str) -> offline.ProgramRun:
 
 
 def _one(run: offline.ProgramRun, typ: str) -> offline.Recorded:
+    """The controller's release, or the Ingress that routes the API (with cert-manager a master
+    Ingress holds the host beside it: test_security.py)."""
     [found] = [r for r in run.resources if r.type == typ and not r.read
-               and (typ != RELEASE or r.inputs["chart"] == CONTROLLER["chartReference"])]
+               and (typ != RELEASE or r.inputs["chart"] == CONTROLLER["chartReference"])
+               and (typ != INGRESS or facts._paths(offline.to_manifest(r)))]
     return found
 
 
@@ -78,11 +81,18 @@ def prod() -> offline.ProgramRun:
 
 
 def test_prod_ingress_is_one_the_pinned_controller_accepts(prod):
-    ingress = offline.to_manifest(_one(prod, INGRESS))
-    values = _one(prod, RELEASE).inputs["values"]
-    # cert-manager's own annotations are held to its facts (test_security.py).
+    ingresses = [offline.to_manifest(r) for r in prod.resources if r.type == INGRESS]
+    assert facts.host_problems(ingresses, CONTROLLER) == []
+    for ingress in ingresses:
+        _accepted(ingress, _one(prod, RELEASE).inputs["values"])
+
+
+def _accepted(ingress: dict, values: dict) -> None:
+    # cert-manager's own annotations are held to its facts (test_security.py); pulumi.com/*
+    # are the provider's (skipAwait on the master Ingress).
     controller_annotations = {k: v for k, v in ingress["metadata"]["annotations"].items()
-                              if not k.startswith(("cert-manager.io/", "acme.cert-manager.io/"))}
+                              if not k.startswith(("cert-manager.io/", "acme.cert-manager.io/",
+                                                   "pulumi.com/"))}
     assert facts.annotation_problems(controller_annotations, CONTROLLER) == []
     for rule in ingress["spec"]["rules"]:
         if not rule.get("host"):
@@ -231,3 +241,48 @@ def test_a_wrong_rewrite_value_is_caught(value):
 def test_the_rewrite_values_the_stack_writes_pass_the_controller_rule():
     ok = "serviceName=llm-api-coder-svc-1a2b3c4d rewrite=/v1;serviceName=b rewrite=/v1"
     assert facts.annotation_problems({"nginx.org/rewrites": ok}, CONTROLLER) == []
+
+
+def test_two_models_behind_cert_manager_put_their_paths_and_rewrites_on_the_minion(run):
+    """With cert-manager the host is split into a master (host, TLS, redirect) and a minion: the
+    controller takes paths only from minions, denies nginx.org/rewrites on a master, and lets the
+    solver's own minion join the host beside ours."""
+    from components.pins import PINNED
+    from tests.infra.test_models import TWO_MODELS
+
+    cert_manager = facts.load("cert-manager", PINNED["cert-manager"])
+    raw = {**TWO_MODELS, "ingress": {
+        "enabled": True, "className": "llm-nginx", "host": "llm.example.com",
+        "certManager": {"enabled": True, "install": True, "acmeEmail": "ops@example.com"}}}
+    result = stack(run, raw)
+    ingresses = [offline.to_manifest(r) for r in result.mocks.of_type(INGRESS) if not r.read]
+    [minion] = [i for i in ingresses if facts._paths(i)]
+    [master] = [i for i in ingresses if not facts._paths(i)]
+    role = CONTROLLER["mergeableIngresses"]["annotation"]
+    assert master["metadata"]["annotations"][role] == "master"
+    assert minion["metadata"]["annotations"][role] == "minion"
+    assert facts._paths(minion) == ["/v1", "/coder/v1"]
+    assert "nginx.org/rewrites" in minion["metadata"]["annotations"]
+    assert "nginx.org/rewrites" not in master["metadata"]["annotations"]
+    assert master["spec"]["tls"] and not minion["spec"].get("tls")
+    [issuer] = [offline.to_manifest(r) for r in result.mocks.of_type(
+        "kubernetes:cert-manager.io/v1:ClusterIssuer")]
+    ingress_config = issuer["spec"]["acme"]["solvers"][0]["http01"]["ingress"]
+    solver = facts.solver_ingress(cert_manager, "llm.example.com",
+                                  ingress_config["ingressClassName"],
+                                  ingress_config["ingressTemplate"])
+    assert facts.host_problems([master, minion, solver], CONTROLLER) == []
+    for ingress in (master, minion):
+        _accepted(ingress, _one_release(result))
+    # The check can fail: the rewrites on the master would be dropped.
+    moved = {**master, "metadata": {**master["metadata"], "annotations": {
+        **master["metadata"]["annotations"],
+        "nginx.org/rewrites": minion["metadata"]["annotations"]["nginx.org/rewrites"]}}}
+    assert any("['nginx.org/rewrites'] ignored on a master" in p
+               for p in facts.host_problems([moved, minion], CONTROLLER))
+
+
+def _one_release(result) -> dict:
+    [release] = [r.inputs for r in result.mocks.of_type(RELEASE)
+                 if r.inputs["chart"] == CONTROLLER["chartReference"]]
+    return release["values"]

@@ -12,6 +12,7 @@ import pytest
 from components.config.parse import ConfigError, parse_stack_config
 from components.config.rules import stack_warnings
 from components.engines import MODEL_LABEL
+from components.policies.alerting import alert_policy
 from components.policies.dashboard import build_dashboard
 from tests.infra.conftest import GPU_CONFIG
 from tests.infra.test_traffic_and_scaling import (
@@ -195,7 +196,7 @@ def test_an_unknown_key_in_a_model_suggests_the_closest():
     raw["models"][1]["replcias"] = 2
     [problem] = problems_of(raw)
     assert problem.startswith("llm-serving:models[1].replcias: unknown key (did you mean "
-                              "replicas?); allowed keys here: id, ")
+                              "'replicas'?); allowed keys here: id, ")
 
 
 def test_the_ingress_path_warns_that_it_routes_by_path_not_by_model():
@@ -302,6 +303,30 @@ def test_a_single_model_stack_s_rules_and_monitor_are_unscoped(run):
     assert "relabelings" not in _normalise(monitor.inputs)["spec"]["endpoints"][0]
     [rule] = _named(result, RULE).values()
     assert MODEL_LABEL not in str(rule.inputs)
+    # Its replica counts still read its own Deployment's kube-state-metrics series only.
+    records = {r["record"]: r for r in _normalise(rule.inputs)["spec"]["groups"][0]["rules"]}
+    deployment = _named(result, DEPLOYMENT)["llm-model-deploy"].outputs["metadata"]["name"]
+    assert records["llm_serving:replicas:available"]["expr"] == (
+        "sum(max by (deployment) (kube_deployment_status_replicas_available"
+        f'{{namespace="llm-serving",deployment="{deployment}"}}))')
+
+
+def test_one_model_behind_the_gateway_does_not_count_the_router_s_replicas(run):
+    """The router (and the endpoint pickers) share the model's namespace: a namespace-wide count
+    would read the router's ready pods as the model's, and LlmNoReadyReplica would never fire."""
+    from tests.infra.test_gateway import GATEWAY_STACK
+
+    raw = {**GATEWAY_STACK, "models": GATEWAY_STACK["models"][:1],
+           "monitoring": {"serviceMonitor": True, "rules": True}}
+    result = stack(run, raw)
+    [rule] = _named(result, RULE).values()
+    records = {r["record"]: r for r in _normalise(rule.inputs)["spec"]["groups"][0]["rules"]}
+    deployments = {n: d.outputs["metadata"]["name"] for n, d in _named(result, DEPLOYMENT).items()}
+    assert set(deployments) == {"llm-model-deploy", "llm-gateway-router"}
+    for record in ("llm_serving:replicas:available", "llm_serving:replicas:desired"):
+        assert f'deployment="{deployments["llm-model-deploy"]}"' in records[record]["expr"]
+    with pytest.raises(ValueError, match="'deployment'"):
+        alert_policy(parse_stack_config(raw), "cluster")
 
 
 def test_gpu_models_scale_on_their_own_queue(run):

@@ -170,6 +170,9 @@ def test_no_ready_replica_is_not_pending_before_the_first_scrape(tmp_path: Path,
     tests = tmp_path / "rules_test.yml"
     tests.write_text(yaml.safe_dump({
         "rule_files": [rules.name], "evaluation_interval": "1m",
+        # The alert reads the recorded replica counts: recording group first, as promtool
+        # otherwise orders the groups at random and the alert may see them a minute late.
+        "group_eval_order": [group["name"] for group in rule_groups(policy)],
         "tests": [{
             "interval": "1m", "input_series": series,
             "alert_rule_test": [

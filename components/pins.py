@@ -73,7 +73,7 @@ PINNED["gateway-api-inference-extension"] = INFERENCE_EXTENSION_VERSION
 
 MODEL_ROUTER_NGINX_VERSION = "1.29.8"
 MODEL_ROUTER_IMAGE = f"docker.io/nginxinc/nginx-unprivileged:{MODEL_ROUTER_NGINX_VERSION}-alpine-slim"
-"""The Gateway path's model router (components/policies/model_router.py): nginx.org's nginx built
+"""The Gateway path's model router (components/policies/model_routing.py, router_conf): nginx.org's nginx built
 to run unprivileged (uid 101, port 8080), from nginx/docker-nginx-unprivileged at the same tag;
 the tag moves with weekly rebuilds, so pin the digest in production."""
 

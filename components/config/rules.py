@@ -8,7 +8,7 @@ from components.config.types import NAMESPACE, cpu_cores, memory_bytes
 from components.config.workload import kube_name_problem
 from components.pins import KUBE_STATE_METRICS_VERSION
 from components.policies import affinity
-from components.policies.model_router import SERVED_NAME
+from components.policies.model_routing import SERVED_NAME, SERVED_NAME_MAX
 
 if TYPE_CHECKING:
     from components.config.stack import StackConfig
@@ -46,8 +46,8 @@ def _model_list(cfg: StackConfig) -> list[str]:
             problems.append(
                 f"{where(i)}.{name_key}: '{entry.served}' cannot be routed on the Gateway path "
                 "(it is matched as a header value and written into the model router's "
-                "configuration): 1 to 128 letters, digits and '.', '_', '/', ':', '@', '+', '-' "
-                "are allowed")
+                f"configuration): 1 to {SERVED_NAME_MAX} letters, digits and '.', '_', '/', ':', "
+                "'@', '+', '-', starting with a letter or digit")
         if not several:
             continue  # a single model's objects keep their fixed names
         if entry.name is None:

@@ -9,7 +9,7 @@ HTTPRoute that matches the model's name.
 Every chart value and CRD field rendered here is one the pinned versions read
 (tests/contracts/data: nginx-gateway-fabric-2.6.7, gateway-api-1.5.1,
 gateway-api-inference-extension-1.5.0, nginx-unprivileged-1.29.8; checked in
-tests/contracts/test_gateway_stack.py). Why the router exists: components/policies/model_router.py.
+tests/contracts/test_gateway_stack.py). Why the router exists: components/policies/model_routing.py.
 """
 
 from __future__ import annotations
@@ -31,14 +31,14 @@ from components.pins import (
     NGF_CHART,
 )
 from components.policies.balancing import read_timeout_seconds, send_timeout_seconds
-from components.policies.model_router import (
-    HEALTH_PATH,
-    LISTEN_PORT,
+from components.policies.model_routing import (
     MODEL_HEADER,
-    NOT_FOUND_PORT,
-    TLS_DIR,
-    TLS_PORT,
-    WRITABLE_DIR,
+    ROUTER_HEALTH_PATH,
+    ROUTER_NOT_FOUND_PORT,
+    ROUTER_PORT,
+    ROUTER_TLS_DIR,
+    ROUTER_TLS_PORT,
+    ROUTER_WRITABLE_DIR,
     RouterPlan,
     router_conf,
 )
@@ -283,15 +283,16 @@ class InferenceGateway(pulumi.ComponentResource):
         ]
         mounts: list[dict[str, Any]] = [
             {"name": "config", "mount_path": ROUTER_CONFIG_DIR, "read_only": True},
-            {"name": "tmp", "mount_path": WRITABLE_DIR},
+            {"name": "tmp", "mount_path": ROUTER_WRITABLE_DIR},
         ]
-        ports = [{"name": "http", "container_port": LISTEN_PORT},
-                 {"name": "not-found", "container_port": NOT_FOUND_PORT}]
+        ports = [{"name": "http", "container_port": ROUTER_PORT},
+                 {"name": "not-found", "container_port": ROUTER_NOT_FOUND_PORT}]
         if tls:
             volumes.append({"name": "tls", "secret": {"secret_name": gateway.tls_secret}})
-            mounts.append({"name": "tls", "mount_path": TLS_DIR, "read_only": True})
-            ports.append({"name": "https", "container_port": TLS_PORT})
-        probe = {"http_get": {"path": HEALTH_PATH, "port": "not-found"}, "period_seconds": 5}
+            mounts.append({"name": "tls", "mount_path": ROUTER_TLS_DIR, "read_only": True})
+            ports.append({"name": "https", "container_port": ROUTER_TLS_PORT})
+        probe = {"http_get": {"path": ROUTER_HEALTH_PATH, "port": "not-found"},
+                 "period_seconds": 5}
         k8s.apps.v1.Deployment(
             f"{name}-router",
             metadata=metadata,
@@ -347,7 +348,7 @@ class InferenceGateway(pulumi.ComponentResource):
             f"{name}-router-fallback",
             metadata=metadata,
             spec={"type": "ClusterIP", "selector": selector, "ports": [
-                {"name": "not-found", "port": NOT_FOUND_PORT, "target_port": "not-found",
+                {"name": "not-found", "port": ROUTER_NOT_FOUND_PORT, "target_port": "not-found",
                  "protocol": "TCP"}]},
             opts=pulumi.ResourceOptions(parent=self))
         # Requests whose model no route matches reach the router's OpenAI-style 404.
@@ -358,7 +359,7 @@ class InferenceGateway(pulumi.ComponentResource):
             metadata={"namespace": namespace, "labels": labels},
             spec={"parentRefs": [{"name": GATEWAY_NAME}], "rules": [{
                 "matches": [{"path": {"type": "PathPrefix", "value": "/"}}],
-                "backendRefs": [{"name": fallback.metadata.name, "port": NOT_FOUND_PORT}],
+                "backendRefs": [{"name": fallback.metadata.name, "port": ROUTER_NOT_FOUND_PORT}],
             }]},
             opts=pulumi.ResourceOptions(parent=self, depends_on=self.ready),
         )

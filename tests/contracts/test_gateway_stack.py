@@ -19,7 +19,7 @@ from components.pins import (
     NGF_CHART,
     PINNED,
 )
-from components.policies.model_router import LISTEN_PORT, MODEL_HEADER, PATH_HEADER
+from components.policies.model_routing import MODEL_HEADER, PATH_HEADER, ROUTER_PORT
 from components.resources.gateway import ROUTER_UID, data_plane_service, pool_name
 from tests.contracts import facts
 from tests.contracts import gateway_facts as gw
@@ -162,7 +162,7 @@ def test_the_router_sets_the_headers_the_inference_extension_reads():
 def test_the_router_image_is_the_pinned_one_and_runs_as_its_facts_say(stack):
     assert MODEL_ROUTER_IMAGE == ROUTER["image"]["reference"]
     assert MODEL_ROUTER_NGINX_VERSION == ROUTER["nginxVersion"]["value"]
-    assert (ROUTER_UID, LISTEN_PORT) == (ROUTER["user"]["uid"], ROUTER["listenPort"]["value"])
+    assert (ROUTER_UID, ROUTER_PORT) == (ROUTER["user"]["uid"], ROUTER["listenPort"]["value"])
     [router] = [m for m in _manifests(stack) if m["kind"] == "Deployment"
                 and m["spec"]["template"]["spec"]["containers"][0]["image"] == MODEL_ROUTER_IMAGE]
     pod = router["spec"]["template"]["spec"]

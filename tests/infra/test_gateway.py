@@ -13,7 +13,7 @@ from components.config.exposure import GATEWAY_NAME
 from components.config.parse import ConfigError, parse_stack_config
 from components.config.rules import stack_warnings
 from components.pins import EPP_CHART, MODEL_ROUTER_IMAGE, NGF_CHART
-from components.policies.model_router import MODEL_HEADER, NOT_FOUND_PORT
+from components.policies.model_routing import MODEL_HEADER, ROUTER_NOT_FOUND_PORT
 from components.resources.gateway import data_plane_service, nginx_size
 from tests.infra.conftest import GPU_CONFIG
 from tests.infra.test_traffic_and_scaling import (
@@ -99,7 +99,7 @@ def test_each_model_has_a_route_on_its_name_to_its_pool(run):
     }
     # Everything else goes to the router's OpenAI-style 404.
     fallback = routes["llm-gateway-fallback-route"]["rules"][0]
-    assert fallback["backendRefs"][0]["port"] == NOT_FOUND_PORT
+    assert fallback["backendRefs"][0]["port"] == ROUTER_NOT_FOUND_PORT
     assert "headers" not in fallback["matches"][0]
     # Each route is unbuffered, with its own model's read timeout (2048 tokens x 0.1 s).
     policies = {n: spec(p) for n, p in _named(result, PROXY_SETTINGS).items()}

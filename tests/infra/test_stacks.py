@@ -164,6 +164,20 @@ def test_render_cli_writes_the_gateway_stack(tmp_path: Path):
     # One Deployment per model, and the router.
     assert len(list(tmp_path.glob("deployment-*.yaml"))) == 3
     assert "output endpoint: https://llm.example.com/v1" in result.stdout
+    # The local-mode nginx.conf serves every model of the stack, routed by the body's model,
+    # with each model's replica count (the autoscaling minimum: 2 each), and nginx accepts it.
+    conf = (tmp_path / "nginx.conf").read_text()
+    served = ["qwen2.5-7b-instruct", "qwen2.5-coder-14b-instruct"]
+    for index, name in enumerate(served):
+        assert f"llm_model_{index};  # {name}" in conf
+        block = conf.split(f"upstream llm_model_{index} {{", 1)[1].split("}", 1)[0]
+        assert block.count("server 127.0.0.1:") == 2
+    assert "mirror /_llm_read_body;" in conf
+    if NGINX is not None:
+        checked = subprocess.run(
+            [NGINX, "-t", "-p", f"{tmp_path}/", "-c", str(tmp_path / "nginx.conf"),
+             "-e", str(tmp_path / "error.log")], capture_output=True, text=True, timeout=30)
+        assert checked.returncode == 0, checked.stderr
 
 
 @needs_nginx

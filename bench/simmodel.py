@@ -86,7 +86,8 @@ class SimModel:
         p, d = cost.params, self.profile.time_dilation
         return des.Params(replicas, self.slots, d * p.prefill_base_ms / 1e3,
                           d * p.prefill_ms_per_token / 1e3, d * p.decode_base_ms / 1e3,
-                          d * p.decode_ms_per_seq / 1e3)
+                          d * p.decode_ms_per_seq / 1e3, s.prefix_cache_tokens,
+                          s.prefix_cache_block_tokens, d * p.prefill_ms_per_cached_token / 1e3)
 
     def describe(self) -> str:
         return f"sim: {self.profile.describe()}"

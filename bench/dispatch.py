@@ -339,8 +339,15 @@ def epp_block_hashes(text: bytes, model: str, config: EppConfig = EppConfig(),
     return tuple(out)
 
 
+READS = {"waiting": "vllm:num_requests_waiting", "kv_usage": "vllm:kv_cache_usage_perc",
+         "cache_blocks": "vllm:cache_config_info"}
+"""The metric each View field stands for (what the EPP scrapes from a vLLM pod)."""
+
+
 class EppRouter:
-    def __init__(self, spec: Epp, jobs: Sequence[Any], view: View, seed: int) -> None:
+    def __init__(self, spec: Epp, jobs: Sequence[Any], view: View, seed: int,
+                 phases: Sequence[float] | None = None) -> None:
+        """``phases``: each replica's first scrape (default: uniform within one interval)."""
         c = spec.config
         n = view.replicas
         self.spec, self.c, self.jobs, self.view, self.n = spec, c, jobs, view, n
@@ -353,7 +360,9 @@ class EppRouter:
         self.kv = [0.0] * n
         self.scraped = [0.0] * n
         """The last scrape of each replica (the pool ran before the trace: idle at 0)."""
-        self._polls = [(self._rng.uniform(0.0, c.poll_s), i) for i in range(n)]
+        if phases is None:
+            phases = [self._rng.uniform(0.0, c.poll_s) for _ in range(n)]
+        self._polls = [(phases[i], i) for i in range(n)]
         heapq.heapify(self._polls)
         self.lru_capacity = view.cache_blocks or c.lru_capacity
         self.lru: list[OrderedDict[int, None]] = [OrderedDict() for _ in range(n)]

@@ -130,11 +130,6 @@ def jobs_of(tr: trace.Trace, block_tokens: int = 16) -> list[des.Job]:
     return out
 
 
-def _block_tokens(model: SimModel) -> int:
-    s = model.profile.scheduler
-    return getattr(s, "block_size", None) or getattr(s, "prefix_cache_block_tokens")
-
-
 def model_capacity(model: SimModel, replicas: int, workload: trace.Workload,
                    duration: float, warmup: float, seed: int = 1000) -> float:
     """Requests/s the replicas sustain with every one of them holding its full batch, as
@@ -149,7 +144,7 @@ def model_capacity(model: SimModel, replicas: int, workload: trace.Workload,
     if workload.sessions:  # turns arrive later than their session starts
         rate *= 1.5
     tr = trace.generate(rate, duration, seed, workload, model.max_model_len)
-    jobs = jobs_of(tr, _block_tokens(model))
+    jobs = jobs_of(tr, model.prefix_block_tokens)
     res = des.simulate(jobs, model.des_params(replicas), "fcfs", seed=seed)
     tokens = 0.0
     for job, f, e in zip(jobs, res.ttft, res.e2e):
@@ -186,7 +181,7 @@ class Run:
 
 def run_cell(model: SimModel, replicas: int, tr: trace.Trace, warmup: float, seed: int,
              chosen: Sequence[Target]) -> dict[str, Run]:
-    jobs = jobs_of(tr, _block_tokens(model))
+    jobs = jobs_of(tr, model.prefix_block_tokens)
     params = model.des_params(replicas)
     keep = [i for i, j in enumerate(jobs) if j.arrival >= warmup]
     out = {}
@@ -429,10 +424,46 @@ def headroom(argv: Sequence[str]) -> int:
     return 0
 
 
+def beside(argv: Sequence[str]) -> int:
+    """``python -m bench.regime beside [--capacity 9.74] [--sessions-capacity 9.08] [--seed 1]
+    [--load 0.8]``: the endpoint picker's rows for docs/load-balancing.md's measured table, on
+    the very trace the full run measured (cpu-sim, 4 replicas, 290 s, the first 30 s dropped,
+    the capacities it measured), with the same intervals (moving-block bootstrap over requests,
+    paired with the model's limit)."""
+    from bench import ci
+    from bench.balance_report import _ms, _x
+
+    ap = argparse.ArgumentParser(prog="python -m bench.regime beside", description=beside.__doc__)
+    ap.add_argument("--capacity", type=float, default=9.74)
+    ap.add_argument("--sessions-capacity", type=float, default=9.08)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--load", type=float, default=0.8)
+    args = ap.parse_args(argv)
+    r = REGIMES["cpu"]
+    model = r.model()
+    chosen = [Target(LIMIT, "fcfs"), Target("least_conn", "least_conn"), Target("EPP", Epp()),
+              Target("EPP + flow control", Epp(flow_control=True))]
+    for wname, cap in (("standalone", args.capacity), ("sessions", args.sessions_capacity)):
+        tr = trace.generate(cap * args.load, r.duration, args.seed, WORKLOADS[wname],
+                            model.max_model_len)
+        cells = run_cell(model, r.replicas, tr, r.warmup, 1, chosen)
+        lim = cells[LIMIT].ttft
+        for label in ("least_conn", "EPP", "EPP + flow control"):
+            c = cells[label]
+            hit = "—" if c.hit is None else f"{c.hit:.0%}"
+            print("| " + " | ".join([
+                wname, f"{args.load:.0%}", "—", f"{label} (model)", str(len(c.ttft)), "0",
+                _ms(ci.quantile(c.ttft, 50)), _ms(ci.quantile(c.ttft, 99)),
+                _x(ci.ratio(c.ttft, lim, 99)), "—", "—", hit, "—"]) + " |")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args_in = sys.argv[1:] if argv is None else argv
     if args_in[:1] == ["headroom"]:
         return headroom(args_in[1:])
+    if args_in[:1] == ["beside"]:
+        return beside(args_in[1:])
     ap = argparse.ArgumentParser(prog="python -m bench.regime", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--regimes", default="cpu,gpu")

@@ -71,6 +71,12 @@ class SimModel:
         return s.kv_cache_tokens if s.enable_prefix_caching else 0
 
     @property
+    def prefix_block_tokens(self) -> int:
+        """Tokens per prefix-cache block (the keys the discrete-event model's jobs carry)."""
+        s = self.profile.scheduler
+        return s.prefix_cache_block_tokens if isinstance(s, SlotsScheduler) else s.block_size
+
+    @property
     def nginx_output_tokens(self) -> int:
         """What sizes nginx's read timeout (max_output_tokens x per-token seconds): the
         benchmark's max_tokens, stretched by the time dilation."""

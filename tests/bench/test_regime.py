@@ -48,3 +48,15 @@ def test_a_short_study_prints_every_target_and_the_headline_ratios(capsys) -> No
     assert "longest TTFT" in out
     with pytest.raises(SystemExit):
         regime.main(["--regimes", "tpu"])
+
+
+def test_the_jobs_block_size_is_the_profiles() -> None:
+    from bench.simmodel import SimModel
+
+    for name, field_name in (("cpu-sim", "prefix_cache_block_tokens"),
+                             ("h200-llama8b", "block_size")):
+        m = SimModel.named(name)
+        s = m.profile.scheduler
+        bigger = m.__class__(m.profile.model_copy(update={"scheduler": s.model_copy(
+            update={field_name: getattr(s, field_name) * 2})}))
+        assert bigger.prefix_block_tokens == 2 * m.prefix_block_tokens == 2 * getattr(s, field_name)

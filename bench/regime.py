@@ -80,6 +80,9 @@ REGIMES = {
                    what="prod at maxReplicas: 4 replicas of h200-llama8b, max_num_seqs 128"),
 }
 
+DEFAULT_OUT = Path(__file__).resolve().parent.parent / "build" / "regime-results.md"
+"""Where the report goes without --out (build/ is not tracked)."""
+
 LIMIT = "limit"
 WORKLOADS = {"standalone": trace.Workload(), "sessions": trace.Workload(sessions=True)}
 
@@ -471,7 +474,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workloads", default="standalone,sessions")
     ap.add_argument("--duration", type=float, default=None,
                     help="trace seconds per cell, instead of each regime's")
-    ap.add_argument("--out", type=Path, default=None, help="write the Markdown report here")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                    help="write the Markdown report here (default build/regime-results.md)")
     args = ap.parse_args(args_in)
     names = [x for x in args.regimes.split(",") if x]
     bad = [x for x in names if x not in REGIMES]
@@ -492,8 +496,9 @@ def main(argv: list[str] | None = None) -> int:
         studies.append(study(r, seeds, wls, say=lambda m: print(m, flush=True)))
     text = report(studies, seeds, shown("python -m bench.regime", args_in))
     print(text)
-    if args.out is not None:
-        args.out.write_text(text + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text + "\n")
+    print(f"wrote {args.out}")
     return 0
 
 

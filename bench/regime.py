@@ -446,18 +446,26 @@ def beside(argv: Sequence[str]) -> int:
     model = r.model()
     chosen = [Target(LIMIT, "fcfs"), Target("least_conn", "least_conn"), Target("EPP", Epp()),
               Target("EPP + flow control", Epp(flow_control=True))]
+    ratios = []
     for wname, cap in (("standalone", args.capacity), ("sessions", args.sessions_capacity)):
         tr = trace.generate(cap * args.load, r.duration, args.seed, WORKLOADS[wname],
                             model.max_model_len)
         cells = run_cell(model, r.replicas, tr, r.warmup, 1, chosen)
         lim = cells[LIMIT].ttft
-        for label in ("least_conn", "EPP", "EPP + flow control"):
+        for label in (LIMIT, "least_conn", "EPP", "EPP + flow control"):
             c = cells[label]
             hit = "—" if c.hit is None else f"{c.hit:.0%}"
+            shown_as = "limit: central FCFS" if label == LIMIT else label
             print("| " + " | ".join([
-                wname, f"{args.load:.0%}", "—", f"{label} (model)", str(len(c.ttft)), "0",
+                wname, f"{args.load:.0%}", "—", f"{shown_as} (model)", str(len(c.ttft)), "0",
                 _ms(ci.quantile(c.ttft, 50)), _ms(ci.quantile(c.ttft, 99)),
                 _x(ci.ratio(c.ttft, lim, 99)), "—", "—", hit, "—"]) + " |")
+        lc = cells["least_conn"].ttft
+        ratios.append(f"{wname} {args.load:.0%}: / least_conn (model, same trace, paired): "
+                      + "; ".join(f"{label} p{q} {_x(ci.ratio(cells[label].ttft, lc, q))}"
+                                  for label in ("EPP", "EPP + flow control") for q in (50, 99)))
+    for line in ratios:
+        print(line)
     return 0
 
 

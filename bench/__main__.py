@@ -23,6 +23,7 @@ from pathlib import Path
 from bench import balance, balance_report, trace
 from bench.command import shown
 from bench.simmodel import SimModel
+from local.procs import run_command
 
 __all__ = ["SimModel", "main"]
 
@@ -153,4 +154,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main, what="python -m bench"))

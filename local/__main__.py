@@ -1,7 +1,8 @@
 """`python -m local up|down|status|top`: run the serving stack on this machine.
 
 `up` stays in the foreground: it starts the replicas and nginx, prints the endpoint, the API
-key and ready-to-paste examples, and stops everything on Ctrl-C or SIGTERM (`down`). Errors
+key and ready-to-paste examples, and stops everything on Ctrl-C, SIGTERM (`down`) or SIGHUP;
+a second one kills what is left at once. Errors
 meant for the user (nginx missing, a port in use, a replica that fails) are printed without a
 traceback and exit with 2.
 """
@@ -9,18 +10,18 @@ traceback and exit with 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shlex
-import signal
 import sys
 import time
 from pathlib import Path
-from types import FrameType
 from typing import get_args
 
 from pydantic import ValidationError
 
 from components.policies.balancing import LbMethod, LoadBalancingConfig
+from local import cleanup
 from local.autoscaler import stack_config, start_autoscaling
 from local.cluster import (
     REPO_ROOT,
@@ -124,43 +125,48 @@ def _up(args: argparse.Namespace) -> int:
         raise LocalModeError(f"--time-factor must be positive, got {args.time_factor}")
     cluster = _cluster(args)
     cluster.supervisor_markers = ["local", "up"]
-    _interrupt_on_sigterm()
     engine = cluster.engine
-    prometheus = scaler = None
     timeout = args.timeout if args.timeout is not None else (
         SIM_TIMEOUT if engine == "sim" else MODEL_TIMEOUT)
+    # SIGINT, SIGTERM (`down`, a service manager) and SIGHUP stop it in order; a second one
+    # kills whatever is left at once (local/cleanup.py). The stack unwinds last in, first out,
+    # and runs every step even when one is interrupted: the autoscaler, then Prometheus, then
+    # the cluster, which is registered first so that nothing can skip it.
     try:
-        _say(f"starting {args.replicas} {engine} replica(s) on :{args.first_port}"
-             f"-{args.first_port + args.replicas - 1} and nginx on :{args.port}"
-             f" (logs in {args.workdir})")
-        cluster.start(timeout=timeout)
-        if scaling_cfg is not None:
-            prometheus, scaler = start_autoscaling(
-                cluster, scaling_cfg, port=args.prometheus_port, time_factor=args.time_factor,
-                on_event=_say)
-        _say(banner(cluster))
-        if scaling_cfg is not None:
-            _say(f"autoscaling: {scaler.policy.min_replicas}-{scaler.policy.max_replicas} "
-                 f"replicas; Prometheus {prometheus.url}; queries: "
-                 + "; ".join(f"{t.query} target {t.threshold:g}/replica"
-                             for t in scaler.policy.triggers)
-                 + f"; decisions in {cluster.workdir}/autoscaler.jsonl")
-        return _supervise(cluster)
+        with cleanup.supervised(), contextlib.ExitStack() as stack:
+            stack.callback(_stop_cluster, cluster)
+            _say(f"starting {args.replicas} {engine} replica(s) on :{args.first_port}"
+                 f"-{args.first_port + args.replicas - 1} and nginx on :{args.port}"
+                 f" (logs in {args.workdir})")
+            cluster.start(timeout=timeout)
+            if scaling_cfg is not None:
+                prometheus, scaler = start_autoscaling(
+                    cluster, scaling_cfg, port=args.prometheus_port,
+                    time_factor=args.time_factor, on_event=_say)
+                stack.callback(prometheus.close)
+                stack.callback(scaler.stop)
+            _say(banner(cluster))
+            if scaling_cfg is not None:
+                _say(f"autoscaling: {scaler.policy.min_replicas}-{scaler.policy.max_replicas} "
+                     f"replicas; Prometheus {prometheus.url}; queries: "
+                     + "; ".join(f"{t.query} target {t.threshold:g}/replica"
+                                 for t in scaler.policy.triggers)
+                     + f"; decisions in {cluster.workdir}/autoscaler.jsonl")
+            return _supervise(cluster)
     except KeyboardInterrupt:
         return 0
-    finally:
-        if scaler is not None:
-            scaler.stop()
-        if prometheus is not None:
-            prometheus.close()
-        if cluster.running:
-            _say("stopping (replicas drain in-flight requests; Ctrl-C again to kill)")
-            try:
-                cluster.stop()
-            except KeyboardInterrupt:
-                _say("killed")
-            else:
-                _say("stopped")
+
+
+def _stop_cluster(cluster: LocalCluster) -> None:
+    if not cluster.running:
+        return
+    _say("stopping (replicas drain in-flight requests; Ctrl-C again to kill)")
+    try:
+        cluster.stop()
+    except KeyboardInterrupt:  # only outside supervised(): a second signal kills, not raises
+        _say("killed")
+        raise
+    _say("killed" if len(cleanup.received()) > 1 else "stopped")
 
 
 def _cluster(args: argparse.Namespace) -> LocalCluster:
@@ -196,13 +202,6 @@ def _supervise(cluster: LocalCluster) -> int:
                 log = cluster.replica_logs[index]
                 _say(f"warning: replica {index + 1} exited; nginx routes around it. "
                      f"Last lines of {log}:\n{log_tail(log)}")
-
-
-def _interrupt_on_sigterm() -> None:
-    """SIGTERM (from `down`, a service manager) stops like Ctrl-C does."""
-    def handler(_signum: int, _frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, handler)
 
 
 def banner(cluster: LocalCluster) -> str:

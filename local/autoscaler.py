@@ -28,6 +28,7 @@ from typing import Any
 from components.engines import PROFILES
 from components.policies.alerting import local_rules
 from components.policies.scaling import Decision, ScalingPolicy
+from local import cleanup
 from local.procs import LocalModeError
 from local.prometheus import LocalPrometheus
 
@@ -140,6 +141,8 @@ class LocalAutoscaler:
                     next_poll = max(next_poll + self.policy.polling_interval_seconds,
                                     self._clock())
             except LocalModeError as exc:  # reported, and the loop goes on (as the HPA does)
+                if self._stop.is_set() or cleanup.stopping():
+                    break  # the command is stopping: nothing new starts (local/cleanup.py)
                 self.errors.append(str(exc))
                 self._say(f"[autoscaler] error: {exc}")
             wait = min(HOUSEKEEPING_SECONDS, max(0.0, next_poll - self._clock()))

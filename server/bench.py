@@ -37,6 +37,7 @@ from pathlib import Path
 
 import httpx
 
+from local.procs import run_command, spawn
 from server.engines.sim import SimParams, sim_chat_prompt, sim_tokenize
 from server.settings import from_env
 
@@ -159,10 +160,11 @@ def free_port() -> int:
 
 def start_server(env: dict[str, str], port: int) -> subprocess.Popen:
     full = {k: v for k, v in os.environ.items() if not k.startswith("LLM_")} | env
-    proc = subprocess.Popen(
+    # Its own session, recorded so that no signal to this command leaves it running.
+    proc = spawn(
         [sys.executable, "-m", "uvicorn", "server:app", "--host", "127.0.0.1", "--port",
          str(port), "--log-level", "warning", "--no-access-log"],
-        cwd=ROOT, env=full,
+        log=None, cwd=ROOT, env=full,
     )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -202,6 +204,10 @@ async def count_inflight(s: Samples, window: tuple[float, float]) -> None:
             s.inflight_samples.append(s.inflight)
 
 
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _part_main(args: tuple) -> Samples:
     return asyncio.run(run_part(*args))
 
@@ -217,7 +223,8 @@ def run(args: argparse.Namespace, base: str, body: dict, cycle: float, think: fl
     if k == 1:
         results = [_part_main(parts[0])]
     else:
-        with multiprocessing.get_context("spawn").Pool(k) as pool:
+        # The workers leave Ctrl-C to this process, which stops them (and the server).
+        with multiprocessing.get_context("spawn").Pool(k, initializer=_ignore_sigint) as pool:
             results = pool.map(_part_main, parts)
     total = Samples()
     for r in results:
@@ -326,4 +333,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main, what="python -m server.bench"))

@@ -1,0 +1,128 @@
+"""local/cleanup.py with real signals: a command that starts processes and makes temporary
+folders leaves none of them behind, whichever signals stop it and however many."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from local import cleanup, procs
+from local.procs import LocalModeError
+from tests.leaks import Watched
+
+COMMAND = textwrap.dedent("""
+    import subprocess, sys, time
+    from local import cleanup, procs
+    from local.procs import LocalModeError
+
+    def main():
+        child = procs.spawn(["sleep", "600"], log=subprocess.DEVNULL)
+        cleanup.temp_dir("llm-local-")
+        print("ready", flush=True)
+        try:
+            if sys.argv[1] == "fail":
+                time.sleep(1)  # long enough for the test to see the sleep run
+                raise LocalModeError("the replica failed")
+            time.sleep(600)
+        finally:
+            print("stopping", flush=True)
+            if sys.argv[1] == "drain":
+                child.wait()  # a drain that never ends on its own
+            elif sys.argv[1] == "hang":
+                time.sleep(600)  # cleanup code that hangs
+        return 0
+
+    sys.exit(procs.run_command(main, what="demo"))
+""")
+
+
+def _start(tmp_path: Path, mode: str, *prefix: str) -> Watched:
+    return Watched([*prefix, sys.executable, "-c", COMMAND, mode], tmp_path)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP],
+                         ids=lambda s: s.name)
+def test_one_signal_runs_the_cleanup_and_leaves_nothing(tmp_path: Path, sig) -> None:
+    run = _start(tmp_path, "plain")
+    try:
+        run.until("ready", 20)
+        run.signal(sig)
+        assert run.wait(20) == 128 + sig
+        assert f"demo: interrupted by {sig.name}; stopped everything it started" in run.text()
+        assert "Traceback" not in run.text()
+        assert len(run.processes) == 1  # the sleep was seen, so "none left" means something
+        assert run.leftovers() == {}
+    finally:
+        run.kill_leftovers()
+
+
+def test_a_second_signal_kills_what_a_cleanup_waits_for_without_a_traceback(tmp_path) -> None:
+    run = _start(tmp_path, "drain")
+    try:
+        run.until("ready", 20)
+        run.signal(signal.SIGINT)
+        run.until("stopping", 10)
+        run.signal(signal.SIGINT)
+        assert run.wait(20) == 130
+        assert "SIGINT again: killed every process this run started" in run.text()
+        assert "Traceback" not in run.text()
+        assert run.leftovers() == {}
+    finally:
+        run.kill_leftovers()
+
+
+def test_a_third_signal_ends_a_hung_cleanup_and_still_leaves_nothing(tmp_path) -> None:
+    run = _start(tmp_path, "hang")
+    try:
+        run.until("ready", 20)
+        run.signal(signal.SIGTERM)
+        run.until("stopping", 10)
+        run.signal(signal.SIGTERM)
+        run.signal(signal.SIGTERM)
+        assert run.wait(20) == -signal.SIGTERM
+        assert run.leftovers() == {}
+    finally:
+        run.kill_leftovers()
+
+
+def test_an_error_leaves_nothing_and_says_what_failed(tmp_path) -> None:
+    run = _start(tmp_path, "fail")
+    try:
+        assert run.wait(20) == 2
+        assert "error: the replica failed" in run.text() and "Traceback" not in run.text()
+        assert len(run.processes) == 1
+        assert run.leftovers() == {}
+    finally:
+        run.kill_leftovers()
+
+
+def test_a_signal_ignored_at_start_stays_ignored(tmp_path) -> None:
+    """`nohup` ignores SIGHUP: a command started under it survives its terminal closing."""
+    run = _start(tmp_path, "plain", "nohup")
+    try:
+        run.until("ready", 20)
+        run.signal(signal.SIGHUP)
+        with pytest.raises(subprocess.TimeoutExpired):
+            run.proc.wait(timeout=1.5)
+        run.signal(signal.SIGTERM)
+        assert run.wait(20) == 128 + signal.SIGTERM
+        assert run.leftovers() == {}
+    finally:
+        run.kill_leftovers()
+
+
+def test_nothing_new_starts_once_stopping_and_a_folder_is_forgotten_when_removed(
+        tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(cleanup._REG, "stopping", True)
+    with pytest.raises(LocalModeError, match="not starting sleep: stopping"):
+        procs.spawn(["sleep", "600"], log=subprocess.DEVNULL)
+    monkeypatch.setattr(cleanup._REG, "stopping", False)
+    folder = cleanup.temp_dir("llm-local-")
+    assert folder in cleanup._REG.folders and folder.is_dir()
+    cleanup.remove_temp_dir(folder)
+    assert folder not in cleanup._REG.folders and not folder.exists()

@@ -38,12 +38,18 @@ HOUSEKEEPING_SECONDS = 0.2
 
 @dataclass(frozen=True)
 class Sample:
-    """The cluster at one instant (for plots and replica-seconds)."""
+    """The cluster at one instant: one type for every autoscaling time series (this
+    autoscaler's own record, the benchmark's plots and replica-seconds)."""
 
-    at: float
+    t: float
+    """Seconds: the monotonic clock where recorded; the benchmark shifts it to its trace."""
     serving: int
     starting: int
     draining: int
+    waiting: float | None = None
+    """Requests queued, summed over the serving replicas' /metrics; None where not read."""
+    running: float | None = None
+    """Sequences in generation, summed alike; None where not read."""
 
     @property
     def processes(self) -> int:

@@ -243,12 +243,15 @@ def run(args: argparse.Namespace, base: str, body: dict, cycle: float, think: fl
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m server.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--streams", type=int, default=256)
-    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--streams", type=int, default=256,
+                    help="concurrent streaming requests held open (default 256)")
+    ap.add_argument("--max-tokens", type=int, default=64,
+                    help="tokens generated per request (default 64)")
     ap.add_argument("--prompt-tokens", type=int, default=200, help="approximate prompt size")
     ap.add_argument("--duration", type=float, default=15.0, help="measured seconds")
     ap.add_argument("--warmup", type=float, default=None, help="default: 1.2 request cycles")
-    ap.add_argument("--tolerance", type=float, default=0.10)
+    ap.add_argument("--tolerance", type=float, default=0.10,
+                    help="largest |measured/predicted - 1| that passes (default 0.10)")
     ap.add_argument("--think-ms", type=float, default=None,
                     help="clients pause uniform(0, think) between requests; default: one "
                          "decode step at full load, from the model")
@@ -329,6 +332,14 @@ def main(argv: list[str] | None = None) -> int:
         print("errors (first 3):", *s.errors[:3], sep="\n  ")
     print(f"overall: {'PASS' if ok else 'FAIL'} (tolerance {args.tolerance:.0%}, "
           f"samples: {len(s.ttft)} TTFT, {len(s.itl)} inter-token)")
+    if ok:
+        print(f"Conclusion: at {args.streams} concurrent streams the sim engine runs as its "
+              f"latency model predicts (first-token and inter-token times within "
+              f"{args.tolerance:.0%}).")
+    else:
+        print(f"Conclusion: at {args.streams} concurrent streams the sim engine does not run "
+              f"as its latency model predicts (a FAIL row above, or failed requests); a busy "
+              f"machine slows the measured side.")
     return 0 if ok else 1
 
 

@@ -7,9 +7,10 @@ import math
 import pytest
 
 from bench.autoscale import best_setting, policy_for
-from bench.autoscale_report import Run, Sample, Setting
+from bench.autoscale_report import Run, Setting
 from bench.autoscale_trace import RAMP, SURGE, build
 from bench.stats import Record
+from local.autoscaler import Sample
 
 
 def test_surge_trace_offers_five_times_the_quiet_rate_compressed_by_the_factor():

@@ -67,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m bench", description=__doc__ % {"minutes": FULL_MINUTES},
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="other benchmarks (python -m bench <name> --help):\n" + "\n".join(
-            f"  {name:<10} {purpose}" for name, purpose in SUBCOMMANDS.items()))
+            f"  {name:<10} {purpose}" for name, purpose in SUBCOMMANDS.items())
+        + "\nand python -m bench.model_seeds: the balancing model over many seeds (no "
+          "processes).")
     ap.add_argument("--replicas", type=int, default=4, help="sim replicas (default 4)")
     ap.add_argument("--loads", default=",".join(map(str, full.loads)),
                     help="standalone loads, fractions of measured capacity (comma-separated)")

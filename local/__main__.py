@@ -1,10 +1,9 @@
 """`python -m local up|down|status|top`: run the serving stack on this machine.
 
 `up` stays in the foreground: it starts the replicas and nginx, prints the endpoint, the API
-key and ready-to-paste examples, and stops everything on Ctrl-C, SIGTERM (`down`) or SIGHUP;
-a second one kills what is left at once. Errors
-meant for the user (nginx missing, a port in use, a replica that fails) are printed without a
-traceback and exit with 2.
+key and ready-to-paste examples, and stops everything on Ctrl-C, SIGTERM (`down`) or SIGHUP
+(a second one kills what is left at once). Errors meant for the user (nginx missing, a port
+in use, a replica that fails) are printed without a traceback and exit with 2.
 """
 
 from __future__ import annotations
@@ -131,30 +130,34 @@ def _up(args: argparse.Namespace) -> int:
     # SIGINT, SIGTERM (`down`, a service manager) and SIGHUP stop it in order; a second one
     # kills whatever is left at once (local/cleanup.py). The stack unwinds last in, first out,
     # and runs every step even when one is interrupted: the autoscaler, then Prometheus, then
-    # the cluster, which is registered first so that nothing can skip it.
+    # the cluster (registered first, so nothing can skip it), then the final sweep.
+    stack = contextlib.ExitStack()
+    stack.enter_context(cleanup.supervised())
+    stack.callback(_stop_cluster, cluster)
     try:
-        with cleanup.supervised(), contextlib.ExitStack() as stack:
-            stack.callback(_stop_cluster, cluster)
-            _say(f"starting {args.replicas} {engine} replica(s) on :{args.first_port}"
-                 f"-{args.first_port + args.replicas - 1} and nginx on :{args.port}"
-                 f" (logs in {args.workdir})")
-            cluster.start(timeout=timeout)
-            if scaling_cfg is not None:
-                prometheus, scaler = start_autoscaling(
-                    cluster, scaling_cfg, port=args.prometheus_port,
-                    time_factor=args.time_factor, on_event=_say)
-                stack.callback(prometheus.close)
-                stack.callback(scaler.stop)
-            _say(banner(cluster))
-            if scaling_cfg is not None:
-                _say(f"autoscaling: {scaler.policy.min_replicas}-{scaler.policy.max_replicas} "
-                     f"replicas; Prometheus {prometheus.url}; queries: "
-                     + "; ".join(f"{t.query} target {t.threshold:g}/replica"
-                                 for t in scaler.policy.triggers)
-                     + f"; decisions in {cluster.workdir}/autoscaler.jsonl")
-            return _supervise(cluster)
+        _say(f"starting {args.replicas} {engine} replica(s) on :{args.first_port}"
+             f"-{args.first_port + args.replicas - 1} and nginx on :{args.port}"
+             f" (logs in {args.workdir})")
+        cluster.start(timeout=timeout)
+        if scaling_cfg is not None:
+            prometheus, scaler = start_autoscaling(
+                cluster, scaling_cfg, port=args.prometheus_port, time_factor=args.time_factor,
+                on_event=_say)
+            stack.callback(prometheus.close)
+            stack.callback(scaler.stop)
+        _say(banner(cluster))
+        if scaling_cfg is not None:
+            _say(f"autoscaling: {scaler.policy.min_replicas}-{scaler.policy.max_replicas} "
+                 f"replicas; Prometheus {prometheus.url}; queries: "
+                 + "; ".join(f"{t.query} target {t.threshold:g}/replica"
+                             for t in scaler.policy.triggers)
+                 + f"; decisions in {cluster.workdir}/autoscaler.jsonl")
+        return _supervise(cluster)
     except KeyboardInterrupt:
         return 0
+    finally:
+        with contextlib.suppress(KeyboardInterrupt):  # every step ran; the sweep did too
+            stack.close()
 
 
 def _stop_cluster(cluster: LocalCluster) -> None:

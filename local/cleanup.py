@@ -34,6 +34,9 @@ from types import FrameType
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 """What stops a command: Ctrl-C, `kill`/`timeout`/a CI job's limit, a closed terminal."""
+ECHO_SECONDS = 0.05
+"""A repeat of the same signal this soon is one stop delivered twice, not a second press:
+SIGTERM to `make local`'s process group reaches the command, and make forwards its own."""
 
 
 class _Registry:
@@ -52,6 +55,7 @@ class _Registry:
         self.critical = 0
         """> 0 while the main thread starts or records something: an interrupt waits."""
         self.pending = False
+        self.last_at = 0.0
 
 
 _REG = _Registry()
@@ -168,7 +172,11 @@ def _note(message: str) -> None:
 
 
 def _on_signal(signum: int, _frame: FrameType | None) -> None:
+    now = time.monotonic()
+    if _REG.received and signum == _REG.received[-1] and now - _REG.last_at < ECHO_SECONDS:
+        return  # the same stop delivered twice (a group signal `make` also forwards)
     _REG.received.append(signum)
+    _REG.last_at = now
     if not _REG.stopping:
         _REG.stopping = True
         if _REG.critical:

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -67,6 +68,7 @@ def test_a_second_signal_kills_what_a_cleanup_waits_for_without_a_traceback(tmp_
         run.until("ready", 20)
         run.signal(signal.SIGINT)
         run.until("stopping", 10)
+        time.sleep(0.2)  # a second press, not an echo of the first (cleanup.ECHO_SECONDS)
         run.signal(signal.SIGINT)
         assert run.wait(20) == 130
         assert "SIGINT again: killed every process this run started" in run.text()
@@ -82,8 +84,9 @@ def test_a_third_signal_ends_a_hung_cleanup_and_still_leaves_nothing(tmp_path) -
         run.until("ready", 20)
         run.signal(signal.SIGTERM)
         run.until("stopping", 10)
-        run.signal(signal.SIGTERM)
-        run.signal(signal.SIGTERM)
+        for _ in range(2):
+            time.sleep(0.2)  # presses, not echoes of the one before (cleanup.ECHO_SECONDS)
+            run.signal(signal.SIGTERM)
         assert run.wait(20) == -signal.SIGTERM
         assert run.leftovers() == {}
     finally:
@@ -126,3 +129,18 @@ def test_nothing_new_starts_once_stopping_and_a_folder_is_forgotten_when_removed
     assert folder in cleanup._REG.folders and folder.is_dir()
     cleanup.remove_temp_dir(folder)
     assert folder not in cleanup._REG.folders and not folder.exists()
+
+
+def test_the_same_signal_twice_at_once_is_one_stop(monkeypatch) -> None:
+    """SIGTERM to `make local`'s process group reaches the command twice (make forwards its
+    own): that is one stop, with the ordered drain, not a second press."""
+    kills: list[str] = []
+    monkeypatch.setattr(cleanup, "kill_all", lambda: kills.append("kill"))
+    with cleanup.supervised():
+        with pytest.raises(KeyboardInterrupt):
+            cleanup._on_signal(signal.SIGTERM, None)
+        cleanup._on_signal(signal.SIGTERM, None)  # 1 ms later: the same stop
+        assert kills == [] and cleanup.received() == [signal.SIGTERM]
+        time.sleep(cleanup.ECHO_SECONDS + 0.02)
+        cleanup._on_signal(signal.SIGTERM, None)  # a second press
+        assert kills == ["kill"]

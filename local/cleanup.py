@@ -20,6 +20,7 @@ process started.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -194,6 +195,17 @@ def _on_signal(signum: int, _frame: FrameType | None) -> None:
     os.kill(os.getpid(), signum)
 
 
+class _InterruptEcho(logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" for our own interrupt: raised
+    inside a task's step, the KeyboardInterrupt stops the command (asyncio re-raises it) and
+    also stays on the task, which asyncio reports when the task is collected, often after the
+    command has said it stopped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(exc, KeyboardInterrupt) and _REG.received)
+
+
 @contextlib.contextmanager
 def supervised() -> Iterator[None]:
     """Run a command that starts processes; see the module docstring. Re-entrant: only the
@@ -205,6 +217,9 @@ def supervised() -> Iterator[None]:
         finally:
             _REG.depth -= 1
         return
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _InterruptEcho) for f in asyncio_log.filters):
+        asyncio_log.addFilter(_InterruptEcho())
     previous = {sig: signal.getsignal(sig) for sig in SIGNALS}
     _REG.depth, _REG.stopping, _REG.received, _REG.pending, _REG.kills = 1, False, [], False, 0
     for sig, handler in previous.items():
@@ -219,7 +234,8 @@ def supervised() -> Iterator[None]:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-            _REG.depth, _REG.stopping = 0, False
+            # `received` stays readable (interrupted_by); the rest starts afresh.
+            _REG.depth, _REG.stopping, _REG.kills, _REG.pending = 0, False, 0, False
 
 
 def received() -> list[signal.Signals]:

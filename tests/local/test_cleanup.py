@@ -144,3 +144,33 @@ def test_the_same_signal_twice_at_once_is_one_stop(monkeypatch) -> None:
         time.sleep(cleanup.ECHO_SECONDS + 0.02)
         cleanup._on_signal(signal.SIGTERM, None)  # a second press
         assert kills == ["kill"]
+    # Over: what this process starts next is not killed, nor refused.
+    assert not cleanup.stopping() and cleanup._REG.kills == 0
+    assert cleanup.interrupted_by() == signal.SIGTERM
+
+
+ASYNC_COMMAND = textwrap.dedent("""
+    import asyncio, os, signal, sys
+    from local import procs
+
+    async def step():
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives inside this task's step
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+
+    async def main_task():
+        task = asyncio.create_task(step())  # like the benchmark client's streams
+        await asyncio.sleep(2)
+        return task
+
+    sys.exit(procs.run_command(lambda: asyncio.run(main_task()), what="demo"))
+""")
+
+
+def test_an_interrupt_inside_an_asyncio_task_prints_no_traceback(tmp_path) -> None:
+    """The benchmarks' clients run in asyncio: the interrupt lands in a task, which keeps it
+    too, and asyncio would report it as never retrieved when the task is collected."""
+    run = Watched([sys.executable, "-c", ASYNC_COMMAND], tmp_path)
+    assert run.wait(20) == 128 + signal.SIGTERM
+    assert "demo: interrupted by SIGTERM" in run.text()
+    assert "Traceback" not in run.text() and "never retrieved" not in run.text()

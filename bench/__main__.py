@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     full = balance.Plan()
     ap = argparse.ArgumentParser(
         prog="python -m bench", description=__doc__ % {"minutes": FULL_MINUTES},
+        usage="%(prog)s [options]  (the balancing benchmark)\n"
+              f"       %(prog)s {{{','.join(SUBCOMMANDS)}}} [options]  (listed at the end)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="other benchmarks (python -m bench <name> --help):\n" + "\n".join(
             f"  {name:<10} {purpose}" for name, purpose in SUBCOMMANDS.items())
@@ -97,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="trace seeds, comma-separated; several are run in turn and pooled "
                          "(bootstrap blocks drawn within each seed's run)")
     ap.add_argument("--quick", action="store_true",
-                    help="one load (80%%), short cells, shorter outputs, 3 methods per "
-                         "workload, one NGINX (< 3 min)")
+                    help="smoke test: one load (80%%), short cells, shorter outputs, 3 "
+                         "methods per workload, one NGINX (< 3 min)")
     ap.add_argument("--out", type=Path, default=OUT,
                     help="folder for bench[-quick]-results.md and bench[-quick]-ttft.png "
                          "(default build/bench/, ignored by git; --out docs refreshes the "

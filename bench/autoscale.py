@@ -16,8 +16,8 @@ max`` for the best autoscaled setting on the surge trace, then a one-sentence co
 
 ``--quick`` is a smoke test of the whole path (Prometheus, the rule, replicas added and
 retired), not a measurement: at its 80x compression a replica process's start, which does not
-compress, is minutes of trace time, so its SLO share reads lower than the 10x run's (the
-comparison is in docs/autoscaling.md). The bars are read from
+compress, is minutes of trace time, and a run has under a hundred requests, so its SLO share
+swings from run to run and need not agree with the 10x run's (docs/autoscaling.md compares). The bars are read from
 ``python -m bench autoscale --runs 2,3 --factor 10``.
 
 The SLO share and the cost are *targets* (within 3 points of static max at <= 70 % of its

@@ -90,3 +90,20 @@ def test_sigterm_stops_the_server_benchmark_and_its_client_processes(tmp_path) -
         assert len(run.processes) >= 3  # the server and two client processes were seen
     finally:
         run.kill_leftovers()
+
+
+def test_a_failed_start_is_a_clear_error_and_leaves_no_temporary_folder(tmp_path) -> None:
+    """Replicas that cannot start (invalid settings inherited from the environment): the
+    cluster's temporary folder (llm-local-*) and anything else started go with the error."""
+    run = Watched([*PY, "bench", "--quick", "--out", str(tmp_path / "out")], tmp_path,
+                  env={"LLM_SIM_LOAD_SECONDS": "-1"})
+    try:
+        code = run.wait(60)
+        text = run.text()
+        assert code == 2, text
+        assert "error: replica 1 on :" in text and "exited with code 2 before it was ready" in text
+        assert "Traceback" not in text
+        assert run.processes  # the replicas did start
+        assert run.leftovers() == {}
+    finally:
+        run.kill_leftovers()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import shlex
 import sys
 import time
@@ -294,7 +295,10 @@ def _top(args: argparse.Namespace) -> int:
 
 
 def _say(message: str) -> None:
-    print(message, flush=True)  # flush: works (and orders well with stderr) without a TTY
+    try:
+        print(message, flush=True)  # flush: works (and orders well with stderr) without a TTY
+    except OSError:  # the terminal closed (SIGHUP): stopping in order matters more than saying so
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
 
 
 if __name__ == "__main__":

@@ -112,12 +112,19 @@ def run_command(main: Callable[[], int], *, what: str) -> int:
             return main()
     except KeyboardInterrupt:
         sig = cleanup.interrupted_by() or signal.SIGINT
-        print(f"{what}: interrupted by {sig.name}; stopped everything it started",
-              file=sys.stderr, flush=True)
+        _tell(f"{what}: interrupted by {sig.name}; stopped everything it started")
         return 128 + int(sig)
     except LocalModeError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+        _tell(f"error: {exc}")
         return 2
+
+
+def _tell(message: str) -> None:
+    """To stderr, unless the terminal is gone (SIGHUP): then nowhere."""
+    try:
+        print(message, file=sys.stderr, flush=True)
+    except OSError:
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
 
 
 def cmdline(pid: int) -> str | None:

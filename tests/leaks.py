@@ -93,6 +93,8 @@ class Watched:
     """PID -> start time of every descendant seen."""
     ports: set[int] = field(default_factory=set)
     """Ports any of them listened on."""
+    read_output: bool = True
+    """False: the test reads `proc.stdout` itself (to close it, like a terminal going away)."""
 
     def __post_init__(self) -> None:
         self.tmpdir = self.tmp / "tmpdir"
@@ -108,8 +110,9 @@ class Watched:
         self.output: list[str] = []
         assert self.proc.stdout is not None
         out = self.proc.stdout
-        threading.Thread(target=lambda: [self.lines.put(line) for line in out],
-                         daemon=True).start()
+        if self.read_output:
+            threading.Thread(target=lambda: [self.lines.put(line) for line in out],
+                             daemon=True).start()
         self._watcher = threading.Thread(target=self._watch, daemon=True)
         self._watcher.start()
 

@@ -71,6 +71,27 @@ def test_sighup_stops_local_mode_like_ctrl_c(tmp_path) -> None:
         run.kill_leftovers()
 
 
+def test_a_closed_terminal_still_gets_the_ordered_stop(tmp_path) -> None:
+    """SIGHUP because the terminal went away: printing "stopping" fails (EPIPE here, EIO on a
+    real terminal), which must not cut the drain short."""
+    base = free_port_range(3)
+    run = Watched([*CLI, "--replicas", "1", "--port", str(base), "--first-port", str(base + 1),
+                   "--workdir", str(tmp_path / "run")], tmp_path, env=FAST_SIM,
+                  read_output=False)
+    try:
+        assert run.proc.stdout is not None
+        deadline = time.monotonic() + 60
+        while "stops everything" not in run.proc.stdout.readline():
+            assert time.monotonic() < deadline and run.proc.poll() is None
+        run.proc.stdout.close()  # the terminal is gone: the next write fails
+        run.signal(signal.SIGHUP)
+        assert run.wait(30) == 0
+        assert run.leftovers() == {}
+        assert not (tmp_path / "run" / "state.json").exists()  # the cluster's own stop ran
+    finally:
+        run.kill_leftovers()
+
+
 def test_a_start_that_fails_after_the_cluster_is_up_leaves_nothing(tmp_path) -> None:
     """Prometheus's port is taken: the replica and nginx already run (as root, nginx's
     temporary folder exists) when the start fails."""

@@ -5,6 +5,7 @@ stopped it, and no traceback is printed. Each run is bounded (tens of seconds)."
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import sys
@@ -101,7 +102,8 @@ def test_a_failed_start_is_a_clear_error_and_leaves_no_temporary_folder(tmp_path
         code = run.wait(60)
         text = run.text()
         assert code == 2, text
-        assert "error: replica 1 on :" in text and "exited with code 2 before it was ready" in text
+        assert re.search(r"error: replica \d on :\d+ exited with code 2 before it was ready",
+                         text), text  # whichever replica fails first
         assert "Traceback" not in text
         assert run.processes  # the replicas did start
         assert run.leftovers() == {}

@@ -187,7 +187,8 @@ def _on_signal(signum: int, _frame: FrameType | None) -> None:
     kill_all()
     _REG.kills += 1
     if _REG.kills == 1:
-        _note(f"\n{signal.Signals(signum).name} again: killed every process this run started\n")
+        again = " again" if len(_REG.received) > 1 else ""
+        _note(f"\n{signal.Signals(signum).name}{again}: killed every process this run started\n")
         return  # the stop under way finishes quickly now; raising would cut it short
     for folder in list(_REG.folders):
         shutil.rmtree(folder, ignore_errors=True)
@@ -208,7 +209,8 @@ class _InterruptEcho(logging.Filter):
 
 @contextlib.contextmanager
 def supervised() -> Iterator[None]:
-    """Run a command that starts processes; see the module docstring. Re-entrant: only the
+    """Run a command that starts processes; see the module docstring. For a command's entry
+    point: on the way out it stops everything this process started. Re-entrant: only the
     outermost block installs the handlers and sweeps."""
     if _REG.depth or threading.current_thread() is not threading.main_thread():
         _REG.depth += 1

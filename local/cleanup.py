@@ -10,7 +10,8 @@ session, so a terminal's Ctrl-C reaches only the command), and every temporary f
   cleanup that is under way finish - it no longer raises, so no `finally` is cut short;
 * a third one also removes the folders and ends the process by that signal;
 * on the way out, whatever path it took, every recorded group still alive is killed and every
-  recorded folder removed.
+  recorded folder removed; after a stop by signal, later signals are ignored (the command is
+  ending with nothing left running).
 
 A signal ignored when the command starts (SIGHUP under `nohup`, SIGINT in a background job)
 stays ignored. Nothing is ever signalled by name: only the groups recorded here, which this
@@ -196,6 +197,10 @@ def _on_signal(signum: int, _frame: FrameType | None) -> None:
     os.kill(os.getpid(), signum)
 
 
+def _late(_signum: int, _frame: FrameType | None) -> None:
+    """A stop signal after a stopped command's cleanup finished: nothing is left to stop."""
+
+
 class _InterruptEcho(logging.Filter):
     """Drops asyncio's "Task exception was never retrieved" for our own interrupt: raised
     inside a task's step, the KeyboardInterrupt stops the command (asyncio re-raises it) and
@@ -235,6 +240,11 @@ def supervised() -> Iterator[None]:
             sweep()
         finally:
             for sig, handler in previous.items():
+                if _REG.received and handler is not signal.SIG_IGN:
+                    # Stopped by a signal, so the command is ending and has nothing left
+                    # running: a late press (a second Ctrl-C after the stop finished) must not
+                    # end it with a traceback.
+                    handler = _late
                 signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
             # `received` stays readable (interrupted_by); the rest starts afresh.
             _REG.depth, _REG.stopping, _REG.kills, _REG.pending = 0, False, 0, False

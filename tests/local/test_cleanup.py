@@ -38,7 +38,11 @@ COMMAND = textwrap.dedent("""
                 time.sleep(600)  # cleanup code that hangs
         return 0
 
-    sys.exit(procs.run_command(main, what="demo"))
+    code = procs.run_command(main, what="demo")
+    if sys.argv[1] == "linger":  # a slow exit after the stop, like interpreter teardown
+        print("stopped", flush=True)
+        time.sleep(1)
+    sys.exit(code)
 """)
 
 
@@ -73,6 +77,20 @@ def test_a_second_signal_kills_what_a_cleanup_waits_for_without_a_traceback(tmp_
         assert run.wait(20) == 130
         assert "SIGINT again: killed every process this run started" in run.text()
         assert "Traceback" not in run.text()
+        assert run.leftovers() == {}
+    finally:
+        run.kill_leftovers()
+
+
+def test_a_second_ctrl_c_after_the_stop_finished_is_ignored(tmp_path) -> None:
+    run = _start(tmp_path, "linger")
+    try:
+        run.until("ready", 20)
+        run.signal(signal.SIGINT)
+        run.until("stopped", 10)
+        run.signal(signal.SIGINT)
+        assert run.wait(20) == 130
+        assert "Traceback" not in run.text() and "KeyboardInterrupt" not in run.text()
         assert run.leftovers() == {}
     finally:
         run.kill_leftovers()
@@ -136,6 +154,7 @@ def test_the_same_signal_twice_at_once_is_one_stop(monkeypatch) -> None:
     own): that is one stop, with the ordered drain, not a second press."""
     kills: list[str] = []
     monkeypatch.setattr(cleanup, "kill_all", lambda: kills.append("kill"))
+    handler = signal.getsignal(signal.SIGTERM)
     with cleanup.supervised():
         with pytest.raises(KeyboardInterrupt):
             cleanup._on_signal(signal.SIGTERM, None)
@@ -147,6 +166,8 @@ def test_the_same_signal_twice_at_once_is_one_stop(monkeypatch) -> None:
     # Over: what this process starts next is not killed, nor refused.
     assert not cleanup.stopping() and cleanup._REG.kills == 0
     assert cleanup.interrupted_by() == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is cleanup._late  # a late press does nothing
+    signal.signal(signal.SIGTERM, handler)  # this test process goes on
 
 
 ASYNC_COMMAND = textwrap.dedent("""

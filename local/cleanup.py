@@ -197,10 +197,6 @@ def _on_signal(signum: int, _frame: FrameType | None) -> None:
     os.kill(os.getpid(), signum)
 
 
-def _late(_signum: int, _frame: FrameType | None) -> None:
-    """A stop signal after a stopped command's cleanup finished: nothing is left to stop."""
-
-
 class _InterruptEcho(logging.Filter):
     """Drops asyncio's "Task exception was never retrieved" for our own interrupt: raised
     inside a task's step, the KeyboardInterrupt stops the command (asyncio re-raises it) and
@@ -240,11 +236,12 @@ def supervised() -> Iterator[None]:
             sweep()
         finally:
             for sig, handler in previous.items():
-                if _REG.received and handler is not signal.SIG_IGN:
+                if _REG.received:
                     # Stopped by a signal, so the command is ending and has nothing left
                     # running: a late press (a second Ctrl-C after the stop finished) must not
-                    # end it with a traceback.
-                    handler = _late
+                    # end it with a traceback, nor kill it (Python resets its own handlers to
+                    # the default while it shuts down): ignored by the kernel.
+                    handler = signal.SIG_IGN
                 signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
             # `received` stays readable (interrupted_by); the rest starts afresh.
             _REG.depth, _REG.stopping, _REG.kills, _REG.pending = 0, False, 0, False

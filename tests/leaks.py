@@ -24,6 +24,11 @@ from local.procs import port_in_use
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _default_signals() -> None:
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def _stat(pid: int) -> tuple[int, int] | None:
     """(parent PID, start time in clock ticks) of a live, non-zombie `pid`; None if gone."""
     try:
@@ -100,12 +105,12 @@ class Watched:
         self.tmpdir = self.tmp / "tmpdir"
         self.tmpdir.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "TMPDIR": str(self.tmpdir), "PYTHONUNBUFFERED": "1", **self.env}
-        # A terminal's Ctrl-C: the command gets the default SIGINT even when the suite runs
-        # with SIGINT ignored (in the background), which children would inherit.
+        # A terminal's Ctrl-C and hang-up: the command gets the default SIGINT and SIGHUP
+        # even when the suite runs with them ignored (in the background, under nohup), which
+        # children would inherit.
         self.proc = subprocess.Popen(
             list(self.args), cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+            stderr=subprocess.STDOUT, preexec_fn=_default_signals)
         self.lines: queue.Queue[str] = queue.Queue()
         self.output: list[str] = []
         assert self.proc.stdout is not None

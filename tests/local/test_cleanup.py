@@ -154,7 +154,7 @@ def test_the_same_signal_twice_at_once_is_one_stop(monkeypatch) -> None:
     own): that is one stop, with the ordered drain, not a second press."""
     kills: list[str] = []
     monkeypatch.setattr(cleanup, "kill_all", lambda: kills.append("kill"))
-    handler = signal.getsignal(signal.SIGTERM)
+    handlers = {sig: signal.getsignal(sig) for sig in cleanup.SIGNALS}
     with cleanup.supervised():
         with pytest.raises(KeyboardInterrupt):
             cleanup._on_signal(signal.SIGTERM, None)
@@ -167,7 +167,8 @@ def test_the_same_signal_twice_at_once_is_one_stop(monkeypatch) -> None:
     assert not cleanup.stopping() and cleanup._REG.kills == 0
     assert cleanup.interrupted_by() == signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN  # a late press does nothing
-    signal.signal(signal.SIGTERM, handler)  # this test process goes on
+    for sig, handler in handlers.items():  # this test process goes on (and starts others)
+        signal.signal(sig, handler)
 
 
 ASYNC_COMMAND = textwrap.dedent("""

@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     if args_in[:1] == ["profile"]:  # `python -m bench profile ...`: latency profiles
         from bench import profile_cli
         return profile_cli.main(args_in[1:])
+    if args_in[:1] == ["calibrate"]:  # `python -m bench calibrate ...`: fit an endpoint
+        from bench import calibrate
+        return calibrate.main(args_in[1:])
     full = balance.Plan()
     ap = argparse.ArgumentParser(prog="python -m bench",
                                  description=__doc__ % {"minutes": FULL_MINUTES},

@@ -49,3 +49,14 @@ POD_SECURITY_ADMISSION_VERSION = "0.33.0"
 namespace labels pin (components/pod_security.py)."""
 
 PINNED["pod-security-admission"] = POD_SECURITY_ADMISSION_VERSION
+
+KUBE_STATE_METRICS_VERSION = "2.20.0"
+"""kube-state-metrics: the cluster replica alerts read its kube_deployment_* series
+(components/policies/alerting.py). Installed by the stack with `monitoring.kubeStateMetrics:
+install`; otherwise expected from the cluster (kube-prometheus-stack 88.5.3 ships this one)."""
+KUBE_STATE_METRICS_CHART = "kube-state-metrics"
+KUBE_STATE_METRICS_REPOSITORY = "https://prometheus-community.github.io/helm-charts"
+KUBE_STATE_METRICS_CHART_VERSION = "8.4.0"
+"""prometheus-community/kube-state-metrics chart; its appVersion is KUBE_STATE_METRICS_VERSION."""
+
+PINNED["kube-state-metrics"] = KUBE_STATE_METRICS_VERSION

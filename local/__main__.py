@@ -4,11 +4,16 @@
 key and ready-to-paste examples, and stops everything on Ctrl-C or SIGTERM (`down`). Errors
 meant for the user (nginx missing, a port in use, a replica that fails) are printed without a
 traceback and exit with 2.
+
+`up --stack Pulumi.<name>.yaml` (or just `<name>`) serves every model of that stack under its
+served name, the sim engine unless `--engine transformers`, behind one nginx that routes by the
+request's `model` field, and runs the stack's balancing method and autoscaling section.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import shlex
@@ -17,12 +22,12 @@ import sys
 import time
 from pathlib import Path
 from types import FrameType
-from typing import get_args
+from typing import Any, get_args
 
 from pydantic import ValidationError
 
 from components.policies.balancing import LbMethod, LoadBalancingConfig
-from local.autoscaler import stack_config, start_autoscaling
+from local.autoscaler import stack_config, stack_file, start_autoscaling
 from local.cluster import (
     REPO_ROOT,
     LocalCluster,
@@ -30,6 +35,7 @@ from local.cluster import (
     recorded_alive,
     stop_recorded,
 )
+from local.models import LocalModel, models_from_stack
 from local.procs import LocalModeError, log_tail, owns, read_state
 
 DEFAULT_WORKDIR = REPO_ROOT / ".local-run"
@@ -38,7 +44,12 @@ SIM_TIMEOUT = 120.0
 MODEL_TIMEOUT = 1800.0
 """A real model is downloaded (once) and loaded by every replica: allow for a slow link."""
 EXIT_USER_ERROR = 2
+DEFAULT_REPLICAS = 3
+"""Replicas without --replicas and without autoscaling (which starts at minReplicas)."""
 PROMPT = "Say hello in five words."
+EXAMPLE_MAX_TOKENS = 32
+"""The examples' max_tokens: an answer in about a second (the sim engine writes max_tokens
+words; without it, the server's default of 256 streams for about 10 s)."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,13 +68,15 @@ def _parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="start replicas behind nginx and wait for Ctrl-C")
     up.add_argument("--replicas", type=int, default=None,
-                    help="server processes (default 3; with autoscaling minReplicas)")
+                    help=f"server processes per model (default {DEFAULT_REPLICAS}; with --stack "
+                         "the stack's replicas; with autoscaling minReplicas)")
     up.add_argument("--engine", choices=("sim", "transformers"), default=None,
-                    help="default: sim, or transformers when --model is given")
+                    help="default: sim, or transformers when --model is given; with --stack, "
+                         "transformers loads each model's id")
     up.add_argument("--model", default=None,
                     help="Hugging Face id or local directory, e.g. Qwen/Qwen2.5-0.5B-Instruct")
-    up.add_argument("--policy", choices=get_args(LbMethod), default="least_conn",
-                    help="nginx balancing method (default least_conn)")
+    up.add_argument("--policy", choices=get_args(LbMethod), default=None,
+                    help="nginx balancing method (default least_conn, or the stack's)")
     up.add_argument("--session-header", default=None,
                     help="header hashed by --policy session_hash (default X-Session-ID)")
     up.add_argument("--port", type=int, default=8080, help="nginx port (default 8080)")
@@ -83,9 +96,10 @@ def _parser() -> argparse.ArgumentParser:
                     help="logs, nginx prefix and state.json (default .local-run/)")
     up.add_argument("--autoscale", action="store_true",
                     help="run Prometheus and the stack's scaling rule (docs/autoscaling.md)")
-    up.add_argument("--stack", type=Path, default=None,
-                    help="Pulumi.<stack>.yaml whose autoscaling section to run (implies "
-                         "--autoscale when it enables autoscaling)")
+    up.add_argument("--stack", default=None,
+                    help="Pulumi.<stack>.yaml or a stack name: serve its models (routed by "
+                         "the request's model field), with its balancing method and "
+                         "autoscaling section (implies --autoscale when it enables it)")
     up.add_argument("--prometheus-port", type=int, default=9090,
                     help="port of the local Prometheus (default 9090)")
     up.add_argument("--time-factor", type=float, default=1.0,
@@ -121,17 +135,29 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _up(args: argparse.Namespace) -> int:
-    scaling_cfg = None
-    if args.autoscale or args.stack is not None:
-        cfg = stack_config(args.stack)
+    scaling_cfg = stack = None
+    models: tuple[LocalModel, ...] | None = None
+    if args.stack is not None:
+        stack = stack_config(stack_file(args.stack))
+        models = _stack_models(args, stack)
+    if args.autoscale or stack is not None:
+        cfg = stack if stack is not None else stack_config(None)
         if args.autoscale or cfg.autoscaling.enabled:
             scaling_cfg = cfg
-    if args.replicas is None:
-        args.replicas = scaling_cfg.autoscaling.min_replicas if scaling_cfg else 3
+    if scaling_cfg is not None and models is not None and len(models) > 1:
+        if args.autoscale:
+            raise LocalModeError(f"--autoscale scales one model; the stack serves {len(models)} "
+                                 f"({', '.join(m.served_name for m in models)})")
+        _say(f"note: the stack's autoscaling is not run: local autoscaling scales one model, "
+             f"this stack serves {len(models)}")
+        scaling_cfg = None
+    if args.replicas is None and models is None:
+        args.replicas = (scaling_cfg.autoscaling.min_replicas if scaling_cfg
+                         else DEFAULT_REPLICAS)
     if args.time_factor <= 0:
         raise LocalModeError(f"--time-factor must be positive, got {args.time_factor}")
-    sim_env, dilation_note = _sim_profile_env(args)
-    cluster = _cluster(args, sim_env)
+    sim_env, dilation_note = _sim_profile_env(args, models)
+    cluster = _cluster(args, models, stack, sim_env)
     cluster.supervisor_markers = ["local", "up"]
     _interrupt_on_sigterm()
     engine = cluster.engine
@@ -139,9 +165,10 @@ def _up(args: argparse.Namespace) -> int:
     timeout = args.timeout if args.timeout is not None else (
         SIM_TIMEOUT if engine == "sim" else MODEL_TIMEOUT)
     try:
-        _say(f"starting {args.replicas} {engine} replica(s) on :{args.first_port}"
-             f"-{args.first_port + args.replicas - 1} and nginx on :{args.port}"
-             f" (logs in {args.workdir})")
+        *starts, last = _layout(cluster)
+        for line in starts:
+            _say(line)
+        _say(f"{last} and nginx on :{args.port} (logs in {args.workdir})")
         cluster.start(timeout=timeout)
         if scaling_cfg is not None:
             prometheus, scaler = start_autoscaling(
@@ -174,7 +201,8 @@ def _up(args: argparse.Namespace) -> int:
                 _say("stopped")
 
 
-def _sim_profile_env(args: argparse.Namespace) -> tuple[dict[str, str], str]:
+def _sim_profile_env(args: argparse.Namespace, models: tuple[LocalModel, ...] | None = None
+                     ) -> tuple[dict[str, str], str]:
     """The replicas' LLM_SIM_* environment for --profile / --time-dilation, and a note for the
     banner saying which profile runs and why at that dilation."""
     if args.profile is None and args.time_dilation is None:
@@ -192,7 +220,7 @@ def _sim_profile_env(args: argparse.Namespace) -> tuple[dict[str, str], str]:
         profile = load_profile(args.profile) if args.profile is not None else None
     except ProfileError as exc:
         raise LocalModeError(f"--profile: {exc}") from None
-    replicas = args.replicas
+    replicas = args.replicas if models is None else sum(m.replicas for m in models)
     factor = args.time_dilation
     if profile is not None:
         env["LLM_SIM_PROFILE"] = profile.ref
@@ -218,14 +246,33 @@ def _sim_profile_env(args: argparse.Namespace) -> tuple[dict[str, str], str]:
     return env, note
 
 
-def _cluster(args: argparse.Namespace, sim_env: dict[str, str] | None = None) -> LocalCluster:
-    """Build the cluster, turning argument problems into LocalModeError (exit 2)."""
-    engine = args.engine or ("transformers" if args.model else "sim")
+def _stack_models(args: argparse.Namespace, cfg: Any) -> tuple[LocalModel, ...]:
+    if args.model is not None:
+        raise LocalModeError("--model and --stack do not go together: the stack names its "
+                             "models (add --engine transformers to load each one's id)")
     try:
-        policy = LoadBalancingConfig(method=args.policy, **(
-            {"session_header": args.session_header} if args.session_header else {}))
+        return models_from_stack(cfg, engine=args.engine or "sim", replicas=args.replicas)
+    except ValueError as exc:
+        raise LocalModeError(f"{args.stack}: {exc}") from None
+
+
+def _cluster(args: argparse.Namespace, models: tuple[LocalModel, ...] | None = None,
+             stack: Any = None, sim_env: dict[str, str] | None = None) -> LocalCluster:
+    """Build the cluster, turning argument problems into LocalModeError (exit 2).
+    With `models` (from a stack), the stack's balancing policy unless --policy is given."""
+    engine = args.engine or ("transformers" if args.model else "sim")
+    serving: dict[str, Any] = (
+        {"models": models} if models is not None
+        else {"replicas": args.replicas, "engine": engine, "model": args.model})
+    try:
+        policy = stack.load_balancing if stack is not None else LoadBalancingConfig()
+        overrides = {k: v for k, v in (("method", args.policy),
+                                       ("session_header", args.session_header)) if v}
+        if overrides:
+            policy = LoadBalancingConfig.model_validate(
+                policy.model_dump() | overrides)
         return LocalCluster(
-            args.replicas, engine=engine, model=args.model, policy=policy, port=args.port,
+            **serving, policy=policy, port=args.port,
             first_replica_port=args.first_port, api_key=args.api_key, workdir=args.workdir,
             # nginx's read timeout is max_output_tokens x per-token seconds: dilated time
             # stretches every token.
@@ -263,9 +310,21 @@ def _interrupt_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+def _layout(cluster: LocalCluster) -> list[str]:
+    """One line per model: its replicas' engine and ports."""
+    lines, port = [], cluster.first_replica_port
+    for model in cluster.models:
+        name = f" of {model.served_name}" if len(cluster.models) > 1 else ""
+        lines.append(f"starting {model.replicas} {model.engine} replica(s){name} on :{port}"
+                     f"-{port + model.replicas - 1}")
+        port += model.replicas
+    return lines
+
+
 def banner(cluster: LocalCluster) -> str:
     """Endpoint, key and examples; every snippet is meant to be pasted as printed."""
     body = json.dumps({"model": cluster.model_name, "stream": True,
+                       "max_tokens": EXAMPLE_MAX_TOKENS,
                        "messages": [{"role": "user", "content": PROMPT}]})
     cacert = (f"--cacert {shlex.quote(str(cluster.tls_certificate))} "
               if cluster.tls_certificate else "")
@@ -281,7 +340,7 @@ def banner(cluster: LocalCluster) -> str:
         f"client = OpenAI(base_url={cluster.endpoint!r}, api_key={cluster.api_key!r}"
         f"{http_client})",
         f"stream = client.chat.completions.create(model={cluster.model_name!r}, stream=True,",
-        f"    messages=[{{'role': 'user', 'content': {PROMPT!r}}}])",
+        f"    max_tokens={EXAMPLE_MAX_TOKENS}, messages=[{{'role': 'user', 'content': {PROMPT!r}}}])",
         "for chunk in stream:",
         "    if chunk.choices:",
         "        print(chunk.choices[0].delta.content or '', end='', flush=True)",
@@ -293,17 +352,37 @@ def banner(cluster: LocalCluster) -> str:
          f"({policy_label(cluster.policy)})"),
         f"  endpoint  {cluster.endpoint}",
         f"  api key   {cluster.api_key}",
-        f"  model     {cluster.model_name}",
+        *([f"  model     {cluster.model_name}"] if len(cluster.model_names) == 1 else [
+            f"  models    {', '.join(cluster.model_names)} (routed by the request's model; "
+            f"first is the default)"]),
         f"  logs      {cluster.workdir}",
         "",
         "# stream a chat completion with curl:",
         curl,
         "",
-        "# or with the openai package (Python):",
+        _python_intro(),
+        f"{shlex.quote(_interpreter())} - <<'EOF'",
         python,
+        "EOF",
         "",
         "Ctrl-C here (or `python -m local down`) stops everything.",
     ])
+
+
+def _interpreter() -> str:
+    """The Python running local mode (`.venv/bin/python` from the checkout), relative to the
+    working directory when it lies below it, so the snippet pastes as printed."""
+    executable = Path(sys.executable)
+    try:
+        return str(executable.relative_to(Path.cwd()))
+    except ValueError:
+        return str(executable)
+
+
+def _python_intro() -> str:
+    if importlib.util.find_spec("openai") is not None:
+        return f"# or with the openai package, installed in {_interpreter()}:"
+    return f"# or with the openai package (first: {_interpreter()} -m pip install openai):"
 
 
 # --- down, status -----------------------------------------------------------------------------
@@ -325,7 +404,9 @@ def _status(args: argparse.Namespace) -> int:
     if state is None or not recorded_alive(state):
         _say(f"no local cluster running from {workdir}")
         return 1
-    _say(f"endpoint {state['endpoint']}  model {state['model']}  policy {state['policy']}")
+    models = state.get("models") or [state["model"]]
+    _say(f"endpoint {state['endpoint']}  model{'s' if len(models) > 1 else ''} "
+         f"{', '.join(models)}  policy {state['policy']}")
     prom = state.get("prometheus")
     if prom:
         running = "running" if owns(prom["pid"], prom["markers"]) else "stopped"
@@ -335,8 +416,9 @@ def _status(args: argparse.Namespace) -> int:
          f"{'running' if nginx and owns(nginx['pid'], nginx['markers']) else 'stopped'}")
     for replica in state.get("replicas", []):
         running = replica.get("pid") and owns(replica["pid"], replica["markers"])
+        model = f"  {replica['model']}" if len(models) > 1 and replica.get("model") else ""
         _say(f"  replica {replica['index'] + 1}  :{replica['port']}  pid "
-             f"{replica.get('pid') or '-'}  {'running' if running else 'stopped'}")
+             f"{replica.get('pid') or '-'}  {'running' if running else 'stopped'}{model}")
     return 0
 
 

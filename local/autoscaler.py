@@ -166,6 +166,20 @@ class LocalAutoscaler:
 # --- wiring for `python -m local up --autoscale` ------------------------------------------------
 
 
+def stack_file(stack: str | Path) -> Path:
+    """The stack file `stack` names: a path to a `Pulumi.<name>.yaml`, or a stack name looked
+    up as `Pulumi.<name>.yaml` in the current directory, then in the project."""
+    path = Path(stack)
+    if path.exists() or path.suffix in (".yaml", ".yml") or len(path.parts) > 1:
+        return path
+    for folder in (Path.cwd(), Path(__file__).resolve().parents[1]):
+        candidate = folder / f"Pulumi.{stack}.yaml"
+        if candidate.exists():
+            return candidate
+    raise LocalModeError(f"no stack file for {stack!r}: pass Pulumi.<name>.yaml or the name "
+                         "of a stack of this project")
+
+
 def stack_config(path: Path | None) -> Any:
     """The `StackConfig` of a Pulumi stack file, or, without one, the defaults with
     autoscaling on (secrets are not needed here and are skipped)."""

@@ -1,5 +1,9 @@
 """`LocalCluster`: N server replicas behind a real nginx on one machine, no root needed.
 
+One model by default; with `models` (local/models.py), the replicas of every model on
+consecutive ports, model after model, and nginx routes each request by its `model` field
+(components/policies/model_routing.py).
+
 The same `nginx.conf` recipe as cluster mode (`components.policies.nginx_conf.nginx_conf`) runs in a
 private prefix, so what a benchmark or a developer sees locally is the balancing, retry and
 streaming behaviour of the deployed stack - only the replicas are processes instead of pods.
@@ -18,7 +22,8 @@ import shutil
 import signal
 import subprocess
 import tempfile
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -26,6 +31,7 @@ from typing import Any, Self
 from components.policies.balancing import LoadBalancingConfig
 from local import privileges, procs
 from local.elastic import Elastic
+from local.models import ENGINES, LocalModel, check_models  # noqa: F401 - ENGINES public
 from local.nginx import NginxControl, answers, children, policy_label  # noqa: F401 - public
 from local.procs import LocalModeError
 from local.replicas import REPO_ROOT, ReplicaProcesses, _Replica  # noqa: F401 - public
@@ -35,8 +41,6 @@ from local.state import (  # noqa: F401 - public here too
     recorded_alive,
     stop_recorded,
 )
-
-ENGINES = ("sim", "transformers")
 
 
 class LocalCluster(NginxControl, Elastic, ReplicaProcesses):
@@ -50,10 +54,11 @@ class LocalCluster(NginxControl, Elastic, ReplicaProcesses):
 
     def __init__(
         self,
-        replicas: int = 3,
+        replicas: int | None = None,
         *,
         engine: str = "sim",
         model: str | None = None,
+        models: Sequence[LocalModel] | None = None,
         policy: LoadBalancingConfig | None = None,
         port: int = 8080,
         first_replica_port: int = 8000,
@@ -69,21 +74,37 @@ class LocalCluster(NginxControl, Elastic, ReplicaProcesses):
         """`workers`: nginx worker_processes (1 by default; the upstream zone is shared
         anyway). `nginx`: path of the nginx binary, else PATH and the usual locations.
         `tls`: nginx serves HTTPS only, with a self-signed certificate (`tls_certificate`,
-        made at start; clients pass it as the CA to trust)."""
+        made at start; clients pass it as the CA to trust).
+
+        One model: `replicas` (default 3) of `engine`, loading `model` with transformers.
+        Several: `models` instead (not with `replicas`, `engine` or `model`), each served under
+        its own name by its own replicas; the first is the default model."""
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
         if engine == "transformers" and not model:
             raise ValueError("model is required with engine='transformers' (a hub id or a "
                              "local directory)")
-        if not isinstance(replicas, int) or replicas < 1:
-            raise ValueError(f"replicas must be at least 1, got {replicas!r}")
+        if models is not None:
+            if replicas is not None or engine != "sim" or model is not None:
+                raise ValueError("pass either models or replicas/engine/model, not both")
+            self.models = check_models(models)
+        else:
+            replicas = 3 if replicas is None else replicas
+            if not isinstance(replicas, int) or replicas < 1:
+                raise ValueError(f"replicas must be at least 1, got {replicas!r}")
+            named = (server_env or {}).get("LLM_SERVED_MODEL_NAME")
+            self.models = (LocalModel(named or model or "sim-llm", replicas, engine, model),)
+        self._named_models = models is not None
+        """Each replica gets its model's LLM_SERVED_MODEL_NAME (one model: the server's own
+        name, confirmed once a replica is up)."""
+        total = sum(m.replicas for m in self.models)
         _check_port("port", port)
         _check_port("first_replica_port", first_replica_port)
-        _check_port("first_replica_port + replicas - 1", first_replica_port + replicas - 1)
+        _check_port("first_replica_port + replicas - 1", first_replica_port + total - 1)
         if api_key is not None and not api_key.strip():
             raise ValueError("api_key must not be blank; pass None to generate one")
-        self.engine = engine
-        self.model = model
+        self.engine = self.models[0].engine
+        self.model = self.models[0].model_id
         self.policy = policy if policy is not None else LoadBalancingConfig()
         self.port = port
         self.first_replica_port = first_replica_port
@@ -97,7 +118,10 @@ class LocalCluster(NginxControl, Elastic, ReplicaProcesses):
         self._tls_key: Path | None = None
         self.endpoint = f"{'https' if tls else 'http'}://127.0.0.1:{port}/v1"
         self.model_name = self._expected_model_name()
-        """Name clients send as `model`; confirmed from /v1/models once a replica is up."""
+        """Name clients send as `model` (the first model's); confirmed from /v1/models once a
+        replica is up."""
+        self.models_created = int(time.time())
+        """`created` of the model cards nginx lists at /v1/models (several models)."""
         self.supervisor_markers: list[str] | None = None
         """Set by the CLI: records this process in the state file so `down` signals it."""
         self._progress = on_progress or (lambda _message: None)
@@ -105,7 +129,7 @@ class LocalCluster(NginxControl, Elastic, ReplicaProcesses):
         self._nginx_bin: str | None = None
         self._owned_workdir = workdir is None
         self.workdir: Path | None = None if workdir is None else Path(workdir).resolve()
-        self._replicas = [self._replica(i) for i in range(replicas)]
+        self._replicas = [self._replica(i) for i in range(total)]
         self.extra_state: dict[str, Any] = {}
         """Recorded in state.json beside the cluster (e.g. the local Prometheus)."""
         self._draining: list[_Replica] = []
@@ -125,6 +149,17 @@ class LocalCluster(NginxControl, Elastic, ReplicaProcesses):
     def replicas(self) -> int:
         """How many replicas nginx balances over."""
         return len(self._replicas)
+
+    @property
+    def model_names(self) -> list[str]:
+        """Served names, in order; the first is the default model."""
+        return [self.model_name] if not self._named_models else \
+            [m.served_name for m in self.models]
+
+    @property
+    def replica_models(self) -> list[str]:
+        """The served name of every replica (as `replica_urls` lists them)."""
+        return [self.model_names[r.model] for r in self._replicas]
 
     @property
     def replica_logs(self) -> list[Path]:
@@ -167,7 +202,7 @@ class LocalCluster(NginxControl, Elastic, ReplicaProcesses):
                 self._spawn_replica(replica)
             self._save_state()
             self._wait_ready(self._replicas, timeout)
-            self.model_name = self._served_model_name()
+            self._confirm_model_names()
             self._start_nginx(timeout=min(timeout, 15.0))
         except BaseException:
             self.stop()
@@ -201,7 +236,7 @@ class LocalCluster(NginxControl, Elastic, ReplicaProcesses):
         if not replica.running():
             self._reap(replica)
             if procs.port_in_use(replica.port):
-                raise LocalModeError(f"port {replica.port} is in use ({replica.label}); "
+                raise LocalModeError(f"{procs.port_busy(replica.port, f'replica {replica.index + 1}')}; "
                                      "stop what holds it")
             self._spawn_replica(replica)
             self._save_state()
@@ -245,6 +280,8 @@ class LocalCluster(NginxControl, Elastic, ReplicaProcesses):
             raise LocalModeError("nginx is not running; start() the cluster first")
         if replicas is not None and (not isinstance(replicas, int) or replicas < 1):
             raise ValueError(f"replicas must be at least 1, got {replicas!r}")
+        if replicas is not None and replicas != self.replicas:
+            self._refuse_scaling()
         wanted = self.replicas if replicas is None else replicas
         added = [self._replica(i) for i in range(self.replicas, wanted)]
         if added:
@@ -309,7 +346,24 @@ class LocalCluster(NginxControl, Elastic, ReplicaProcesses):
         # Until start() picks the workdir (a temporary one by default) the log path is a
         # placeholder; _prepare_workdir sets the real one.
         log_dir = self.workdir if self.workdir is not None else Path(".")
-        return _Replica(index, self.first_replica_port + index, log_dir / f"replica-{index}.log")
+        return _Replica(index, self.first_replica_port + index, log_dir / f"replica-{index}.log",
+                        model=self._model_at(index))
+
+    def _model_at(self, index: int) -> int:
+        """The model of the replica at `index`: models take consecutive ranges, in order
+        (scaling, one model only, adds replicas beyond them)."""
+        end = 0
+        for number, model in enumerate(self.models):
+            end += model.replicas
+            if index < end:
+                return number
+        return len(self.models) - 1
+
+    def _refuse_scaling(self) -> None:
+        if len(self.models) > 1:
+            raise LocalModeError(
+                f"scaling a running cluster serves one model; this one serves "
+                f"{len(self.models)} ({', '.join(self.model_names)})")
 
     def _replica_at(self, index: int) -> _Replica:
         if not 0 <= index < len(self._replicas):
@@ -328,6 +382,7 @@ class LocalCluster(NginxControl, Elastic, ReplicaProcesses):
             "endpoint": self.endpoint,
             "api_key": self.api_key,
             "model": self.model_name,
+            "models": self.model_names,
             "policy": self.policy.method,
             "stop_timeout": self._stop_deadline(),
             "supervisor": supervisor,
@@ -335,6 +390,7 @@ class LocalCluster(NginxControl, Elastic, ReplicaProcesses):
             **self.extra_state,
             "replicas": [
                 {"index": r.index, "port": r.port, "log": str(r.log),
+                 "model": self.model_names[r.model],
                  "pid": r.proc.pid if r.running() and r.proc else None, "markers": r.markers}
                 for r in self._replicas + self._draining
             ],
@@ -366,7 +422,7 @@ class LocalCluster(NginxControl, Elastic, ReplicaProcesses):
     def _check_ports(self, ports: list[tuple[int, str]]) -> None:
         for port, owner in ports:
             if procs.port_in_use(port):
-                raise LocalModeError(f"port {port} is in use ({owner}); pick --port/--first-port "
+                raise LocalModeError(f"{procs.port_busy(port, owner)}; pick --port/--first-port "
                                      "or stop what holds it")
 
 

@@ -38,7 +38,7 @@ class Elastic:
     _nginx: subprocess.Popen[bytes] | None
 
     # Also provided by LocalCluster: _replica, _spawn_replica, _save_state, _stop_deadline,
-    # reload_nginx.
+    # reload_nginx, _refuse_scaling (scaling serves one model).
 
     @property
     def serving(self) -> int:
@@ -62,6 +62,7 @@ class Elastic:
 
     def add_replica(self) -> int:
         """Start one more replica (not routed to until `admit_ready`); return its index."""
+        self._refuse_scaling()
         used = {r.index for r in self._replicas + self._draining}
         index = 0
         while index in used or procs.port_in_use(self.first_replica_port + index):
@@ -109,6 +110,7 @@ class Elastic:
 
     def retire_replica(self) -> int | None:
         """Remove the newest replica (loading ones first); None when only one serves."""
+        self._refuse_scaling()
         loading = [r for r in self._replicas if not r.admitted]
         if loading:
             victim = max(loading, key=lambda r: r.index)

@@ -1,7 +1,8 @@
 """nginx in a private prefix for `LocalCluster`: render, check, start, reload.
 
 `NginxControl` is a mixin: `LocalCluster` provides `workdir`, `policy`, `port`, `workers`,
-`max_output_tokens`, `_nginx_bin`, `_nginx`, `_replicas`, `_progress` and `_save_state`.
+`max_output_tokens`, `model_names`, `_nginx_bin`, `_nginx`, `_replicas`, `_progress` and
+`_save_state`.
 The configuration comes from `components.policies.nginx_conf.nginx_conf`, the recipe cluster mode uses.
 """
 
@@ -31,6 +32,8 @@ class NginxControl:
     port: int
     workers: int
     max_output_tokens: int
+    model_names: list[str]
+    models_created: int
     _nginx_bin: str | None
     _nginx: subprocess.Popen[bytes] | None
     _replicas: list[Any]
@@ -75,9 +78,13 @@ class NginxControl:
         if account is not None and self._nginx_temp is None:
             self._nginx_temp = privileges.make_temp_dir(account)
         settings = self._replica_settings()
+        upstreams: list[str] | dict[str, list[str]] = [f"127.0.0.1:{r.port}" for r in replicas]
+        if len(self.model_names) > 1:  # one upstream per model, routed by the body's `model`
+            upstreams = {name: [f"127.0.0.1:{r.port}" for r in replicas if r.model == number]
+                         for number, name in enumerate(self.model_names)}
         try:
             conf = nginx_conf(
-                self.policy, [f"127.0.0.1:{r.port}" for r in replicas], self.port,
+                self.policy, upstreams, self.port,
                 self.max_output_tokens, prefix=self._prefix, daemon=False,
                 worker_processes=self.workers,
                 user=account.user if account else None, group=account.group if account else None,
@@ -88,6 +95,7 @@ class NginxControl:
                                                          + settings.max_queue),
                 replica_slots=settings.max_concurrency,
                 tls_certificate=self.tls_certificate, tls_key=self._tls_key,
+                models_created=self.models_created,
             )
         except ValueError as exc:  # e.g. a workdir path with spaces, which nginx.conf rejects
             raise LocalModeError(f"cannot render nginx.conf: {exc}; pick another --workdir") \
@@ -98,8 +106,11 @@ class NginxControl:
         result = subprocess.run(self._nginx_args("-t", "-q"), capture_output=True, text=True,
                                 timeout=30, check=False)
         if result.returncode != 0:
-            raise LocalModeError(f"nginx rejected {self._conf_path}:\n"
-                                 + (result.stderr or result.stdout).strip())
+            message = (result.stderr or result.stdout).strip()
+            if "LIMIT_HEAP" in message:  # the model-routing regex needs PCRE2
+                message += ("\nrouting several models needs nginx 1.21.5 or later built with "
+                            "PCRE2 (as Debian 12's nginx is)")
+            raise LocalModeError(f"nginx rejected {self._conf_path}:\n{message}")
 
     def _start_nginx(self, timeout: float) -> None:
         self._write_conf(self._replicas)
@@ -125,8 +136,9 @@ class NginxControl:
                     raise LocalModeError(f"nginx did not answer {HEALTH_PATH} on :{self.port} "
                                          f"within {timeout:.0f} s")
                 time.sleep(POLL_SECONDS)
+        models = f" of {len(self.model_names)} models" if len(self.model_names) > 1 else ""
         self._progress(f"nginx on :{self.port} ready, {policy_label(self.policy)} over "
-                       f"{self.replicas} replica(s) ({time.monotonic() - start:.1f} s)")
+                       f"{self.replicas} replica(s){models} ({time.monotonic() - start:.1f} s)")
 
     def _wait_new_workers(self, before: set[int] | None, timeout: float = 5.0,
                           old_grace: float = 2.0) -> None:

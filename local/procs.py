@@ -58,6 +58,78 @@ def find_nginx(explicit: str | None = None, candidates: Sequence[str] = NGINX_CA
     raise LocalModeError(f"nginx not found; {NGINX_INSTALL_HINT}")
 
 
+_PROC_NET = ("/proc/net/tcp", "/proc/net/tcp6")
+_TCP_LISTEN = "0A"
+"""Socket state of a listener in /proc/net/tcp."""
+
+
+def _socket_inodes(port: int) -> list[str]:
+    """Inodes of the TCP sockets listening on `port` on this host (Linux /proc/net); empty
+    where /proc/net does not exist."""
+    found: list[str] = []
+    for table in _PROC_NET:
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) < 10 or int(fields[1].rsplit(":", 1)[1], 16) != port:
+                continue
+            if fields[3] == _TCP_LISTEN and fields[9] != "0":
+                found.append(fields[9])
+    return found
+
+
+def _process_name(pid: int) -> str:
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        command = " ".join(" ".join(a.decode(errors="replace").split()) for a in argv if a)
+    except OSError:
+        command = ""
+    return (command[:80] + "...") if len(command) > 80 else command or "?"
+
+
+def port_holder(port: int) -> str | None:
+    """Who holds `port`, as `pid 123 (python3 -m http.server)`: read from /proc (Linux), else
+    from `lsof` when it is installed. A socket whose process this user may not inspect reads
+    as "a process of another user"; None when nothing can be told."""
+    inodes = _socket_inodes(port)
+    if inodes:
+        wanted = {f"socket:[{inode}]" for inode in inodes}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                fds = list((entry / "fd").iterdir())
+            except OSError:  # another user's process, or gone
+                continue
+            for fd in fds:
+                try:
+                    if os.readlink(fd) in wanted:
+                        return f"pid {entry.name} ({_process_name(int(entry.name))})"
+                except OSError:
+                    continue
+        return "a process of another user"
+    lsof = shutil.which("lsof")
+    if lsof is None:
+        return None
+    try:
+        out = subprocess.run([lsof, "-nP", f"-iTCP:{port}", "-sTCP:LISTEN", "-Fpc"],
+                             capture_output=True, text=True, timeout=5).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    fields = {line[0]: line[1:] for line in out.splitlines() if line[:1] in ("p", "c")}
+    return f"pid {fields['p']} ({fields.get('c', '?')})" if "p" in fields else None
+
+
+def port_busy(port: int, wanted_by: str) -> str:
+    """`port 8080 (wanted by nginx) is in use by pid 123 (...)`: the start of the message when a
+    port local mode needs is taken, naming which of our processes wanted it and who holds it."""
+    holder = port_holder(port)
+    return f"port {port} (wanted by {wanted_by}) is in use" + (f" by {holder}" if holder else "")
+
+
 def port_in_use(port: int) -> bool:
     """True when nothing could listen on 127.0.0.1:`port` right now.
 

@@ -162,7 +162,7 @@ class LocalPrometheus:
     def start(self, timeout: float = 30.0) -> Self:
         binary = find_prometheus(self._binary_arg)
         if procs.port_in_use(self.port):
-            raise LocalModeError(f"port {self.port} is in use (prometheus); pick "
+            raise LocalModeError(f"{procs.port_busy(self.port, 'prometheus')}; pick "
                                  "--prometheus-port or stop what holds it")
         for rule_file in self.rule_files:
             if not rule_file.is_file():

@@ -1,7 +1,7 @@
 """Replica processes of `LocalCluster`: spawn, wait for /ready, names, stop deadlines.
 
-`ReplicaProcesses` is a mixin; `LocalCluster` provides `engine`, `model`, `api_key`,
-`server_env`, `model_name`, `_replicas` and `_progress`.
+`ReplicaProcesses` is a mixin; `LocalCluster` provides `models`, `api_key`, `server_env`,
+`model_name`, `model_names`, `_named_models`, `_replicas` and `_progress`.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 
 from local import procs
+from local.models import LocalModel
 from local.nginx import answers
 from local.procs import LocalModeError
 from local.state import DEFAULT_DRAIN_SECONDS, KILL_GRACE_SECONDS
@@ -33,6 +34,8 @@ class _Replica:
     index: int
     port: int
     log: Path
+    model: int = 0
+    """Which of the cluster's models it serves (an index into `models`)."""
     proc: subprocess.Popen[bytes] | None = None
     admitted: bool = True
     """In nginx's upstream; False while a replica added by scaling still loads."""
@@ -57,21 +60,26 @@ class _Replica:
 
 
 class ReplicaProcesses:
-    engine: str
-    model: str | None
+    models: tuple[LocalModel, ...]
     api_key: str
     server_env: dict[str, str]
     model_name: str
+    model_names: list[str]
+    _named_models: bool
     _replicas: list[Any]
     _progress: Any
 
-    def _replica_env(self) -> dict[str, str]:
+    def _replica_env(self, model: int = 0) -> dict[str, str]:
+        """The environment of a replica of `models[model]`."""
+        spec = self.models[model]
         env = dict(os.environ)
-        env |= {"LLM_ENGINE": self.engine, "LLM_API_KEY": self.api_key,
+        env |= {"LLM_ENGINE": spec.engine, "LLM_API_KEY": self.api_key,
                 "PYTHONUNBUFFERED": "1"}
-        if self.model:
-            env["LLM_MODEL"] = self.model
+        if spec.model_id:
+            env["LLM_MODEL"] = spec.model_id
         env |= self.server_env
+        if self._named_models:  # nginx routes by these names: each replica must serve its own
+            env["LLM_SERVED_MODEL_NAME"] = spec.served_name
         return env
 
     def _spawn_replica(self, replica: _Replica) -> None:
@@ -79,7 +87,8 @@ class ReplicaProcesses:
                 "--port", str(replica.port),
                 # Access lines would grow the logs by one line per request under load.
                 "--no-access-log", "--log-level", "warning"]
-        replica.proc = procs.spawn(args, log=replica.log, env=self._replica_env(), cwd=REPO_ROOT)
+        replica.proc = procs.spawn(args, log=replica.log, env=self._replica_env(replica.model),
+                                   cwd=REPO_ROOT)
 
     def _wait_ready(self, replicas: list[_Replica], timeout: float) -> None:
         """Poll /ready on every replica; report each as it turns ready; fail on exit/timeout."""
@@ -118,20 +127,38 @@ class ReplicaProcesses:
             replica.proc = None
 
     def _expected_model_name(self) -> str:
-        """The served name, as server/settings.py derives it (before a replica confirms it)."""
+        """The (first) served name, as server/settings.py derives it (before a replica
+        confirms it)."""
+        if self._named_models:
+            return self.models[0].served_name
         named = self.server_env.get("LLM_SERVED_MODEL_NAME")
         if named:
             return named
-        return self.model or "sim-llm"
+        return self.models[0].model_id or "sim-llm"
 
-    def _served_model_name(self) -> str:
-        """Ask the first replica: environment variables may change the name we expect."""
+    def _served_model_name(self, replica: _Replica) -> str | None:
+        """The name `replica` serves, from its /v1/models; None when it does not say."""
         try:
-            answer = httpx.get(self._replicas[0].url + "/v1/models", timeout=5.0,
+            answer = httpx.get(replica.url + "/v1/models", timeout=5.0,
                                headers={"Authorization": f"Bearer {self.api_key}"})
             return str(answer.json()["data"][0]["id"])
         except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError):
-            return self.model_name
+            return None
+
+    def _confirm_model_names(self) -> None:
+        """One model: take the name its first replica serves (environment variables may change
+        the name we expect). Several: each model's first replica must serve its name, which
+        nginx routes by."""
+        if not self._named_models:
+            self.model_name = self._served_model_name(self._replicas[0]) or self.model_name
+            return
+        for number, model in enumerate(self.models):
+            replica = next(r for r in self._replicas if r.model == number)
+            served = self._served_model_name(replica)
+            if served != model.served_name:
+                raise LocalModeError(
+                    f"{replica.label} serves {served!r}, not {model.served_name!r}: nginx "
+                    "routes by the name, so no request would reach it")
 
     def _stop_deadline(self) -> float:
         """Seconds a stop may take: the replicas' drain deadline plus a grace period."""

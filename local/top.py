@@ -106,6 +106,8 @@ class ReplicaRow:
     index: int
     port: int
     scrape: Scrape | None
+    model: str = ""
+    """The served name, shown when the cluster serves several models."""
 
 
 @dataclass
@@ -141,10 +143,16 @@ class Top:
     frames: int = 0
 
     def replicas(self) -> list[tuple[int, int]]:
+        return [(index, port) for index, port, _model in self._replicas()]
+
+    def _replicas(self) -> list[tuple[int, int, str]]:
+        """(index, port, served name: empty with one model) of every running replica."""
         state = read_state(self.workdir)
         if state is None:
             return []
-        return [(r["index"], r["port"]) for r in state.get("replicas", []) if r.get("pid")]
+        several = len(state.get("models") or []) > 1
+        return [(r["index"], r["port"], r.get("model", "") if several else "")
+                for r in state.get("replicas", []) if r.get("pid")]
 
     def alerts(self, client: httpx.Client) -> list[tuple[str, str]] | None:
         """Pending and firing alerts of the stack's rules, when `up --autoscale` runs Prometheus."""
@@ -161,13 +169,13 @@ class Top:
 
     def scrape(self, client: httpx.Client) -> list[ReplicaRow]:
         rows = []
-        for index, port in self.replicas():
+        for index, port, model in self._replicas():
             try:
                 answer = client.get(f"http://127.0.0.1:{port}{PROFILE.metrics_path}")
                 answer.raise_for_status()
-                rows.append(ReplicaRow(index, port, parse_metrics(answer.text)))
+                rows.append(ReplicaRow(index, port, parse_metrics(answer.text), model))
             except httpx.HTTPError:
-                rows.append(ReplicaRow(index, port, None))
+                rows.append(ReplicaRow(index, port, None, model))
         return rows
 
     def frame(self, rows: list[ReplicaRow]) -> Frame:
@@ -237,16 +245,20 @@ def render(frame: Frame) -> Group:
         f"in window: finished {frame.finished_in_window:.0f}  refused {frame.refused_in_window:.0f}"
     )
     table = Table(box=None, pad_edge=False)
-    for column in ("replica", "port", "state", "running", "waiting", "finished", "429s"):
-        table.add_column(column, justify="left" if column in ("replica", "state") else "right")
+    models = any(row.model for row in frame.rows)  # a column only when several are served
+    for column in ("replica", *(("model",) if models else ()), "port", "state", "running",
+                   "waiting", "finished", "429s"):
+        table.add_column(column, justify="left" if column in ("replica", "model", "state")
+                         else "right")
     for row in frame.rows:
         s = row.scrape
+        name = (row.model,) if models else ()
         if s is None:
-            table.add_row(f"r{row.index + 1}", str(row.port), "down", "-", "-", "-", "-")
+            table.add_row(f"r{row.index + 1}", *name, str(row.port), "down", "-", "-", "-", "-")
         else:
             table.add_row(
-                f"r{row.index + 1}", str(row.port), "up", f"{s.running:.0f}", f"{s.waiting:.0f}",
-                f"{s.finished:.0f}", f"{s.refused:.0f}",
+                f"r{row.index + 1}", *name, str(row.port), "up", f"{s.running:.0f}",
+                f"{s.waiting:.0f}", f"{s.finished:.0f}", f"{s.refused:.0f}",
             )
     if frame.decisions is None:
         scaling = Text("autoscaling off")

@@ -54,7 +54,11 @@ def _type_name(annotation: Any) -> str:
 def _default(field: Any) -> str:
     if field.is_required():
         return "required"
-    value = field.default
+    return _shown(field.default)
+
+
+def _shown(value: Any) -> str:
+    """A default value as the table prints it."""
     if value is None:
         return "—"
     if isinstance(value, BaseModel):
@@ -66,7 +70,12 @@ def _default(field: Any) -> str:
     return f"`{value}`"
 
 
-def rows(model: type[BaseModel] = StackConfig, prefix: str = "") -> Iterator[tuple[str, str, str, str]]:
+def rows(
+    model: type[BaseModel] = StackConfig, prefix: str = "", defaults: BaseModel | None = None
+) -> Iterator[tuple[str, str, str, str]]:
+    """(key, type, default, meaning) per key. `defaults` is the section's default value where
+    its parent gives it one (e.g. ingress.controller.resources): its keys' defaults are that
+    value's, not the section class's own."""
     for name, field in model.model_fields.items():
         key = prefix + (field.alias or name)
         annotation = field.annotation
@@ -76,20 +85,21 @@ def rows(model: type[BaseModel] = StackConfig, prefix: str = "") -> Iterator[tup
         if typing.get_origin(annotation) is tuple and _section_type(inner[0]):
             items = _section_type(inner[0])
         description = (field.description or "").replace("\n", " ")
+        if defaults is not None:
+            value: Any = getattr(defaults, name)
+            default = _shown(value)
+        else:
+            value = None if field.is_required() else field.default
+            default = _default(field)
         if section is not None:
-            default = ""
-            if field.is_required():
-                default = "required"
-            elif isinstance(field.default, BaseModel):
-                own = field.default.model_dump(exclude_defaults=True, by_alias=True)
-                default = ", ".join(f"{k}: `{v}`" for k, v in own.items())
-            yield key, "section", default, description
-            yield from rows(section, key + ".")
+            # A section's defaults are listed once, on its keys' rows.
+            yield key, "section", "required" if default == "required" else "", description
+            yield from rows(section, key + ".", value if isinstance(value, BaseModel) else None)
         elif items is not None:
-            yield key, f"list of {items.__name__}", _default(field), description
+            yield key, f"list of {items.__name__}", default, description
             yield from rows(items, key + "[].")
         else:
-            yield key, _type_name(annotation), _default(field), " ".join(description.split())
+            yield key, _type_name(annotation), default, " ".join(description.split())
 
 
 def table() -> str:

@@ -6,7 +6,7 @@ a typo fails. They follow KEDA 2.19's ScaledObject CRD, the Prometheus
 Operator's monitoring.coreos.com/v1 ServiceMonitor and PrometheusRule CRDs
 (PrometheusRule: spec.groups[].name required, rules[].expr required, `for`
 a Prometheus duration, label and annotation values strings) and cert-manager's
-ClusterIssuer.
+ClusterIssuer and Certificate.
 """
 
 from __future__ import annotations
@@ -152,6 +152,22 @@ CLUSTER_ISSUER: dict[str, Any] = _resource({
     }},
 }, metadata=_CLUSTER_METADATA)
 
+# cert-manager v1.21.1's Certificate CRD (deploy/crds/cert-manager.io_certificates.yaml): spec
+# requires issuerRef (with name) and secretName; the fields this stack sets.
+CERTIFICATE: dict[str, Any] = _resource({
+    "type": "object",
+    "required": ["issuerRef", "secretName"],
+    "additionalProperties": False,
+    "properties": {
+        "secretName": {"type": "string", "minLength": 1},
+        "dnsNames": {"type": "array", "items": {"type": "string"}},
+        "issuerRef": {
+            "type": "object", "required": ["name"], "additionalProperties": False,
+            "properties": {"name": {"type": "string", "minLength": 1}, "kind": {"type": "string"},
+                           "group": {"type": "string"}}},
+    },
+})
+
 _DURATION = {"type": "string", "pattern": r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"}
 _STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
 
@@ -199,6 +215,7 @@ PROMETHEUS_RULE: dict[str, Any] = _resource({
 
 SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
     ("cert-manager.io/v1", "ClusterIssuer"): CLUSTER_ISSUER,
+    ("cert-manager.io/v1", "Certificate"): CERTIFICATE,
     ("keda.sh/v1alpha1", "ScaledObject"): SCALED_OBJECT,
     ("monitoring.coreos.com/v1", "ServiceMonitor"): SERVICE_MONITOR,
     ("monitoring.coreos.com/v1", "PrometheusRule"): PROMETHEUS_RULE,

@@ -12,6 +12,7 @@ import copy
 import functools
 import hashlib
 import json
+import logging
 import runpy
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +30,32 @@ PROGRAM = PROJECT_DIR / "__main__.py"
 FAKE_LB_IP = "203.0.113.10"
 """A documentation address (TEST-NET-3) standing in for the cloud's load balancer."""
 
-SCHEMA_VERSIONS = ("1.31.0", "latest")
-"""Kubernetes versions every manifest must satisfy: the oldest supported, and the newest known."""
+OLDEST_KUBERNETES = "1.31.0"
+"""The oldest Kubernetes the stacks support: a field it does not know would be refused there."""
+SCHEMA_VERSIONS = (OLDEST_KUBERNETES, "latest")
+"""Kubernetes versions every manifest must satisfy: the oldest supported, and the newest whose
+schema kubernetes-validate ships ("latest"; `schema_version` names it)."""
+
+
+def schema_version(version: str) -> str:
+    """A SCHEMA_VERSIONS entry as a version number ("latest" -> e.g. "1.37.0")."""
+    if version != "latest":
+        return version
+    from kubernetes_validate import utils
+
+    return str(utils.latest_version())
+
+
+def schema_versions_described() -> str:
+    """Which schemas the manifests were checked against, and why those two."""
+    newest = schema_version("latest")
+    from importlib.metadata import version
+
+    return (
+        f"the Kubernetes {OLDEST_KUBERNETES} and {newest} API schemas ({OLDEST_KUBERNETES}: the "
+        f"oldest Kubernetes the stacks support; {newest}: the newest kubernetes-validate "
+        f"{version('kubernetes-validate')} ships)"
+    )
 
 
 @dataclass
@@ -70,11 +95,26 @@ def _unwrap(value: Any, path: str = "", secrets: set[str] | None = None) -> Any:
     return value
 
 
+MOCKED_ADDRESS = "load-balancer address"
+MOCKED_DIGEST = "image digest"
+MOCKED_CONTEXT = "build context hash"
+MOCKED_RANDOM = "random value"
+MOCKED_NAME = "name suffix (Pulumi auto-naming)"
+
+
 class RecordingMocks(pulumi.runtime.Mocks):
     """Records registered resources and fakes the outputs a real cloud computes."""
 
     def __init__(self) -> None:
         self.resources: list[Recorded] = []
+        self.mocked: dict[str, str] = {}
+        """Every value these mocks made up -> what a real `pulumi up` computes in its place."""
+        self.messages: list[tuple[str, str]] = []
+        """(severity, text) the program logged (pulumi.log.warn, .error), in order."""
+
+    def _fake(self, value: str, what: str) -> str:
+        self.mocked[value] = what
+        return value
 
     def new_resource(self, args: pulumi.runtime.MockResourceArgs) -> tuple[str, dict]:
         secret_paths: set[str] = set()
@@ -83,7 +123,9 @@ class RecordingMocks(pulumi.runtime.Mocks):
         if args.typ.startswith("kubernetes:") and not args.typ.startswith("kubernetes:helm"):
             metadata = outputs.setdefault("metadata", {})
             # Pulumi auto-names Kubernetes objects as <name>-<random suffix>.
-            metadata.setdefault("name", f"{args.name}-{_digest(args.name)[:8]}")
+            if "name" not in metadata:
+                metadata["name"] = self._fake(f"{args.name}-{_digest(args.name)[:8]}",
+                                              MOCKED_NAME)
             if args.typ != "kubernetes:core/v1:Namespace":
                 metadata.setdefault("namespace", "default")
             is_service = args.typ == "kubernetes:core/v1:Service"
@@ -91,7 +133,8 @@ class RecordingMocks(pulumi.runtime.Mocks):
             if is_service and (
                 outputs.get("spec", {}).get("type") == "LoadBalancer" or args.resource_id
             ):
-                outputs["status"] = {"loadBalancer": {"ingress": [{"ip": FAKE_LB_IP}]}}
+                outputs["status"] = {"loadBalancer": {"ingress": [
+                    {"ip": self._fake(FAKE_LB_IP, MOCKED_ADDRESS)}]}}
         elif args.typ == "kubernetes:helm.sh/v3:Release":
             outputs["status"] = {
                 "name": inputs.get("name", args.name),
@@ -101,7 +144,7 @@ class RecordingMocks(pulumi.runtime.Mocks):
             }
         elif args.typ == "docker:index/image:Image":
             image_name = inputs["imageName"]
-            content = "sha256:" + _digest(inputs)
+            content = self._fake("sha256:" + _digest(inputs), MOCKED_DIGEST)
             repository = image_name.rsplit(":", 1)[0] if "/" not in image_name.rsplit(":", 1)[-1] else image_name
             outputs["repoDigest"] = (
                 content if inputs.get("skipPush") else f"{repository}@{content}"
@@ -109,8 +152,8 @@ class RecordingMocks(pulumi.runtime.Mocks):
         elif args.typ == "docker-build:index:Image":
             # Digest and context hash over the non-secret inputs only.
             public = {k: v for k, v in inputs.items() if k != "secrets"}
-            content = "sha256:" + _digest(public)
-            outputs["contextHash"] = _digest("context", public)
+            content = self._fake("sha256:" + _digest(public), MOCKED_DIGEST)
+            outputs["contextHash"] = self._fake(_digest("context", public), MOCKED_CONTEXT)
             if inputs.get("push"):
                 outputs["digest"] = content
                 outputs["ref"] = f"{inputs['tags'][0]}@{content}"
@@ -119,7 +162,7 @@ class RecordingMocks(pulumi.runtime.Mocks):
                 outputs["ref"] = inputs["tags"][0]
         elif args.typ == "random:index/randomPassword:RandomPassword":
             length = int(inputs.get("length", 16))
-            outputs["result"] = (_digest(args.name) * 4)[:length]
+            outputs["result"] = self._fake((_digest(args.name) * 4)[:length], MOCKED_RANDOM)
         self.resources.append(
             Recorded(
                 args.typ, args.name, inputs, outputs, read=bool(args.resource_id),
@@ -133,6 +176,41 @@ class RecordingMocks(pulumi.runtime.Mocks):
 
     def of_type(self, typ: str) -> list[Recorded]:
         return [r for r in self.resources if r.type == typ]
+
+    def mocked_in(self, text: str) -> list[str]:
+        """What each made-up value inside `text` stands for (e.g. ["image digest"])."""
+        return sorted({what for value, what in self.mocked.items() if value and value in text})
+
+    def mocked_paths(self, value: Any, path: str = "") -> list[tuple[str, str]]:
+        """(dotted path, what it stands for) of every string in `value` that holds a made-up
+        value, e.g. ("spec.template.spec.containers[0].image", "image digest")."""
+        if isinstance(value, dict):
+            return [found for k, v in value.items()
+                    for found in self.mocked_paths(v, f"{path}.{k}" if path else str(k))]
+        if isinstance(value, list):
+            return [found for i, v in enumerate(value)
+                    for found in self.mocked_paths(v, f"{path}[{i}]")]
+        if isinstance(value, str):
+            return [(path, what) for what in self.mocked_in(value)]
+        return []
+
+
+class _ProgramLog(logging.Handler):
+    """Collects what the program logs under mocks into the current mocks' `messages`; without
+    it the records reach Python's last-resort handler, which prints the bare text to stderr."""
+
+    target: list[tuple[str, str]] | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.target is not None:
+            self.target.append((record.levelname.lower(), record.getMessage()))
+
+
+_PROGRAM_LOG = _ProgramLog(level=logging.WARNING)
+_PROGRAM_LOGGER = logging.getLogger("llm-serving.offline.program")
+_PROGRAM_LOGGER.addHandler(_PROGRAM_LOG)
+_PROGRAM_LOGGER.setLevel(logging.WARNING)
+_PROGRAM_LOGGER.propagate = False
 
 
 def _ensure_event_loop() -> None:
@@ -151,7 +229,9 @@ def install_mocks(stack: str = "test") -> RecordingMocks:
     _ensure_event_loop()
     pulumi.runtime.settings.ROOT.set(None)
     mocks = RecordingMocks()
-    pulumi.runtime.set_mocks(mocks, project=PROJECT, stack=stack, preview=False)
+    _PROGRAM_LOG.target = mocks.messages
+    pulumi.runtime.set_mocks(mocks, project=PROJECT, stack=stack, preview=False,
+                             logger=_PROGRAM_LOGGER)
     return mocks
 
 
@@ -193,6 +273,11 @@ class ProgramRun:
     @property
     def resources(self) -> list[Recorded]:
         return self.mocks.resources
+
+    @property
+    def warnings(self) -> list[str]:
+        """What the program warned about (pulumi.log.warn), in order."""
+        return [text for severity, text in self.mocks.messages if severity == "warning"]
 
 
 def capture(outputs: dict[str, Any], values: dict[str, Any], secrets: set[str]) -> pulumi.Output:
@@ -279,17 +364,58 @@ def to_manifest(resource: Recorded) -> dict[str, Any]:
     metadata["name"] = resource.outputs["metadata"]["name"]
     if "namespace" in resource.outputs.get("metadata", {}) and "namespace" not in metadata:
         metadata["namespace"] = resource.outputs["metadata"]["namespace"]
-    order = ("apiVersion", "kind", "metadata", "type", "spec", "data", "stringData")
-    manifest = {
-        **{k: manifest[k] for k in order if k in manifest},
-        **{k: v for k, v in manifest.items() if k not in order},
-    }
     # Secret values are placeholders in the manifest; the real ones stay in Pulumi state.
     if manifest.get("kind") == "Secret":
         for section in ("stringData", "data"):
             if section in manifest:
                 manifest[section] = {k: "<secret>" for k in manifest[section]}
-    return manifest
+    return kubectl_order(manifest)
+
+
+def _kubectl_less(a: str, b: str) -> bool:
+    """Whether key `a` comes before `b` in `kubectl get -o yaml`.
+
+    kubectl prints objects with sigs.k8s.io/yaml (k8s.io/cli-runtime printers.YAMLPrinter):
+    JSON first, then go-yaml v2 marshals the decoded maps, sorting keys at every level
+    (kubernetes-sigs/yaml@v1.4.0 goyaml.v2/sorter.go, keyList.Less). Its order, in our own
+    words: the first differing character decides; two letters compare by code point; a
+    non-letter comes before a letter; runs of digits compare as numbers; then the shorter key.
+    """
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x == y:
+            continue
+        if x.isalpha() and y.isalpha():
+            return x < y
+        if x.isalpha() or y.isalpha():
+            return y.isalpha()
+        if x.isdigit() and y.isdigit():
+            start = i  # the number began with the digits both keys share
+            while start > 0 and a[start - 1].isdigit():
+                start -= 1
+            run_a = len(a[i:]) - len(a[i:].lstrip("0123456789"))
+            run_b = len(b[i:]) - len(b[i:].lstrip("0123456789"))
+            number_a, number_b = int(a[start:i + run_a]), int(b[start:i + run_b])
+            if number_a != number_b:
+                return number_a < number_b
+            if run_a != run_b:
+                return run_a < run_b
+        return x < y
+    return len(a) < len(b)
+
+
+_KUBECTL_KEY = functools.cmp_to_key(
+    lambda a, b: -1 if _kubectl_less(a, b) else (1 if _kubectl_less(b, a) else 0))
+
+
+def kubectl_order(value: Any) -> Any:
+    """`value` with every mapping's keys in the order `kubectl get -o yaml` prints them:
+    apiVersion, kind, metadata, spec; within a container image before name; in an env entry
+    name before value (a Secret's stringData and type come after metadata)."""
+    if isinstance(value, dict):
+        return {k: kubectl_order(value[k]) for k in sorted(value, key=_KUBECTL_KEY)}
+    if isinstance(value, list):
+        return [kubectl_order(v) for v in value]
+    return value
 
 
 @functools.lru_cache(maxsize=None)
@@ -339,7 +465,7 @@ def schema_problems(manifest: dict[str, Any], versions: tuple[str, ...] = SCHEMA
         return problems
     for version in versions:
         validator = _validator(kind, api_version, version)
-        label = version if version != "latest" else "newest"
+        label = schema_version(version)
         if validator is None:
             problems.append(f"{kind}/{name}: no schema for {api_version} in Kubernetes {label}")
             continue

@@ -1,9 +1,13 @@
 """Preview a stack offline: `python -m tools.render --stack dev [--out DIR]`.
 
 Runs __main__.py under Pulumi's mocks with Pulumi.<stack>.yaml, prints the
-resources it would create, writes every Kubernetes object as a YAML manifest,
-and validates each against the Kubernetes OpenAPI schema. Exit codes: 0 all
-valid, 1 a manifest is invalid, 2 the configuration or the command is wrong.
+resources it would create and a one-line summary of what `pulumi up` would do,
+writes every Kubernetes object as a YAML manifest (in `kubectl get -o yaml`'s
+field order), and validates each against the Kubernetes OpenAPI schemas. What
+the mocks make up (a load balancer's address, image digests, random values,
+Pulumi's name suffixes) is marked as mocked wherever it is printed or written.
+Exit codes: 0 all valid, 1 a manifest is invalid, 2 the configuration or the
+command is wrong.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from components.config.stack import StackConfig
 from components.engines import PROFILES
 from components.policies.alerting import local_rules
 from components.policies.nginx_conf import nginx_conf
+from local.models import models_from_stack
 from tools import offline
 
 
@@ -55,18 +60,82 @@ def _facts(resource: offline.Recorded) -> str:
             facts.append(f"service type={service['type']}")
     elif resource.type == "kubernetes:networking.k8s.io/v1:Ingress":
         annotations = inputs.get("metadata", {}).get("annotations", {})
-        facts.append(
-            f"class={spec.get('ingressClassName')} "
-            f"lb-method={annotations.get('nginx.org/lb-method')!r} "
-            f"buffering={annotations.get('nginx.org/proxy-buffering')} "
-            f"read-timeout={annotations.get('nginx.org/proxy-read-timeout')}"
-        )
+        facts.append(f"class={spec.get('ingressClassName')}")
+        role = annotations.get("nginx.org/mergeable-ingress-type")
+        if role:
+            facts.append(f"mergeable={role}")
+        if any(rule.get("http") for rule in spec.get("rules", [])):
+            facts.append(
+                f"lb-method={annotations.get('nginx.org/lb-method')!r} "
+                f"buffering={annotations.get('nginx.org/proxy-buffering')} "
+                f"read-timeout={annotations.get('nginx.org/proxy-read-timeout')}"
+            )
+        if spec.get("tls"):
+            facts.append("tls=" + ",".join(h for t in spec["tls"] for h in t.get("hosts", [])))
     elif resource.type == "kubernetes:keda.sh/v1alpha1:ScaledObject":
         facts.append(
             f"replicas={spec.get('minReplicaCount')}..{spec.get('maxReplicaCount')} "
             f"triggers={len(spec.get('triggers', []))}"
         )
     return " ".join(facts)
+
+
+def _count(n: int, one: str, many: str | None = None) -> str:
+    """`no Helm release`, `one image build`, `7 manifests`."""
+    if n == 0:
+        return f"no {one}"
+    return f"one {one}" if n == 1 else f"{n} {many or one + 's'}"
+
+
+IMAGE_BUILDS = ("docker:index/image:Image", "docker-build:index:Image")
+
+
+def summary(resources: list[offline.Recorded]) -> str:
+    """What `pulumi up` would do, counted by kind from what the program registers:
+    `would create 9 resources (7 manifests, no Helm release, one image build, one random
+    value) in 6 components`."""
+    created = [r for r in resources if not r.read]
+    components = [r for r in created if r.type.startswith("llm-serving:")]
+    kinds = {
+        "manifests": [r for r in created if offline.is_kubernetes_object(r)],
+        "helm": [r for r in created if offline.is_helm_release(r)],
+        "images": [r for r in created if r.type in IMAGE_BUILDS],
+        "random": [r for r in created if r.type.startswith("random:")],
+    }
+    counted = {id(r) for group in kinds.values() for r in group} | {id(r) for r in components}
+    other = [r for r in created if id(r) not in counted]
+    parts = [
+        _count(len(kinds["manifests"]), "manifest"),
+        _count(len(kinds["helm"]), "Helm release"),
+        _count(len(kinds["images"]), "image build"),
+        _count(len(kinds["random"]), "random value"),
+    ]
+    if other:
+        parts.append(_count(len(other), "other resource"))
+    total = len(created) - len(components)
+    line = (f"would create {_count(total, 'resource')} ({', '.join(parts)}) "
+            f"in {_count(len(components), 'component')}")
+    reads = [r for r in resources if r.read]
+    if reads:
+        line += f", and read {_count(len(reads), 'existing object')}"
+    return line
+
+
+def _marked(text: str, mocks: offline.RecordingMocks) -> str:
+    """`text`, followed by what in it the mocks made up: `... [mocked: image digest]`."""
+    mocked = mocks.mocked_in(text)
+    return f"{text}  [mocked: {', '.join(mocked)}]" if mocked else text
+
+
+def _manifest_yaml(manifest: dict[str, Any], mocks: offline.RecordingMocks) -> str:
+    """The manifest as YAML, headed by a comment naming each field whose value is mocked."""
+    found = mocks.mocked_paths(manifest)
+    header = ""
+    if found:
+        header = ("# Rendered offline (python -m tools.render); mocked here, computed by "
+                  "`pulumi up`:\n")
+        header += "".join(f"#   {path}: {what}\n" for path, what in found)
+    return header + yaml.safe_dump(manifest, sort_keys=False)
 
 
 def _table(rows: list[tuple[str, str, str]]) -> str:
@@ -87,9 +156,13 @@ SERVER_DEFAULT_QUEUE = 128
 
 
 def _local_nginx_conf(cfg: StackConfig, out: Path) -> str:
-    """The same loadBalancing policy as plain nginx.conf, for replicas on 127.0.0.1:8000+."""
-    replicas = max(cfg.autoscaling.min_replicas if cfg.autoscaling.enabled else cfg.replicas, 1)
-    upstreams = [f"127.0.0.1:{LOCAL_FIRST_PORT + i}" for i in range(replicas)]
+    """The same loadBalancing policy as plain nginx.conf, for replicas on 127.0.0.1:8000+
+    (every model's, model after model, as `python -m local up --stack` starts them)."""
+    models = models_from_stack(cfg)
+    replicas = sum(m.replicas for m in models)
+    addresses = iter(f"127.0.0.1:{LOCAL_FIRST_PORT + i}" for i in range(replicas))
+    groups = {m.served_name: [next(addresses) for _ in range(m.replicas)] for m in models}
+    upstreams = groups if len(groups) > 1 else next(iter(groups.values()))
     admitted = None
     if cfg.model.max_concurrency is not None:  # running slots + the server's default queue
         admitted = replicas * (cfg.model.max_concurrency + SERVER_DEFAULT_QUEUE)
@@ -126,11 +199,16 @@ def render(stack: str, out: Path | None, stack_file: Path | None = None) -> int:
         return 2
 
     rows = [("TYPE", "NAME", "FACTS")]
-    rows += [(r.type, r.name, _facts(r)) for r in run.resources]
+    rows += [(r.type, r.name, _marked(_facts(r), run.mocks)) for r in run.resources]
     print(_table(rows))
 
-    for warning in stack_warnings(cfg):
-        print(f"warning: {warning}", file=sys.stderr)
+    # What the program logs (LlmStack logs the configuration's warnings; components add their
+    # own), each line prefixed as Pulumi prints it; the configuration's warnings also when the
+    # program did not log them.
+    messages = list(run.mocks.messages)
+    messages += [("warning", w) for w in stack_warnings(cfg) if ("warning", w) not in messages]
+    for severity, text in messages:
+        print(f"{severity}: {text}", file=sys.stderr)
 
     manifests = [offline.to_manifest(r) for r in run.resources if offline.is_kubernetes_object(r)]
     releases = [offline.to_helm_release(r) for r in run.resources if offline.is_helm_release(r)]
@@ -138,7 +216,7 @@ def render(stack: str, out: Path | None, stack_file: Path | None = None) -> int:
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         for manifest in manifests:
-            (out / _file_name(manifest)).write_text(yaml.safe_dump(manifest, sort_keys=False))
+            (out / _file_name(manifest)).write_text(_manifest_yaml(manifest, run.mocks))
         for release in releases:
             (out / f"helmrelease-{release['name']}.yaml").write_text(
                 yaml.safe_dump(release, sort_keys=False)
@@ -148,22 +226,26 @@ def render(stack: str, out: Path | None, stack_file: Path | None = None) -> int:
 
     print()
     for name, value in sorted(run.exports.items()):
-        shown = "[secret]" if name in run.secret_exports else value
-        print(f"output {name}: {shown}")
+        if name in run.secret_exports:  # say what it is made of, never the value
+            mocked = run.mocks.mocked_in(str(value))
+            print(f"output {name}: [secret]" + (f"  [mocked: {', '.join(mocked)}]" if mocked
+                                                 else ""))
+        else:
+            print(_marked(f"output {name}: {value}", run.mocks))
+    print(f"\n{summary(run.resources)}")
     elapsed = time.perf_counter() - started
-    versions = ", ".join(v if v != "latest" else "newest" for v in offline.SCHEMA_VERSIONS)
     if problems:
         print(f"\n{len(problems)} schema problem(s):", file=sys.stderr)
         for problem in problems:
             print(f"  {problem}", file=sys.stderr)
         return 1
     where = (
-        f", written to {out} with {len(releases)} Helm release file(s), the local-mode "
+        f", written to {out} with {_count(len(releases), 'Helm release file')}, the local-mode "
         "nginx.conf and prometheus-rules.yml" if out is not None else ""
     )
     print(
-        f"\n{len(manifests)} manifests valid against Kubernetes {versions}{where} "
-        f"({elapsed:.1f} s)"
+        f"{len(manifests)} manifests valid against {offline.schema_versions_described()}"
+        f"{where} ({elapsed:.1f} s)"
     )
     return 0
 

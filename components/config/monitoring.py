@@ -3,6 +3,8 @@ thresholds the alerts use (assembled in components/config/stack.py)."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from components.config.sections import Section
@@ -32,7 +34,16 @@ class MonitoringConfig(Section):
     """Scrape interval."""
     rules: bool = False
     """Create a PrometheusRule: recording rules and SLO alerts (needs the Prometheus Operator's
-    CRDs; the replica alerts read kube-state-metrics)."""
+    CRDs; the replica alerts read kube-state-metrics, see `kubeStateMetrics`)."""
+    kube_state_metrics: Literal["present", "install"] | None = None
+    """Where the replica alerts (LlmNoReadyReplica, LlmReplicasAtMax) get kube_deployment_*
+    from. present: a kube-state-metrics your Prometheus already scrapes with honorLabels
+    (kube-prometheus-stack's). install: kube-state-metrics 2.20.0 (chart 8.4.0) installed with
+    Helm into `kubeStateMetricsNamespace`, watching only the stack's namespace, scraped through
+    a ServiceMonitor labelled `labels`. Unset with `rules` on: a warning at every preview,
+    since without kube-state-metrics those alerts never fire."""
+    kube_state_metrics_namespace: DnsLabel = "kube-state-metrics"
+    """Namespace kube-state-metrics is installed into (with kubeStateMetrics: install)."""
     dashboard: bool = False
     """Create a Grafana dashboard ConfigMap labelled for the kube-prometheus-stack sidecar."""
     dashboard_namespace: DnsLabel | None = None

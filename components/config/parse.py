@@ -8,6 +8,7 @@ program's configuration and calls it).
 
 from __future__ import annotations
 
+import difflib
 import json
 from typing import Any, Mapping
 
@@ -88,6 +89,15 @@ def _key_path(loc: tuple[Any, ...]) -> str:
     return path
 
 
+def _closest(key: str, allowed: list[str]) -> str:
+    """` (did you mean 'x'?)` for the allowed key nearest to a misspelt one, else ''."""
+    by_case = {k.lower(): k for k in allowed}
+    # cutoff 0.6 (difflib's default): close enough to be the same word mistyped, e.g.
+    # replcias -> replicas, maxOutputTokns -> maxOutputTokens; not an unrelated key.
+    found = difflib.get_close_matches(key.lower(), list(by_case), n=1, cutoff=0.6)
+    return f" (did you mean '{by_case[found[0]]}'?)" if found else ""
+
+
 def _describe(error: Mapping[str, Any]) -> str:
     loc = tuple(error["loc"])
     kind = error["type"]
@@ -95,7 +105,9 @@ def _describe(error: Mapping[str, Any]) -> str:
         allowed = _allowed_keys(StackConfig, loc)
         if len(loc) == 1:
             allowed = sorted([*allowed, *SECRET_KEYS])
-        return f"{_key_path(loc)}: unknown key; allowed keys here: {', '.join(allowed)}"
+        hint = _closest(str(loc[-1]), allowed)
+        return (f"{_key_path(loc)}: unknown key{hint}; allowed keys here: "
+                f"{', '.join(allowed)}")
     if kind == "missing":
         return f"{_key_path(loc)}: required key is missing"
     message = error["msg"].removeprefix("Value error, ")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from components.config.types import NAMESPACE, cpu_cores, memory_bytes
+from components.pins import KUBE_STATE_METRICS_VERSION
 from components.policies import affinity
 
 if TYPE_CHECKING:
@@ -147,6 +148,14 @@ def stack_warnings(cfg: StackConfig) -> list[str]:
         warnings.append(
             f"{NAMESPACE}:ingress: no TLS; the API key crosses the network in clear. Set "
             "ingress.host with ingress.certManager.enabled or ingress.tlsSecret"
+        )
+    if cfg.monitoring.rules and cfg.monitoring.kube_state_metrics is None:
+        warnings.append(
+            f"{NAMESPACE}:monitoring.kubeStateMetrics: unset; the replica alerts "
+            "(LlmNoReadyReplica, LlmReplicasAtMax) read kube-state-metrics' kube_deployment_* "
+            "series and never fire without them. Set 'present' if your Prometheus scrapes a "
+            "kube-state-metrics (kube-prometheus-stack installs one) or 'install' to install "
+            f"kube-state-metrics {KUBE_STATE_METRICS_VERSION} with this stack"
         )
     if ingress.enabled and not ingress.controller.install and ingress.host is None:
         warnings.append(

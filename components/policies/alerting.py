@@ -33,6 +33,11 @@ Target = Literal["cluster", "local"]
 LOCAL_JOB = "llm-serving-local"
 """Scrape job name of the local replicas in local mode's Prometheus."""
 
+KUBE_STATE_METRICS_REPLICAS = (
+    "kube_deployment_status_replicas_available", "kube_deployment_spec_replicas")
+"""(available, desired) replicas per Deployment from kube-state-metrics; labels `namespace` and
+`deployment` (tests/contracts/data/kube-state-metrics-2.20.0.json)."""
+
 RECORD_PREFIX = "llm_serving"
 """Recorded series are `llm_serving:<what>:<how>` (Prometheus naming convention)."""
 
@@ -124,14 +129,20 @@ def _quantile(policy: AlertPolicy, q: float, histogram: str) -> str:
 def _replica_exprs(policy: AlertPolicy) -> tuple[str, str]:
     """(available, desired) replica counts for the target."""
     if policy.target == "cluster":
-        return (
-            f"sum({_sel(policy, 'kube_deployment_status_replicas_available')})",
-            f"sum({_sel(policy, 'kube_deployment_spec_replicas')})",
+        # max by Deployment first: two kube-state-metrics scraped by one Prometheus (the
+        # stack's and kube-prometheus-stack's) report each Deployment twice.
+        return tuple(  # type: ignore[return-value]
+            f"sum(max by (deployment) ({_sel(policy, name)}))"
+            for name in KUBE_STATE_METRICS_REPLICAS
         )
     up = _sel(policy, "up")
-    # A replica whose /metrics answers is serving in local mode; count() of
-    # nothing is nothing, so no replica at all reads as 0.
-    return f"count({up} == 1) or vector(0)", f"count({up}) or vector(0)"
+    # A replica whose /metrics answers is serving in local mode: up is 1 for it, 0 for one
+    # that does not answer. The sum is 0 only when every known replica fails; before the first
+    # scrape (a target's first one comes up to a scrape interval after start) there is no
+    # series and so no alert, as in the cluster, where no kube-state-metrics series means no
+    # alert. (`count(up == 1) or vector(0)` read "not scraped yet" as "none ready", and local
+    # top showed LlmNoReadyReplica pending while the replicas answered.)
+    return f"sum({up})", f"count({up}) or vector(0)"
 
 
 def recording_rules(policy: AlertPolicy) -> list[dict[str, Any]]:

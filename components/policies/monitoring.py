@@ -61,6 +61,41 @@ def controller_metrics_values(monitoring: "MonitoringConfig") -> dict[str, Any]:
     }
 
 
+# --- kube-state-metrics -------------------------------------------------------------
+# Chart kube-state-metrics 8.4.0 (kube-state-metrics 2.20.0) values, read from
+# prometheus-community/helm-charts@kube-state-metrics-8.4.0:charts/kube-state-metrics
+# (tests/contracts/data/kube-state-metrics-2.20.0.chart.json).
+
+KUBE_STATE_METRICS_COLLECTORS = ("deployments",)
+"""What the replica alerts read (kube_deployment_*); the chart grants RBAC per collector."""
+
+
+def kube_state_metrics_values(cfg: "StackConfig") -> dict[str, Any]:
+    """Chart values for the kube-state-metrics this stack installs (`monitoring.kubeStateMetrics:
+    install`): only Deployments, only the stack's namespace (so a Role there, not a ClusterRole),
+    scraped through the chart's ServiceMonitor with the labels the Prometheus selects by."""
+    monitoring = cfg.monitoring
+    return {
+        "collectors": list(KUBE_STATE_METRICS_COLLECTORS),
+        "namespaces": cfg.namespace,
+        "rbac": {"useClusterRole": False},
+        # Scraped through the ServiceMonitor; the prometheus.io/scrape annotation would have an
+        # annotation-based scrape job read it a second time.
+        "prometheusScrape": False,
+        "prometheus": {"monitor": {
+            "enabled": True,
+            "additionalLabels": dict(monitoring.labels),
+            "http": {
+                "interval": f"{monitoring.interval_seconds}s",
+                # The series' own `namespace` (the Deployment's) must survive the scrape: the
+                # rules select on it. The chart's default (false) would rename it
+                # exported_namespace and put kube-state-metrics' namespace in its place.
+                "honorLabels": True,
+            },
+        }},
+    }
+
+
 def merge_values(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
     """Deep merge of Helm values: `extra` wins on leaves, nested maps merge."""
     merged = dict(base)

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
 from components.policies import affinity
+from components.policies import model_routing as routing
 from components.policies.balancing import (
     _NEXT_UPSTREAM,
     API_PREFIX,
@@ -108,14 +110,12 @@ def _listen_lines(bind: str, certificate: Path | None, key: Path | None) -> list
 def _json_error(status: int, message: str, code: str) -> str:
     """An nginx `return` answering an OpenAI-style error body (no quotes allowed in message)."""
     kind = "rate_limit_error" if status == 429 else "invalid_request_error"
-    body = ('{"error":{"message":"' + message + '","type":"' + kind + '","param":null,'
-            '"code":"' + code + '"}}')
-    return f"return {status} '{body}';"
+    return f"return {status} '{routing.error_body(message, kind, None, code)}';"
 
 
 def nginx_conf(
     policy: LoadBalancingConfig,
-    upstreams: Sequence[str],
+    upstreams: Sequence[str] | Mapping[str, Sequence[str]],
     listen: str | int,
     max_output_tokens: int,
     *,
@@ -134,10 +134,16 @@ def nginx_conf(
     nginx_instances: int = 1,
     tls_certificate: Path | None = None,
     tls_key: Path | None = None,
+    models_created: int = 0,
 ) -> str:
     """A complete nginx.conf that runs without root: every writable path inside `prefix`.
 
     `upstreams` are the replicas' `host:port`; a bare port for `listen` binds 127.0.0.1.
+    Several models: a mapping of served name -> its replicas' addresses, the first model being
+    the default; nginx then routes by the body's `model` (components/policies/model_routing.py),
+    each model with its own upstream and the policy's method, and answers GET /v1/models with
+    every model (`models_created`: the cards' `created`). One entry renders exactly the
+    single-model nginx.conf.
     Relative paths resolve against nginx's `-p` prefix; pass `prefix` to make them absolute.
     Run it with `nginx -p <prefix> -c <file>` (`daemon off` by default: a supervisor owns it).
     `user`/`group` matter only when nginx starts as root: its workers then run as that
@@ -153,9 +159,8 @@ def nginx_conf(
     shared out over `nginx_instances` NGINX processes in front of the same replicas.
     `tls_certificate` and `tls_key` (PEM files) make the listener HTTPS only (TLS 1.2+).
     """
-    if not upstreams:
-        raise ValueError("nginx_conf needs at least one upstream address")
-    servers = [_upstream_address(address) for address in upstreams]
+    routes, groups = _model_groups(upstreams)
+    servers = [address for group in groups for address in group]
     if len(set(servers)) != len(servers):
         raise ValueError(f"upstream addresses repeat: {list(upstreams)}")
     bind = _listen(listen)
@@ -242,6 +247,8 @@ def nginx_conf(
     ]
     if body_key:
         lines += ["", *affinity.body_key_map(policy)]
+    if routes is not None:
+        lines += ["", *routing.route_maps(routes)]
     if rate is not None:
         lines += [
             "",
@@ -279,43 +286,48 @@ def nginx_conf(
         f"            proxy_next_upstream_tries {policy.retry_tries};",
         f"            proxy_next_upstream_timeout {policy.retry_window_seconds}s;",
     ]
-    lines += [
-        "",
-        f"    upstream {UPSTREAM_NAME} {{",
-        # A shared zone: every worker sees the same in-flight counts and failure marks, so
-        # least_conn compares real load instead of one worker's share of it.
-        "        zone llm_upstream 64k;",
-    ]
-    if method is not None:
-        # Balancing methods must precede `keepalive` in the block (nginx docs).
-        lines.append(f"        {method}")
-    lines += [f"        server {address} {server_params};" for address in servers]
     keepalive = [
         f"        keepalive {policy.keepalive_connections};",
         # Below the servers' own idle timeout, so NGINX closes first.
         f"        keepalive_timeout {policy.keepalive_timeout_seconds}s;",
     ] if policy.keepalive_connections > 0 else []
-    lines += keepalive
-    lines.append("    }")
-    if policy.bounded:
+    upstream_lines = partial(_upstream_blocks, method=method, server_params=server_params,
+                             spill_params=spill_params, keepalive=keepalive,
+                             bounded=policy.bounded)
+    if routes is None:
+        lines += upstream_lines(UPSTREAM_NAME, "llm_upstream", affinity.SPILL_UPSTREAM, servers)
+    else:
+        for name, upstream, group in zip(routes.names, routes.upstreams, groups):
+            lines += ["", f"    # {name}"]
+            lines += upstream_lines(upstream, upstream, f"{upstream}_spill", group)[1:]
         lines += [
             "",
-            "    # Every replica at its bound (nginx: \"no live upstreams\", 502): the request goes",
-            "    # to the least busy replica instead, unbounded (components/policies/affinity.py).",
-            f"    upstream {affinity.SPILL_UPSTREAM} {{",
-            f"        zone {affinity.SPILL_UPSTREAM} 64k;",
-            "        least_conn;",
-            *(f"        server {address} {spill_params};" for address in servers),
-            *keepalive,
+            "    # Requests for a model that is not served (model_routing.py): no live server, so",
+            f"    # nginx's own 502 goes to {routing.UNROUTED_LOCATION}, which answers 404.",
+            f"    upstream {routing.UNKNOWN_UPSTREAM} {{",
+            "        server 127.0.0.1:1 down;",
             "    }",
         ]
+    limits = [
+        "            # Connections one client address may hold (connection_limits).",
+        f"            limit_conn llm_conn_per_client {per_client};",
+        "            limit_conn_status 429;",
+        "            error_page 429 = @llm_too_many;",
+    ]
+    rate_lines = [
+        "",
+        f"            limit_req zone=llm_rate burst={rate.burst} nodelay;",
+        "            limit_req_status 429;",
+    ] if rate is not None else []
     lines += [
         "",
         "    server {",
         *_listen_lines(bind, tls_certificate, tls_key),
         f"        client_max_body_size {policy.client_max_body_size};",
-        # $request_body (the body key) exists only while the body fits one memory buffer.
-        *([f"        client_body_buffer_size {policy.client_max_body_size};"] if body_key else []),
+        # $request_body (the body key, the model) exists only while the body fits one memory
+        # buffer.
+        *([f"        client_body_buffer_size {policy.client_max_body_size};"]
+          if body_key or routes is not None else []),
         "        # Event streams must leave as they are produced; compression would batch them.",
         "        gzip off;",
         "",
@@ -339,35 +351,166 @@ def nginx_conf(
                                      "retry later.", "rate_limit_exceeded"),
         "        }",
         "",
-        f"        location {API_PREFIX} {{",
-        "            # Connections one client address may hold (connection_limits).",
-        f"            limit_conn llm_conn_per_client {per_client};",
-        "            limit_conn_status 429;",
-        "            error_page 429 = @llm_too_many;",
-        # NGINX's own 502 only (proxy_intercept_errors is off): every replica at its bound.
-        *([f"            error_page 502 = {affinity.SPILL_LOCATION};"] if policy.bounded else []),
-        "",
-        f"            proxy_pass http://{UPSTREAM_NAME};",
-        *proxy,
     ]
-    if rate is not None:
+    if routes is None:
         lines += [
+            f"        location {API_PREFIX} {{",
+            *limits,
+            # NGINX's own 502 only (proxy_intercept_errors is off): every replica at its bound.
+            *([f"            error_page 502 = {affinity.SPILL_LOCATION};"] if policy.bounded
+              else []),
             "",
-            f"            limit_req zone=llm_rate burst={rate.burst} nodelay;",
-            "            limit_req_status 429;",
-        ]
-    lines.append("        }")
-    if policy.bounded:
-        lines += [
-            "",
-            f"        location {affinity.SPILL_LOCATION} {{",
-            f"            proxy_pass http://{affinity.SPILL_UPSTREAM};",
+            f"            proxy_pass http://{UPSTREAM_NAME};",
             *proxy,
+            *rate_lines,
             "        }",
         ]
+        if policy.bounded:
+            lines += [
+                "",
+                f"        location {affinity.SPILL_LOCATION} {{",
+                f"            proxy_pass http://{affinity.SPILL_UPSTREAM};",
+                *proxy,
+                "        }",
+            ]
+    else:
+        lines += _routed_locations(routes, limits, proxy, rate_lines, bounded=policy.bounded,
+                                   auth_timeout=policy.connect_timeout_seconds,
+                                   created=models_created)
     lines += [
         "    }",
         "}",
         "",
     ]
     return "\n".join(lines)
+
+
+def _model_groups(
+    upstreams: Sequence[str] | Mapping[str, Sequence[str]],
+) -> tuple[routing.ModelRoutes | None, list[list[str]]]:
+    """(the routes, None for one model; each model's validated replica addresses)."""
+    if isinstance(upstreams, Mapping):
+        if not upstreams:
+            raise ValueError("nginx_conf needs at least one model")
+        names = [str(name) for name in upstreams]
+        groups = [list(addresses) for addresses in upstreams.values()]
+        for name, addresses in zip(names, groups):
+            if isinstance(addresses, str) or not addresses:
+                raise ValueError(f"model {name!r} needs a list of at least one upstream address")
+        if len(groups) == 1:  # one model: no routing, the single-model nginx.conf
+            return None, [[_upstream_address(a) for a in groups[0]]]
+        routes = routing.ModelRoutes(tuple(names))
+    else:
+        if isinstance(upstreams, str) or not upstreams:
+            raise ValueError("nginx_conf needs at least one upstream address")
+        routes, groups = None, [list(upstreams)]
+    return routes, [[_upstream_address(a) for a in group] for group in groups]
+
+
+def _upstream_blocks(name: str, zone: str, spill: str, servers: Sequence[str], *,
+                     method: str | None, server_params: str, spill_params: str,
+                     keepalive: list[str], bounded: bool) -> list[str]:
+    """One model's upstream block, and its spill upstream with session_hash_bounded."""
+    lines = [
+        "",
+        f"    upstream {name} {{",
+        # A shared zone: every worker sees the same in-flight counts and failure marks, so
+        # least_conn compares real load instead of one worker's share of it.
+        f"        zone {zone} 64k;",
+    ]
+    if method is not None:
+        # Balancing methods must precede `keepalive` in the block (nginx docs).
+        lines.append(f"        {method}")
+    lines += [f"        server {address} {server_params};" for address in servers]
+    lines += keepalive
+    lines.append("    }")
+    if bounded:
+        lines += [
+            "",
+            "    # Every replica at its bound (nginx: \"no live upstreams\", 502): the request goes",
+            "    # to the least busy replica instead, unbounded (components/policies/affinity.py).",
+            f"    upstream {spill} {{",
+            f"        zone {spill} 64k;",
+            "        least_conn;",
+            *(f"        server {address} {spill_params};" for address in servers),
+            *keepalive,
+            "    }",
+        ]
+    return lines
+
+
+def _routed_locations(routes: routing.ModelRoutes, limits: list[str], proxy: list[str],
+                      rate_lines: list[str], *, bounded: bool, auth_timeout: int,
+                      created: int) -> list[str]:
+    """The API locations of a multi-model nginx.conf (components/policies/model_routing.py)."""
+    route = routing.ROUTE_VARIABLE
+    lines = [
+        f"        location = {routing.MODELS_PATH} {{",
+        *limits,
+        "            # The first model's replicas check the API key; then nginx lists every model.",
+        "            # (A named location: `return` here would answer before the check.)",
+        f"            auth_request {routing.AUTH_LOCATION};",
+        f"            error_page 401 = {routing.UNAUTHORIZED_LOCATION};",
+        f"            try_files /.llm-models-list {routing.MODELS_LOCATION};",
+        *rate_lines,
+        "        }",
+        "",
+        f"        location = {routing.AUTH_LOCATION} {{",
+        "            internal;",
+        f"            proxy_pass http://{routes.upstreams[0]}{routing.MODELS_PATH};",
+        "            proxy_method GET;",
+        "            proxy_pass_request_body off;",
+        '            proxy_set_header Content-Length "";',
+        "            proxy_http_version 1.1;",
+        '            proxy_set_header Connection "";',
+        "            proxy_set_header X-Request-ID $llm_request_id;",
+        f"            proxy_connect_timeout {auth_timeout}s;",
+        f"            proxy_read_timeout {auth_timeout}s;",
+        "        }",
+        "",
+        f"        location {routing.MODELS_LOCATION} {{",
+        "            default_type application/json;",
+        "            " + routing.models_list_return(routes, created),
+        "        }",
+        "",
+        f"        location {routing.UNAUTHORIZED_LOCATION} {{",
+        "            default_type application/json;",
+        "            " + routing.unauthorized_return(),
+        "        }",
+        "",
+        f"        location {API_PREFIX} {{",
+        *limits,
+        "            # nginx's own 502 (proxy_intercept_errors is off): an unknown model, or no live",
+        "            # replica of a known one.",
+        f"            error_page 502 = {routing.UNROUTED_LOCATION};",
+        "",
+        f"            # proxy_pass evaluates {route} before it reads the body: the mirror module reads",
+        "            # the whole body first (its one subrequest is answered 204 at once).",
+        f"            mirror {routing.BODY_READER};",
+        "            mirror_request_body on;",
+        f"            proxy_pass http://{route};",
+        *proxy,
+        *rate_lines,
+        "        }",
+        "",
+        f"        location = {routing.BODY_READER} {{",
+        "            internal;",
+        "            return 204;",
+        "        }",
+        "",
+        f"        location {routing.UNROUTED_LOCATION} {{",
+        "            default_type application/json;",
+        f"            if ({route} = {routing.UNKNOWN_UPSTREAM}) {{",
+        "                " + routing.unknown_model_return(routes),
+        "            }",
+    ]
+    if bounded:
+        lines += [
+            "            # Every replica of the model at its bound: its unbounded least_conn spill.",
+            f"            proxy_pass http://${{{route.lstrip('$')}}}_spill;",
+            *proxy,
+        ]
+    else:
+        lines.append("            return 502;")
+    lines.append("        }")
+    return lines

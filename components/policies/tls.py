@@ -2,16 +2,22 @@
 request, like KEDA), the ACME HTTP-01 ClusterIssuer the stack can create, and what the Ingress
 needs to use them.
 
-How a certificate is obtained through the F5 NGINX Ingress Controller: the Ingress names the
-issuer (`cert-manager.io/cluster-issuer`) and a TLS Secret; cert-manager's ingress-shim creates
-the Certificate. The controller gives each host to ONE Ingress ("host ... is taken by another
-resource"), so the ACME solver cannot bring its own Ingress: `http01-edit-in-place` makes
-cert-manager add the challenge path to ours, and also makes it put a temporary self-signed
-certificate into the Secret first. That matters: the controller redirects every plain-HTTP
-request to HTTPS once the Ingress has TLS (`nginx.org/ssl-redirect`), and without a certificate
-in the Secret it would reject the TLS handshake; ACME's HTTP-01 validation follows the redirect
-and does not check the certificate it meets on the way. Upstream facts:
-tests/contracts/data/cert-manager-v1.21.1.json.
+How a certificate is obtained through the F5 NGINX Ingress Controller, with no window in which
+`pulumi up` undoes an issuance: the stack creates the Certificate itself (not cert-manager's
+ingress-shim) and cert-manager never edits an object Pulumi manages. The controller gives each
+host to ONE Ingress ("host ... is taken by another resource"), except for mergeable Ingresses:
+a `master` holds the host and its TLS, `minion`s add paths to it. So the stack's Ingress is a
+master (host, TLS, the HTTPS redirect) and a minion (/v1 and the balancing annotations), and
+the ACME solver's own Ingress, which cert-manager creates and deletes, is one more minion: the
+ClusterIssuer's `ingressTemplate` marks it so. (`http01-edit-in-place`, used before, makes
+cert-manager add the challenge path to our Ingress with an Update: a `pulumi up` during the
+issuance applied our rules over it and took the path away.) The controller redirects every
+plain-HTTP request to HTTPS once the host has TLS (`nginx.org/ssl-redirect`), and without a
+certificate in the Secret it would reject the TLS handshake; ACME's HTTP-01 validation follows
+the redirect and does not check the certificate it meets, so the Certificate asks for a
+temporary self-signed one first (`cert-manager.io/issue-temporary-certificate`). Upstream facts:
+tests/contracts/data/cert-manager-v1.21.1.json and nginx-ingress-controller-5.5.4.json
+(`mergeableIngresses`).
 """
 
 from __future__ import annotations
@@ -24,8 +30,10 @@ from components.pins import CERT_MANAGER_VERSION
 
 LETSENCRYPT_PRODUCTION = "https://acme-v02.api.letsencrypt.org/directory"
 
-CLUSTER_ISSUER_ANNOTATION = "cert-manager.io/cluster-issuer"
-EDIT_IN_PLACE_ANNOTATION = "acme.cert-manager.io/http01-edit-in-place"
+TEMPORARY_CERTIFICATE_ANNOTATION = "cert-manager.io/issue-temporary-certificate"
+"""On a Certificate: a self-signed certificate fills the Secret while the issuer works."""
+MERGEABLE_ANNOTATION = "nginx.org/mergeable-ingress-type"
+"""The controller's master/minion Ingresses: minions add paths to their master's host."""
 
 
 class CertManagerConfig(Section):
@@ -39,7 +47,9 @@ class CertManagerConfig(Section):
     """Version of the jetstack cert-manager chart (only the pinned one was checked)."""
     cluster_issuer: DnsLabel | None = None
     """An existing ClusterIssuer to use; unset creates an ACME (Let's Encrypt) one that solves
-    HTTP-01 through this stack's controller."""
+    HTTP-01 through this stack's controller. An existing HTTP-01 issuer's solver must carry
+    ingressTemplate.metadata.annotations nginx.org/mergeable-ingress-type: minion to join the
+    host."""
     acme_email: NonEmptyStr | None = None
     """Contact address of the ACME account the stack creates (optional for Let's Encrypt)."""
     acme_server: NonEmptyStr = LETSENCRYPT_PRODUCTION
@@ -55,13 +65,25 @@ def issuer_name(class_name: str, cfg: CertManagerConfig) -> str:
     return cfg.cluster_issuer if cfg.cluster_issuer is not None else f"{class_name}-acme"
 
 
-def ingress_tls_annotations(class_name: str, cfg: CertManagerConfig) -> dict[str, str]:
-    """The cert-manager annotations of the Ingress (not controller annotations)."""
-    annotations = {CLUSTER_ISSUER_ANNOTATION: issuer_name(class_name, cfg)}
-    if cfg.cluster_issuer is None:
-        # Our own HTTP-01 issuer: the challenge path must go into our Ingress (see above).
-        annotations[EDIT_IN_PLACE_ANNOTATION] = "true"
-    return annotations
+def certificate(host: str, class_name: str, cfg: CertManagerConfig) -> dict[str, Any]:
+    """The Certificate the stack creates for `host` (metadata annotations and spec): the Secret
+    the Ingress names, from the issuer, with a temporary certificate while it is issued."""
+    return {
+        "annotations": {TEMPORARY_CERTIFICATE_ANNOTATION: "true"},
+        "spec": {
+            "secretName": tls_secret_name(class_name),
+            "dnsNames": [host],
+            "issuerRef": {"name": issuer_name(class_name, cfg), "kind": "ClusterIssuer",
+                          "group": "cert-manager.io"},
+        },
+    }
+
+
+def mergeable_annotations(role: str) -> dict[str, str]:
+    """`master` (host and TLS) or `minion` (paths), see the module docstring."""
+    if role not in ("master", "minion"):
+        raise ValueError(f"mergeable_annotations: 'role' must be 'master' or 'minion', not {role!r}")
+    return {MERGEABLE_ANNOTATION: role}
 
 
 def cert_manager_values() -> dict[str, Any]:
@@ -74,7 +96,11 @@ def acme_issuer_spec(cfg: CertManagerConfig, class_name: str) -> dict[str, Any]:
     acme: dict[str, Any] = {
         "server": cfg.acme_server,
         "privateKeySecretRef": {"name": f"{issuer_name(class_name, cfg)}-account"},
-        "solvers": [{"http01": {"ingress": {"ingressClassName": class_name}}}],
+        # The solver's own Ingress joins our host as a minion (see the module docstring).
+        "solvers": [{"http01": {"ingress": {
+            "ingressClassName": class_name,
+            "ingressTemplate": {"metadata": {"annotations": mergeable_annotations("minion")}},
+        }}}],
     }
     if cfg.acme_email is not None:
         acme["email"] = cfg.acme_email

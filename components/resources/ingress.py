@@ -12,6 +12,7 @@ from components.config.exposure import CONTROLLER_SERVICE_SUFFIX, ControllerConf
 from components.pins import NIC_CHART
 from components.policies.monitoring import merge_values
 from components.policies.pod_security import pod_security_labels
+from components.policies.tls import mergeable_annotations
 from components.resources.service import external_address
 
 
@@ -32,8 +33,10 @@ class NginxIngressArgs(TypedDict):
     tls_secret: NotRequired[str | None]
     """TLS Secret for `host` (existing, or the one cert-manager fills); plain HTTP is then
     redirected to HTTPS."""
-    issuer_annotations: NotRequired[Mapping[str, str]]
-    """cert-manager's Ingress annotations (components/policies/tls.py), when it provides the Secret."""
+    mergeable: NotRequired[bool]
+    """Split into a master Ingress (the host, its TLS and redirect) and a minion (the path and
+    the policy's annotations), so cert-manager's HTTP-01 solver can add its own minion for the
+    host without editing ours (components/policies/tls.py). Needs `host`."""
     depends_on: NotRequired[Sequence[pulumi.Resource]]
     """What the Ingress waits for besides the controller (e.g. the ClusterIssuer)."""
     labels: NotRequired[Mapping[str, str]]
@@ -102,11 +105,9 @@ class NginxIngress(pulumi.ComponentResource):
                 f"NginxIngress: annotations {bad} are not nginx.org/* annotations; "
                 "the F5 NGINX Ingress Controller would silently ignore them"
             )
-        issuer_annotations = dict(args.get("issuer_annotations", {}))
-        stray = [k for k in issuer_annotations
-                 if not k.startswith(("cert-manager.io/", "acme.cert-manager.io/"))]
-        if stray:
-            raise ValueError(f"NginxIngress: issuer_annotations {stray} are not cert-manager's")
+        mergeable = args.get("mergeable", False)
+        if mergeable and not host:
+            raise ValueError("NginxIngress: 'mergeable' needs 'host': a master Ingress holds one")
         controller = args["controller"]
         self.controller_namespace = controller.namespace
         self.release_name = f"{args['class_name']}"
@@ -119,10 +120,11 @@ class NginxIngress(pulumi.ComponentResource):
             depends.append(release)
 
         path = args.get("path", "/v1")
+        host_rule = {"host": host} if host else {}
         spec: dict[str, Any] = {
             "ingress_class_name": args["class_name"],
             "rules": [{
-                **({"host": host} if host else {}),
+                **host_rule,
                 "http": {"paths": [{
                     "path": path,
                     "path_type": "Prefix",
@@ -134,23 +136,45 @@ class NginxIngress(pulumi.ComponentResource):
             }],
         }
         annotations = dict(args["annotations"])
+        tls_annotations: dict[str, str] = {}
+        tls_spec = []
         if tls_secret:
-            spec["tls"] = [{"hosts": [host], "secret_name": tls_secret}]
+            tls_spec = [{"hosts": [host], "secret_name": tls_secret}]
             # The controller's default, pinned: with TLS on, every plain-HTTP request gets a
             # redirect to HTTPS, so a bearer key is never answered over plain HTTP.
-            annotations["nginx.org/ssl-redirect"] = "True"
-            annotations |= issuer_annotations
-        k8s.networking.v1.Ingress(
-            f"{name}-ingress",
-            metadata={
-                "namespace": args["namespace"],
-                "labels": labels,
-                "annotations": annotations,
-            },
-            spec=spec,
-            # The IngressClass comes with the controller release.
-            opts=pulumi.ResourceOptions(parent=self, depends_on=depends),
-        )
+            tls_annotations["nginx.org/ssl-redirect"] = "True"
+        metadata = {"namespace": args["namespace"], "labels": labels}
+        if not mergeable:
+            k8s.networking.v1.Ingress(
+                f"{name}-ingress",
+                metadata={**metadata, "annotations": {**annotations, **tls_annotations}},
+                spec={**spec, **({"tls": tls_spec} if tls_spec else {})},
+                # The IngressClass comes with the controller release.
+                opts=pulumi.ResourceOptions(parent=self, depends_on=depends),
+            )
+        else:
+            master = k8s.networking.v1.Ingress(
+                f"{name}-host",
+                metadata={**metadata, "annotations": {
+                    **tls_annotations, **mergeable_annotations("master"),
+                    # Not awaited: while a single Ingress of an older render still holds the
+                    # host (it becomes the minion next), the controller reports no status on the
+                    # master, and the minion, which waits for one, would never be updated.
+                    "pulumi.com/skipAwait": "true",
+                }},
+                spec={"ingress_class_name": args["class_name"], "rules": [host_rule],
+                      **({"tls": tls_spec} if tls_spec else {})},
+                opts=pulumi.ResourceOptions(parent=self, depends_on=depends),
+            )
+            # The minion keeps the Ingress's name: it routes the API, as the single Ingress did;
+            # the controller reports its status once it is merged into the master.
+            k8s.networking.v1.Ingress(
+                f"{name}-ingress",
+                metadata={**metadata,
+                          "annotations": {**annotations, **mergeable_annotations("minion")}},
+                spec=spec,
+                opts=pulumi.ResourceOptions(parent=self, depends_on=[*depends, master]),
+            )
 
         if host:
             scheme = "https" if tls_secret else "http"

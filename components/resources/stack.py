@@ -14,13 +14,14 @@ from components.config.stack import StackConfig
 from components.policies.balancing import ingress_annotations
 from components.policies.monitoring import controller_metrics_values
 from components.policies.pod_security import pod_security_labels
-from components.policies.tls import ingress_tls_annotations, tls_secret_name
+from components.policies.tls import tls_secret_name
 from components.resources.alert_rules import LlmAlertRules
 from components.resources.api_key import ApiKey
 from components.resources.autoscaling import LlmAutoscaler
 from components.resources.dashboard import LlmDashboard
 from components.resources.deployment import HF_TOKEN_SECRET_KEY, LlmDeployment
 from components.resources.image import HF_TOKEN_BUILD_SECRET, LlmImage, LlmImageArgs
+from components.resources.kube_state_metrics import KubeStateMetrics
 from components.resources.ingress import NginxIngress, controller_pod_labels
 from components.resources.monitoring import LlmServiceMonitor
 from components.resources.pod_policies import PodPolicies
@@ -114,17 +115,17 @@ class LlmStack(pulumi.ComponentResource):
         self.endpoint = service.endpoint
         ingress = None
         if cfg.ingress.enabled:
-            tls_secret, issuer_annotations, issuer_ready = cfg.ingress.tls_secret, {}, []
-            if cfg.ingress.cert_manager.enabled:
+            tls_secret, issuer_ready = cfg.ingress.tls_secret, []
+            cert_manager_on = cfg.ingress.cert_manager.enabled
+            if cert_manager_on:
+                assert cfg.ingress.host is not None  # config cross-check guarantees it
                 cert_manager = CertManager(
                     f"{name}-cert-manager",
                     {"config": cfg.ingress.cert_manager, "class_name": cfg.ingress.class_name,
-                     "labels": labels},
+                     "namespace": ns_name, "host": cfg.ingress.host, "labels": labels},
                     opts=child,
                 )
                 tls_secret = tls_secret_name(cfg.ingress.class_name)
-                issuer_annotations = ingress_tls_annotations(cfg.ingress.class_name,
-                                                             cfg.ingress.cert_manager)
                 issuer_ready = cert_manager.ready
             ingress = NginxIngress(
                 f"{name}-ingress",
@@ -142,7 +143,8 @@ class LlmStack(pulumi.ComponentResource):
                     "host": cfg.ingress.host,
                     "path": cfg.ingress.path,
                     "tls_secret": tls_secret,
-                    "issuer_annotations": issuer_annotations,
+                    # The HTTP-01 solver's Ingress joins the host as a minion.
+                    "mergeable": cert_manager_on,
                     "depends_on": issuer_ready,
                     "labels": labels,
                     "extra_values": controller_metrics_values(cfg.monitoring),
@@ -196,6 +198,12 @@ class LlmStack(pulumi.ComponentResource):
             )
 
         monitoring = cfg.monitoring
+        if monitoring.kube_state_metrics == "install":
+            # After the model namespace: the chart puts its Role there.
+            KubeStateMetrics(
+                f"{name}-kube-state-metrics", {"config": cfg, "labels": labels},
+                opts=pulumi.ResourceOptions(parent=self, depends_on=[namespace]),
+            )
         if monitoring.rules:
             LlmAlertRules(
                 f"{name}-alerts",

@@ -40,27 +40,94 @@ def _release(run: offline.ProgramRun, chart: str) -> dict:
     return found
 
 
+CERTIFICATE = "kubernetes:cert-manager.io/v1:Certificate"
+
+
+def _api_and_host(run: offline.ProgramRun) -> tuple[dict, dict]:
+    """(the Ingress that routes the API, the master that holds the host and its TLS)."""
+    ingresses = _all(run, INGRESS)
+    [api] = [i for i in ingresses if facts._paths(i)]
+    [host] = [i for i in ingresses if not facts._paths(i)]
+    return api, host
+
+
 def test_prod_serves_tls_only_for_v1_and_redirects_plain_http(prod):
-    [ingress] = _all(prod, INGRESS)
-    spec, annotations = ingress["spec"], ingress["metadata"]["annotations"]
-    [rule] = spec["rules"]
+    api, host = _api_and_host(prod)
+    [rule] = api["spec"]["rules"]
     assert [(p["path"], p["pathType"]) for p in rule["http"]["paths"]] == [("/v1", "Prefix")]
-    assert spec["tls"] == [{"hosts": [rule["host"]], "secretName": "llm-nginx-tls"}]
-    assert annotations["nginx.org/ssl-redirect"] == "True"
+    # The host's TLS and redirect are the master's: the controller serves the API minion's
+    # path in the master's server.
+    assert host["spec"]["tls"] == [{"hosts": [rule["host"]], "secretName": "llm-nginx-tls"}]
+    assert host["spec"]["rules"] == [{"host": rule["host"]}]
+    assert host["metadata"]["annotations"]["nginx.org/ssl-redirect"] == "True"
+    assert "nginx.org/ssl-redirect" in CONTROLLER["mergeableIngresses"]["minionDenylist"]
     assert "nginx.org/ssl-redirect" in CONTROLLER["annotations"]
     assert re.match(CONTROLLER["valuePatterns"]["nginx.org/ssl-redirect"], "True")
     assert prod.exports["endpoint"] == f"https://{rule['host']}/v1"
 
 
-def test_cert_manager_annotations_are_the_pinned_ones(prod):
-    [ingress] = _all(prod, INGRESS)
-    ours = {k: v for k, v in ingress["metadata"]["annotations"].items()
-            if k.startswith(("cert-manager.io/", "acme.cert-manager.io/"))}
-    assert set(ours) == set(CERT_MANAGER["annotations"])
-    # The controller gives a host to one Ingress only: the challenge path goes into ours.
-    assert ours["acme.cert-manager.io/http01-edit-in-place"] == "true"
+def test_the_stack_makes_its_own_certificate_and_invites_no_edits(prod):
+    """No object Pulumi manages is one cert-manager edits: no ingress-shim annotation (which
+    would make cert-manager create and own the Certificate) and no edit-in-place (which makes
+    it Update our Ingress, an edit our next apply undoes). The Certificate is ours, asks for a
+    temporary certificate (the redirect needs one for the handshake while ACME works) and is
+    valid against the pinned CRD."""
+    for ingress in _all(prod, INGRESS):
+        assert not set(ingress["metadata"]["annotations"]) & set(CERT_MANAGER["annotations"])
+    [certificate] = _all(prod, CERTIFICATE)
+    jsonschema.validate(certificate, CERT_MANAGER["certificateSchema"])
+    assert certificate["metadata"]["annotations"] == {
+        a: "true" for a in CERT_MANAGER["certificateAnnotations"]}
+    _, host = _api_and_host(prod)
     [issuer] = _all(prod, ISSUER)
-    assert ours["cert-manager.io/cluster-issuer"] == issuer["metadata"]["name"]
+    assert certificate["spec"]["secretName"] == host["spec"]["tls"][0]["secretName"]
+    assert certificate["spec"]["dnsNames"] == host["spec"]["tls"][0]["hosts"]
+    assert certificate["spec"]["issuerRef"] == {
+        "name": issuer["metadata"]["name"], "kind": "ClusterIssuer", "group": "cert-manager.io"}
+    # Named as the ingress-shim named its Certificate (after the Secret): on a cluster rendered
+    # before, the create fails loudly instead of two Certificates silently stalling renewals.
+    assert certificate["metadata"]["name"] == certificate["spec"]["secretName"]
+
+
+def test_the_solvers_own_ingress_joins_our_host_so_no_up_can_undo_an_issuance(prod):
+    """The HTTP-01 solver's Ingress, as cert-manager v1.21.1 creates it with our issuer's
+    template, is accepted by controller 5.5.4 next to ours: a minion of our master, its path
+    free. cert-manager creates and deletes it; Pulumi never sees it, so no `pulumi up`, at any
+    moment of an issuance, changes what routes the challenge."""
+    api, host = _api_and_host(prod)
+    [issuer] = _all(prod, ISSUER)
+    [solver_config] = issuer["spec"]["acme"]["solvers"]
+    ingress_config = solver_config["http01"]["ingress"]
+    solver = facts.solver_ingress(CERT_MANAGER, host["spec"]["rules"][0]["host"],
+                                  ingress_config["ingressClassName"],
+                                  ingress_config["ingressTemplate"])
+    assert facts.host_problems([api, host, solver], CONTROLLER) == []
+    assert {i["spec"]["ingressClassName"] for i in (api, host, solver)} == {"llm-nginx"}
+    # The controller would otherwise treat it as a challenge of a VirtualServer, or refuse it.
+    assert CONTROLLER["mergeableIngresses"]["minionsCheckedBeforeChallenge"] is True
+    # And the master's status covers the minions, which `pulumi up` waits for on the API one.
+    assert CONTROLLER["mergeableIngresses"]["statusCoversMinions"] is True
+
+
+def test_without_the_template_the_solver_would_lose_the_host():
+    """The check can fail: a solver Ingress that is not a minion finds the host taken (why the
+    single Ingress needed edit-in-place), and a master with paths or a minion with TLS is
+    rejected."""
+    master = {"metadata": {"name": "m", "annotations": {
+                  "nginx.org/mergeable-ingress-type": "master"}},
+              "spec": {"rules": [{"host": "h"}], "tls": [{"hosts": ["h"]}]}}
+    plain_solver = facts.solver_ingress(CERT_MANAGER, "h", "c", None)
+    [problem] = facts.host_problems([master, plain_solver], CONTROLLER)
+    assert "host 'h' is taken" in problem
+    minion = facts.solver_ingress(CERT_MANAGER, "h", "c", {"metadata": {"annotations": {
+        "nginx.org/mergeable-ingress-type": "minion", "nginx.org/ssl-redirect": "True"}}})
+    minion["spec"]["tls"] = [{"hosts": ["h"]}]
+    with_paths = {**master, "spec": {**master["spec"], "rules": [
+        {"host": "h", "http": {"paths": [{"path": "/"}]}}]}}
+    problems = facts.host_problems([with_paths, minion], CONTROLLER)
+    assert any("a master needs exactly one rule and no paths" in p for p in problems)
+    assert any("a minion may not have tls" in p for p in problems)
+    assert any("['nginx.org/ssl-redirect'] ignored on a minion" in p for p in problems)
 
 
 def test_cluster_issuer_is_valid_against_the_upstream_crd_schema(prod):
@@ -86,7 +153,7 @@ def test_controller_admits_only_the_source_ranges_and_prod_rate_limits(prod):
     ranges = values["controller"]["service"]["loadBalancerSourceRanges"]
     assert ranges and "controller.service.loadBalancerSourceRanges" in CONTROLLER["chartValues"]["values"]
     assert facts.chart_value_problems(values, CONTROLLER) == []
-    [ingress] = _all(prod, INGRESS)
+    ingress, _ = _api_and_host(prod)
     annotations = ingress["metadata"]["annotations"]
     assert annotations["nginx.org/limit-req-rate"].endswith("r/s")
     assert annotations["nginx.org/limit-req-reject-code"] == "429"

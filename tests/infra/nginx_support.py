@@ -12,7 +12,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -31,7 +31,8 @@ def free_port() -> int:
 
 @dataclass
 class Upstream:
-    """A fake replica. `mode`: "ok" answers, "draining" answers 503, "slow" stalls."""
+    """A fake replica. `mode`: "ok" answers, "draining" answers 503, "slow" stalls,
+    "no_key" refuses every key (401)."""
 
     name: str
     mode: str = "ok"
@@ -52,6 +53,9 @@ class Upstream:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"  # keep-alive, chunked responses
+            # Headers and body leave in separate writes: without TCP_NODELAY every answer on a
+            # kept-alive connection waits ~40 ms for the proxy's delayed ACK.
+            disable_nagle_algorithm = True
 
             def log_message(self, *args: object) -> None:
                 pass
@@ -63,6 +67,8 @@ class Upstream:
                 upstream.hits += 1
                 if upstream.mode == "draining":
                     self._plain(503, b"draining")
+                elif upstream.mode == "no_key":
+                    self._plain(401, b"wrong key")
                 elif upstream.mode == "slow":
                     time.sleep(3)  # longer than the test's read timeout
                     self._plain(200, upstream.name.encode())
@@ -205,20 +211,23 @@ def request(port: int, method: str, path: str, body: bytes = b"",
 def nginx_runner(tmp_path: Path) -> Iterator[Callable[..., Nginx]]:
     """`start(policy, addresses, tokens=512, **render)`: a real nginx on a free port running the
     policy's local-mode nginx.conf (one worker; as root, workers as root so they can write the
-    private prefix); every one started is stopped on exit."""
+    private prefix); every one started is stopped on exit. `addresses`: the replicas, or a
+    mapping of served model name -> its replicas."""
     from components.policies.balancing import LoadBalancingConfig
     from components.policies.nginx_conf import nginx_conf
 
     running: list[Nginx] = []
 
-    def start(policy: LoadBalancingConfig, addresses: Sequence[str], tokens: int = 512,
+    def start(policy: LoadBalancingConfig,
+              addresses: Sequence[str] | Mapping[str, Sequence[str]], tokens: int = 512,
               **render: object) -> Nginx:
         port = free_port()
         prefix = tmp_path / f"nginx{len(running)}"
         prefix.mkdir()
         render.setdefault("worker_processes", 1)
         render.setdefault("user", "root" if os.geteuid() == 0 else None)
-        conf = nginx_conf(policy, list(addresses), port, tokens, prefix=prefix, **render)
+        upstreams = addresses if isinstance(addresses, Mapping) else list(addresses)
+        conf = nginx_conf(policy, upstreams, port, tokens, prefix=prefix, **render)
         proxy = Nginx(prefix, conf, port)
         running.append(proxy)
         return proxy.start()

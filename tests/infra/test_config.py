@@ -59,6 +59,26 @@ def test_unknown_keys_are_rejected_with_the_allowed_ones(raw, key, allowed):
     [problem] = problems_of(raw)
     assert problem.startswith(f"{key}: unknown key")
     assert allowed in problem.split("allowed keys here:")[1]
+    # The nearest allowed key is suggested first.
+    assert problem.startswith(f"{key}: unknown key (did you mean '{allowed}'?); ")
+
+
+@pytest.mark.parametrize(
+    "raw, suggested",
+    [
+        (merged(autoscaling={"minreplicas": 1}), "minReplicas"),  # case only
+        (merged(ingress={"controler": {}}), "controller"),
+        (merged(hftoken="x"), "hfToken"),  # a secret key is a key too
+    ],
+)
+def test_an_unknown_key_names_the_nearest_allowed_one(raw, suggested):
+    [problem] = problems_of(raw)
+    assert f"(did you mean '{suggested}'?)" in problem
+
+
+def test_an_unknown_key_like_no_allowed_one_gets_no_suggestion():
+    [problem] = problems_of(merged(zzqqxx=1))
+    assert problem.startswith("llm-serving:zzqqxx: unknown key; allowed keys here: ")
 
 
 @pytest.mark.parametrize(

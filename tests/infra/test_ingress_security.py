@@ -17,11 +17,19 @@ TLS_INGRESS = {"enabled": True, "host": "llm.example.com",
 ISSUER = "kubernetes:cert-manager.io/v1:ClusterIssuer"
 
 
+CERTIFICATE = "kubernetes:cert-manager.io/v1:Certificate"
+
+
 def _ingress(run, raw: dict[str, Any]) -> dict[str, Any]:
+    """The Ingress that routes the API and, with cert-manager, the master holding the host."""
     result = stack(run, raw)
-    ingress = result.one(INGRESS).inputs
-    return {"result": result, "spec": spec(result.one(INGRESS)),
-            "annotations": ingress["metadata"]["annotations"]}
+    [api] = [r for r in result.mocks.of_type(INGRESS) if r.name == "llm-ingress-ingress"]
+    hosts = [r for r in result.mocks.of_type(INGRESS) if r.name == "llm-ingress-host"]
+    got = {"result": result, "spec": spec(api), "annotations": api.inputs["metadata"]["annotations"]}
+    if hosts:
+        got["host_spec"] = spec(hosts[0])
+        got["host_annotations"] = hosts[0].inputs["metadata"]["annotations"]
+    return got
 
 
 @pytest.mark.parametrize("base", [BASE_CONFIG, GPU_CONFIG], ids=["server", "vllm"])
@@ -40,23 +48,38 @@ def test_paths_outside_v1_are_refused_naming_the_key(path):
 
 def test_cert_manager_tls_redirects_and_exports_https(run):
     got = _ingress(run, {**BASE_CONFIG, "ingress": TLS_INGRESS})
-    assert got["spec"]["tls"] == [{"hosts": ["llm.example.com"], "secretName": "llm-nginx-tls"}]
-    assert got["annotations"]["nginx.org/ssl-redirect"] == "True"
-    assert got["annotations"]["cert-manager.io/cluster-issuer"] == "llm-nginx-acme"
-    assert got["annotations"]["acme.cert-manager.io/http01-edit-in-place"] == "true"
+    # The master holds the host, its TLS and the redirect; the API Ingress is its minion.
+    assert got["host_spec"]["tls"] == [{"hosts": ["llm.example.com"],
+                                        "secretName": "llm-nginx-tls"}]
+    assert got["host_annotations"]["nginx.org/ssl-redirect"] == "True"
+    assert got["host_annotations"]["nginx.org/mergeable-ingress-type"] == "master"
+    assert got["annotations"]["nginx.org/mergeable-ingress-type"] == "minion"
+    assert "tls" not in got["spec"] and "nginx.org/ssl-redirect" not in got["annotations"]
+    # No cert-manager annotation on either: the stack makes the Certificate itself.
+    for annotations in (got["annotations"], got["host_annotations"]):
+        assert not any("cert-manager.io/" in k for k in annotations)
     result = got["result"]
+    certificate = result.one(CERTIFICATE).inputs
+    assert certificate["spec"]["issuerRef"]["name"] == "llm-nginx-acme"
+    assert certificate["metadata"]["annotations"] == {
+        "cert-manager.io/issue-temporary-certificate": "true"}
     issuer = result.one(ISSUER).inputs
-    assert issuer["spec"]["acme"]["solvers"][0]["http01"]["ingress"]["ingressClassName"] == \
-        "llm-nginx"
+    http01 = issuer["spec"]["acme"]["solvers"][0]["http01"]["ingress"]
+    assert http01["ingressClassName"] == "llm-nginx"
+    assert http01["ingressTemplate"] == {
+        "metadata": {"annotations": {"nginx.org/mergeable-ingress-type": "minion"}}}
     charts = {r.inputs["chart"] for r in result.mocks.of_type(RELEASE)}
     assert "cert-manager" in charts
+    assert result.values["endpoint"] == "https://llm.example.com/v1"
 
 
 def test_existing_cluster_issuer_is_used_without_creating_one(run):
     ingress = {**TLS_INGRESS, "certManager": {"enabled": True, "clusterIssuer": "corp-ca"}}
     got = _ingress(run, {**BASE_CONFIG, "ingress": ingress})
-    assert got["annotations"]["cert-manager.io/cluster-issuer"] == "corp-ca"
-    assert "acme.cert-manager.io/http01-edit-in-place" not in got["annotations"]
+    assert got["result"].one(CERTIFICATE).inputs["spec"]["issuerRef"]["name"] == "corp-ca"
+    # Its HTTP-01 solver, if any, joins the host as a minion when the issuer's ingressTemplate
+    # says so (README); the master is there for it.
+    assert got["host_annotations"]["nginx.org/mergeable-ingress-type"] == "master"
     assert not got["result"].mocks.of_type(ISSUER)
     assert {r.inputs["chart"] for r in got["result"].mocks.of_type(RELEASE)} == {
         "oci://ghcr.io/nginx/charts/nginx-ingress"}

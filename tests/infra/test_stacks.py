@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -111,7 +112,8 @@ def test_render_cli_writes_valid_manifests(tmp_path: Path):
     written = sorted({p.name.split("-")[0] for p in tmp_path.glob("*.yaml")})
     assert (tmp_path / "nginx.conf").exists()
     assert (tmp_path / "prometheus-rules.yml").exists()
-    assert written == ["clusterissuer", "configmap", "deployment", "helmrelease", "ingress",
+    assert written == ["certificate", "clusterissuer", "configmap", "deployment", "helmrelease",
+                       "ingress",
                        "namespace", "networkpolicy", "poddisruptionbudget", "prometheusrule",
                        "scaledobject", "secret", "service", "servicemonitor"]
     # Each Helm release the stack installs, with its chart, version and full values.
@@ -128,6 +130,20 @@ def test_render_cli_writes_valid_manifests(tmp_path: Path):
     assert "startupProbe" in deployment["spec"]["template"]["spec"]["containers"][0]
     secret = yaml.safe_load(next(tmp_path.glob("secret-*.yaml")).read_text())
     assert set(secret["stringData"].values()) == {"<secret>"}
+    # One line says what `pulumi up` would do, counted by kind; the counts are what was
+    # written (a manifest file per object, a file per Helm release) and what the table lists.
+    manifests = [p for p in tmp_path.glob("*.yaml") if not p.name.startswith("helmrelease-")]
+    [line] = [l for l in result.stdout.splitlines() if l.startswith("would create ")]
+    assert line == (f"would create {len(manifests) + len(releases) + 2} resources "
+                    f"({len(manifests)} manifests, {len(releases)} Helm releases, one image "
+                    f"build, one random value) in "
+                    f"{result.stdout.count('llm-serving:index:')} components")
+    # The digest of an image nobody built is the mocks', and says so where it is printed.
+    [image_line] = [l for l in result.stdout.splitlines() if l.startswith("output image:")]
+    assert "@sha256:" in image_line and image_line.endswith("[mocked: image digest]")
+    assert "output endpoint: https://llm.example.com/v1\n" in result.stdout  # from the config
+    deployment_text = next(tmp_path.glob("deployment-*.yaml")).read_text()
+    assert "#   spec.template.spec.containers[0].image: image digest\n" in deployment_text
 
 
 @needs_nginx
@@ -159,3 +175,87 @@ def test_render_cli_names_an_unknown_stack():
     result = _render("--stack", "staging")
     assert result.returncode == 2
     assert "Pulumi.staging.yaml" in result.stderr and "dev" in result.stderr
+
+
+# --- what render prints -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dev_render(tmp_path_factory):
+    """`python -m tools.render --stack dev --out DIR`, in process: (stdout, stderr, DIR)."""
+    import contextlib
+    import io
+
+    from tools import render
+
+    out = tmp_path_factory.mktemp("dev")
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        assert render.render("dev", out) == 0
+    return stdout.getvalue(), stderr.getvalue(), out
+
+
+def test_render_prefixes_every_warning(dev_render):
+    """The dev stack's warning (a component's pulumi.log.warn) comes out as `warning: ...`,
+    as `pulumi preview` prints it, not as bare text."""
+    _, stderr, _ = dev_render
+    lines = stderr.splitlines()
+    assert any("modelCache.accessMode ReadWriteOnce" in l for l in lines)
+    assert lines and all(l.startswith("warning: ") for l in lines), lines
+
+
+def test_render_marks_the_mocked_load_balancer_address_and_random_key(dev_render):
+    stdout, _, _ = dev_render
+    assert (f"output endpoint: http://{offline.FAKE_LB_IP}/v1  [mocked: load-balancer address]"
+            in stdout.splitlines())
+    assert "output apiKey: [secret]  [mocked: random value]" in stdout.splitlines()
+    assert "output image: llm-server:dev" in stdout.splitlines()  # the config's, not mocked
+    assert "would create 9 resources (7 manifests, no Helm release, one image build, one " \
+           "random value) in 6 components" in stdout.splitlines()
+
+
+def test_render_names_the_schema_versions_and_why(dev_render):
+    from kubernetes_validate import utils
+
+    stdout, _, _ = dev_render
+    newest = utils.latest_version()
+    assert (f"against the Kubernetes {offline.OLDEST_KUBERNETES} and {newest} API schemas "
+            f"({offline.OLDEST_KUBERNETES}: the oldest Kubernetes the stacks support; {newest}: "
+            "the newest kubernetes-validate") in stdout
+    assert "newest," not in stdout and "latest" not in stdout
+
+
+def test_rendered_yaml_is_in_kubectls_field_order(dev_render):
+    """`kubectl get -o yaml` order: keys sorted the go-yaml way at every level, so apiVersion,
+    kind, metadata, spec; a container's image before its name; name before value in env."""
+    _, _, out = dev_render
+    deployment = yaml.safe_load(next(out.glob("deployment-*.yaml")).read_text())
+    assert list(deployment) == ["apiVersion", "kind", "metadata", "spec"]
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    keys = list(container)
+    assert keys.index("image") < keys.index("imagePullPolicy") < keys.index("name")
+    assert keys == sorted(keys)  # these keys are plain letters: go-yaml's order is code point
+    assert all(list(env)[0] == "name" and list(env)[1] in ("value", "valueFrom")
+               for env in container["env"])
+    secret = yaml.safe_load(next(out.glob("secret-*.yaml")).read_text())
+    assert list(secret) == ["apiVersion", "kind", "metadata", "stringData", "type"]
+    labels = list(deployment["metadata"]["labels"])
+    assert labels == sorted(labels)
+
+
+def test_kubectl_key_order_follows_go_yaml():
+    """go-yaml v2's key order (kubernetes-sigs/yaml@v1.4.0 goyaml.v2/sorter.go): a non-letter
+    before a letter, upper case before lower, digit runs as numbers, the shorter key first."""
+    keys = ["a10", "b", "a2", "ab", "a.b", "Z", "_x", "a", "a100", "a19"]
+    assert list(offline.kubectl_order(dict.fromkeys(keys))) == [
+        "_x", "Z", "a", "a.b", "a2", "a10", "a19", "a100", "ab", "b"]
+    configmap = {"metadata": {}, "kind": "ConfigMap", "data": {}, "apiVersion": "v1"}
+    assert list(offline.kubectl_order(configmap)) == ["apiVersion", "data", "kind", "metadata"]
+
+
+def test_readme_quotes_the_dev_render_summary(dev_render):
+    stdout, _, _ = dev_render
+    readme = " ".join((offline.PROJECT_DIR / "README.md").read_text().split())
+    [quoted] = re.findall(r"`(would create [^`]*)` for dev", readme)
+    [printed] = [l for l in stdout.splitlines() if l.startswith("would create ")]
+    assert quoted == printed

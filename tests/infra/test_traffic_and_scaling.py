@@ -356,7 +356,8 @@ def test_prod_has_controller_ingress_keda_pdb_and_network_policy_all_valid():
     assert {RELEASE, INGRESS, SCALED_OBJECT, PDB, NETPOL} <= types
     charts = {r.inputs["chart"] for r in run.mocks.of_type(RELEASE)}
     assert charts == {"oci://ghcr.io/nginx/charts/nginx-ingress", "keda", "cert-manager"}
-    [ingress] = run.mocks.of_type(INGRESS)
+    # The Ingress that routes the API (a master Ingress holds the host and its TLS beside it).
+    [ingress] = [r for r in run.mocks.of_type(INGRESS) if r.name == "llm-ingress-ingress"]
     annotations = ingress.inputs["metadata"]["annotations"]
     assert annotations["nginx.org/lb-method"] == "least_conn"
     assert annotations["nginx.org/proxy-buffering"].lower() == "false"

@@ -27,9 +27,13 @@ def make_cluster() -> Iterator[Callable[..., LocalCluster]]:
     started: list[LocalCluster] = []
 
     def make(replicas: int = 3, **kwargs: Any) -> LocalCluster:
-        base = free_port_range(replicas + 2)  # one spare: a test grows to replicas + 1
+        """`replicas` of one model, or `models=[LocalModel(...), ...]`."""
+        models = kwargs.get("models")
+        count = sum(m.replicas for m in models) if models else replicas
+        base = free_port_range(count + 2)  # one spare: a test grows to replicas + 1
         kwargs.setdefault("server_env", FAST_SIM)
-        cluster = LocalCluster(replicas, port=base, first_replica_port=base + 1, **kwargs)
+        cluster = LocalCluster(None if models else replicas, port=base,
+                               first_replica_port=base + 1, **kwargs)
         started.append(cluster)
         return cluster.start(timeout=30)
 

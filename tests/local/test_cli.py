@@ -6,6 +6,7 @@ import json
 import os
 import queue
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -16,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from local.__main__ import EXAMPLE_MAX_TOKENS
 from local.cluster import REPO_ROOT
+from local.procs import port_in_use
 from tests.local.support import FAST_SIM, assert_gone, free_port_range, processes_with
 
 CLI = [sys.executable, "-m", "local"]
@@ -102,14 +105,21 @@ def test_up_prints_working_examples_and_down_stops_it(up, tmp_path: Path) -> Non
                             check=False)
     assert result.returncode == 0 and "chat.completion.chunk" in result.stdout
     assert result.stdout.rstrip().endswith("data: [DONE]")
+    # A short answer: the example sets max_tokens (the sim engine writes that many words;
+    # without it the server's default 256 streamed for about 10 s).
+    chunks = [line for line in result.stdout.splitlines() if '"content"' in line]
+    assert 5 <= len(chunks) <= EXAMPLE_MAX_TOKENS + 1
 
-    # So does the Python example.
-    start = text.index("from openai import OpenAI")
-    snippet = text[start:text.index("\n\n", start)]
-    result = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True,
-                            timeout=30, check=False)
+    # So does the Python example, pasted into a shell as printed: it names the interpreter
+    # that has the openai package (the one running local mode).
+    start = text.index(" - <<'EOF'\n")
+    start = text.rindex("\n", 0, start) + 1
+    snippet = text[start:text.index("\nEOF\n", start) + len("\nEOF\n")]
+    assert Path(REPO_ROOT, shlex.split(snippet)[0]).resolve() == Path(sys.executable).resolve()
+    result = subprocess.run(["bash", "-c", snippet], cwd=REPO_ROOT, capture_output=True,
+                            text=True, timeout=30, check=False)
     assert result.returncode == 0, result.stderr
-    assert len(result.stdout.split()) >= 5
+    assert 5 <= len(result.stdout.split()) <= EXAMPLE_MAX_TOKENS
 
     state = json.loads((workdir / "state.json").read_text())
     pids = [state["nginx"]["pid"], *(r["pid"] for r in state["replicas"])]
@@ -146,9 +156,29 @@ def test_port_in_use(tmp_path: Path) -> None:
         holder.bind(("127.0.0.1", base + 2))
         holder.listen()
         result = _run(*_up_args(base, tmp_path / "run"))
-    _assert_user_error(result, rf"port {base + 2} is in use \(replica 2\); pick "
-                               r"--port/--first-port or stop what holds it")
+    # Which of our processes wanted the port, and who holds it: this test process.
+    _assert_user_error(result, rf"port {base + 2} \(wanted by replica 2\) is in use by pid "
+                               rf"{os.getpid()} \(.*\); pick --port/--first-port or stop what "
+                               r"holds it")
     assert not processes_with(f"--port {base + 1} ")
+
+
+def test_port_in_use_names_the_holder_not_our_process(tmp_path: Path) -> None:
+    """The nginx port held by another program: the message says nginx wanted it and names the
+    holder, instead of reading as if nginx held it."""
+    base = free_port_range(4)
+    holder = subprocess.Popen([sys.executable, "-m", "http.server", "--bind", "127.0.0.1",
+                               str(base)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not port_in_use(base) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        result = _run(*_up_args(base, tmp_path / "run"))
+    finally:
+        holder.terminate()
+        holder.wait(timeout=10)
+    _assert_user_error(result, rf"port {base} \(wanted by nginx\) is in use by pid {holder.pid} "
+                               r"\(.*-m http\.server.*\); pick --port/--first-port")
 
 
 def test_replica_failing_shows_its_log(tmp_path: Path) -> None:
@@ -166,3 +196,45 @@ def test_replica_failing_shows_its_log(tmp_path: Path) -> None:
 def test_down_without_a_cluster_is_harmless(tmp_path: Path) -> None:
     result = _run("down", "--workdir", str(tmp_path))
     assert result.returncode == 0 and "nothing to stop" in result.stdout
+
+
+TINY_STACK = """config:
+  llm-serving:model:
+    id: org/tiny-weights
+    servedName: tiny-chat
+  llm-serving:replicas: 2
+  llm-serving:loadBalancing:
+    method: round_robin
+"""
+
+
+def test_up_with_a_stack_serves_its_model_by_name_with_its_policy(up, tmp_path: Path) -> None:
+    import httpx
+
+    stack = tmp_path / "Pulumi.tiny.yaml"
+    stack.write_text(TINY_STACK)
+    base = free_port_range(3)
+    workdir = tmp_path / "run"
+    proc, out = up("up", "--stack", str(stack), "--port", str(base), "--first-port",
+                   str(base + 1), "--workdir", str(workdir), "--api-key", "k-1")
+    text = out.until("stops everything")
+    assert "ready: 2 sim replica(s) behind nginx (round_robin)" in text
+    assert "model     tiny-chat" in text
+    answer = httpx.post(f"http://127.0.0.1:{base}/v1/chat/completions", timeout=10,
+                        headers={"Authorization": "Bearer k-1"},
+                        json={"model": "tiny-chat", "max_tokens": 1,
+                              "messages": [{"role": "user", "content": "hi"}]})
+    assert answer.status_code == 200 and answer.json()["model"] == "tiny-chat"
+    status = _run("status", "--workdir", str(workdir))
+    assert "model tiny-chat  policy round_robin" in status.stdout
+
+
+def test_stack_errors_name_the_problem(tmp_path: Path) -> None:
+    base = free_port_range(3)
+    stack = tmp_path / "Pulumi.tiny.yaml"
+    stack.write_text(TINY_STACK)
+    _assert_user_error(_run(*_up_args(base, tmp_path / "run"), "--stack", str(stack),
+                            "--model", "org/x"),
+                       r"--model and --stack do not go together")
+    _assert_user_error(_run(*_up_args(base, tmp_path / "run"), "--stack", "no-such-stack"),
+                       r"no stack file for 'no-such-stack'")

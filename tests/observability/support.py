@@ -13,6 +13,7 @@ from server.metrics import Metrics
 CONTRACTS = Path(__file__).resolve().parent.parent / "contracts" / "data"
 VLLM_FACTS = CONTRACTS / "vllm-0.33.0.metrics.json"
 CONTROLLER_FACTS = CONTRACTS / "nginx-ingress-controller-5.5.4.prometheus.json"
+KUBE_STATE_METRICS_FACTS = CONTRACTS / "kube-state-metrics-2.20.0.json"
 
 _NAME_BEFORE_SELECTOR = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\{")
 
@@ -45,6 +46,11 @@ def server_samples() -> set[str]:
 def controller_samples() -> set[str]:
     facts = json.loads(CONTROLLER_FACTS.read_text())
     return {s for name, m in facts["metrics"].items() for s in _exposed(name, m["type"])}
+
+
+def kube_state_metrics_samples() -> set[str]:
+    """The kube_deployment_* series of the pinned kube-state-metrics (all gauges)."""
+    return set(json.loads(KUBE_STATE_METRICS_FACTS.read_text())["metrics"])
 
 
 def engine_samples(engine: str) -> set[str]:

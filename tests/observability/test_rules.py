@@ -135,7 +135,42 @@ def test_local_target_scopes_by_scrape_job_and_counts_up_targets() -> None:
     policy = alert_policy(parse_stack_config(SERVER), "local", job="my-job")
     text = rules_file(policy)
     assert 'job="my-job"' in text and "namespace=" not in text
-    assert "kube_deployment" not in text and 'count(up{job="my-job"} == 1)' in text
+    assert "kube_deployment" not in text and 'sum(up{job="my-job"})' in text
+
+
+@pytest.mark.parametrize("engine", ["server", "vllm"])
+def test_no_ready_replica_is_not_pending_before_the_first_scrape(tmp_path: Path,
+                                                                 engine: str) -> None:
+    """Local mode: Prometheus evaluates its rules before it has scraped the replicas (the first
+    scrape of a target comes up to an interval after start). No `up` series yet is not "no
+    replica ready": the alert stays quiet through a gap longer than its `for`, and fires only
+    once the known replicas stop answering."""
+    policy = _policy(engine, "local")
+    rules = tmp_path / "rules.yml"
+    rules.write_text(rules_file(policy))
+    job = dict(policy.scope)["job"]
+    for_m = policy.no_ready_for_seconds // 60
+    gap = for_m + 2  # minutes without any sample
+    series = [{"series": f'up{{job="{job}",instance="replica-{i}"}}',
+               "values": f"_x{gap} 1x3 0x{for_m + 3}"} for i in ("a", "b")]
+    [rule] = [r for r in alerting_rules(policy) if r["alert"] == "LlmNoReadyReplica"]
+    firing_at = gap + 3 + for_m + 1
+    tests = tmp_path / "rules_test.yml"
+    tests.write_text(yaml.safe_dump({
+        "rule_files": [rules.name], "evaluation_interval": "1m",
+        "tests": [{
+            "interval": "1m", "input_series": series,
+            "alert_rule_test": [
+                {"eval_time": f"{gap - 1}m", "alertname": "LlmNoReadyReplica", "exp_alerts": []},
+                {"eval_time": f"{gap + 1}m", "alertname": "LlmNoReadyReplica", "exp_alerts": []},
+                {"eval_time": f"{firing_at}m", "alertname": "LlmNoReadyReplica", "exp_alerts": [{
+                    "exp_labels": {**dict(policy.scope), **rule["labels"]},
+                    "exp_annotations": rule["annotations"]}]},
+            ],
+        }],
+    }, sort_keys=False))
+    result = _promtool("test", "rules", tests.name, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_bad_target_is_refused() -> None:

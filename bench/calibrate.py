@@ -316,9 +316,9 @@ def _print_fit(choice: cf.Choice, max_error: float) -> None:
         mark = " !" if abs(p.error) > max_error else ""
         say(f"{p.obs.probe:<26}{p.obs.label:<48}{p.obs.measured_s * 1e3:>12.2f}"
             f"{p.predicted_s * 1e3:>11.2f}{100 * p.error:>+8.1f}%{mark}")
-    say(f"kind: {b.kind} (RMS log error {b.rms_log:.3f}"
-        + (f"; {o.kind}: {o.rms_log:.3f}, median |err| {100 * o.median_abs:.1f}%, worst "
-           f"{100 * o.worst_abs:.1f}%)" if o else ")"))
+    say(f"kind: {_selection(choice)}"
+        + (f"; the {o.kind} model's own fit: median |err| {100 * o.median_abs:.1f}%, worst "
+           f"{100 * o.worst_abs:.1f}% over {len(o.predictions)} cells" if o else ""))
     say(f"parameters: " + ", ".join(f"{k} {v:g}" for k, v in b.params.items())
         + "".join(f", {k} {v:g} (method term)" for k, v in b.method_terms.items()))
     for line in choice.observed.skipped:
@@ -393,12 +393,7 @@ def profile_data(choice: cf.Choice, meta: Measurement, name: str) -> dict[str, A
     sched_notes = "; ".join(unseen) + "."
     if b.kind == "continuous":  # a slots scheduler has no notes field: provenance says it
         scheduler["notes"] = sched_notes
-    other = choice.other
-    selection = (f"Model selection: {b.kind} (RMS log error {b.rms_log:.3f}) over "
-                 + (f"{other.kind} ({other.rms_log:.3f}, worst cell "
-                    f"{100 * other.worst_abs:.0f}%)" if other else "no alternative")
-                 + f" on the same {len(b.predictions)} cells.")
-    notes = [selection, f"Token counts: {meta.accounting}.",
+    notes = [f"Model selection: {_selection(choice)}.", f"Token counts: {meta.accounting}.",
              f"Time dilation {meta.dilation:g} ({meta.dilation_source}) divided out: the "
              "profile describes the undilated regime."]
     if b.kind == "slots":
@@ -447,6 +442,13 @@ def profile_data(choice: cf.Choice, meta: Measurement, name: str) -> dict[str, A
             "cells": [c.model_dump(mode="json") for c in b.fit_cells()],
         },
     }
+
+
+def _selection(choice: cf.Choice) -> str:
+    others = [f"{k} {v:.3f}" for k, v in choice.scores.items() if k != choice.kind]
+    return (f"{choice.kind} (RMS log error {choice.scores.get(choice.kind, math.nan):.3f}"
+            + (f"; {', '.join(others)}" if others else "; no alternative fitted")
+            + f", on the {choice.compared} observations both kinds predict)")
 
 
 def _cache_note(o: cf.Observed) -> str:

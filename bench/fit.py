@@ -197,7 +197,10 @@ def fit_roofline(cells: Sequence[Cell], fixed: dict[str, float] | None = None,
 
     def f(x: np.ndarray) -> np.ndarray:
         params, terms = unpack(x)
-        predicted = np.array([r.predicted_s for r in residuals(params, terms, cells)])
+        try:
+            predicted = np.array([r.predicted_s for r in residuals(params, terms, cells)])
+        except OverflowError:  # a far step (a huge roofline_sharpness): reject it
+            return np.full(len(cells), np.inf)
         return np.log(predicted / measured)
 
     best: tuple[float, np.ndarray] | None = None

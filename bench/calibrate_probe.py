@@ -57,6 +57,10 @@ two while it has budget)."""
 HOLD_TOKENS = 128
 """Tokens each stream of the largest probe reaches before it ends (the KV lower bound)."""
 LONE_REPEATS = 3
+SIZE_WORDS = 8
+"""Words of the first sizing prompt (fits any context)."""
+MAX_SIZE_WORDS = 320
+"""Words of the second sizing prompt at most."""
 MAX_TOKENS_TRIED = (384, 256, 192, 128, 96, 64, 48, 32, 16)
 """max_tokens of a background request, the first the endpoint accepts (it is cancelled long
 before, normally; our server caps it at LLM_MAX_TOKENS, 256 by default)."""
@@ -632,8 +636,9 @@ class Runner:
         """Find what the endpoint accepts (stream_options, ignore_eos, max_tokens) and how many
         tokens a prompt of N words is."""
         d = self.dialect
+        small = SIZE_WORDS
         for attempt in range(4):
-            rec = await self.one("size", 32, 4)
+            rec = await self.one("size", small, 4)
             if rec.outcome == "finished" and rec.error is None:
                 break
             status = (rec.error or "")[:8]
@@ -666,30 +671,36 @@ class Runner:
                 break
         else:
             raise EndpointError(f"the endpoint refused every max_tokens tried ({tried})")
-        # Two sizes: tokens = base + per_word x words.
-        second = await self.one("size", 320, 4)
+        # Two sizes: tokens = base + per_word x words; the second as large as the context
+        # allows at the first one's tokens per word (at most MAX_SIZE_WORDS words).
+        per = first.prompt_tokens / small if first.prompt_exact else 2.0
+        large = MAX_SIZE_WORDS
+        if max_model_len is not None:
+            large = max(2 * small, min(large, int(0.8 * (max_model_len - 8) / per)))
+        second = await self.one("size", large, 4)
         if second.outcome != "finished":
             raise EndpointError(f"a sizing request failed: {second.error}")
         p = self.prompts
         if first.prompt_exact and second.prompt_exact:
-            p.per_word = (second.prompt_tokens - first.prompt_tokens) / (320 - 32)
-            p.base = first.prompt_tokens - p.per_word * 32
+            p.per_word = (second.prompt_tokens - first.prompt_tokens) / (large - small)
+            p.base = first.prompt_tokens - p.per_word * small
             p.exact = True
         else:
-            sized = await self._size_without_stream(32), await self._size_without_stream(320)
+            sized = (await self._size_without_stream(small),
+                     await self._size_without_stream(large))
             if None not in sized:
                 a, b = sized
                 assert a is not None and b is not None
-                p.per_word = (b - a) / (320 - 32)
-                p.base = a - p.per_word * 32
+                p.per_word = (b - a) / (large - small)
+                p.base = a - p.per_word * small
                 p.exact = True
                 d.notes.append("prompt sizes from non-streaming usage (the streams carry none)")
             else:
                 d.notes.append("the endpoint reports no prompt usage: prompt sizes ASSUMED at "
                                "one token per word")
         if p.per_word <= 0:
-            raise EndpointError(f"prompt sizing failed: {first.prompt_tokens} tokens for 32 "
-                                f"words, {second.prompt_tokens} for 320")
+            raise EndpointError(f"prompt sizing failed: {first.prompt_tokens} tokens for "
+                                f"{small} words, {second.prompt_tokens} for {large}")
 
     async def _accepts_max_tokens(self, n: int) -> bool:
         key, text = self.prompts.make(8)

@@ -316,9 +316,12 @@ class PlannedProbe:
 
     @property
     def weight(self) -> float:
-        """Relative cost, for sharing the time among probes: fixed steps plus the prompt
-        tokens of the burst plus one unit per eight streams."""
-        return 1.0 + self.concurrency * self.prompt / 1024 + self.concurrency / 8
+        """Relative cost in engine steps, for sharing the time among probes: the steps its
+        requests decode (alone: four requests of about ten tokens; a burst: two windows, the
+        queueing wait and the hold) plus its prompts in steps of about 1,024 tokens."""
+        if self.concurrency == 1:
+            return float((1 + LONE_REPEATS) * (WINDOW + 2))
+        return 2 * WINDOW + PLATEAU + self.hold + self.concurrency * self.prompt / 1024
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,25 @@
 """A discrete-event model of the sim engine behind a dispatcher: the limit row, and replays of
 the balancing methods to check the model against the live measurement.
 
-The model is the sim engine's own (server/engines/sim.py), with the benchmark's parameters
-(`SimModel`): every replica has `slots` admission slots and a wait queue. An admitted request
+Two replica models:
+
+* **Slots** (``Params``, the CPU regime; bit-identical to the model every figure so far came
+  from). The model is the sim engine's own (server/engines/sim.py), with the benchmark's
+  parameters (`SimModel`): every replica has `slots` admission slots and a wait queue. An admitted request
 prefills for ``prefill_base + per_token x prompt tokens`` (concurrently with everything else;
 no prefix cache: the standalone workload never shares a prefix), then emits its first token
 and joins the replica's decode loop at the next step boundary. One decode step takes
 ``decode_base + per_seq x batch`` and gives every sequence in the batch one token; a sequence
 that received its last token still counts in the next step's batch (the engine removes it only
 when its consumer runs), and leaves its slot then.
+* **Continuous batching** (``BatchedParams``, the GPU regime): every replica runs the very
+  scheduler the sim engine runs (server/engines/scheduler.py, vLLM 0.33.0's rules: running
+  first, a per-step token budget, chunked prefill sharing steps with decodes, ``max_num_seqs``,
+  KV blocks with recompute preemption, the prefix cache), one step after another; a step takes
+  ``step_seconds(batch)`` (a latency profile's step model) and ends with one token for every
+  sequence whose prefill is complete. A request is in flight at its replica from dispatch to
+  its last token. A job's ``prefix_keys`` (``scheduler.block_keys`` of its prompt) let prompts
+  share a cached prefix; without them a prompt shares nothing.
 
 Dispatchers:
 
@@ -16,6 +27,13 @@ Dispatchers:
   while a request waits, and a request goes to the replica with the most free slots (fewest in
   its decode batch on a tie). No non-preemptive dispatcher of the same requests can keep a
   slot idle less, which is why its TTFT is the reference the policies are measured against.
+  With continuous batching the central queue feeds sequence slots: a request goes to a replica
+  only while that replica has one free (running + waiting there < ``max_num_seqs``), to the one
+  with the most (fewest running on a tie), and every replica pulls the queue's head at each
+  step boundary while it has room; its own scheduler then admits it under the token budget and
+  the KV cache. So no request waits centrally while some replica could take it into its batch,
+  and no replica queues one that another could run at once (KV permitting: where the KV cache
+  binds before ``max_num_seqs`` does, a request can still wait inside a replica).
 * ``round_robin``, ``least_conn``, ``random_two_least_conn``: NGINX's choice per request on its
   counts of requests in flight (running + queued at the replica); ties in least_conn go round
   robin, as in nginx. The replica then queues what it cannot admit.
@@ -26,7 +44,7 @@ the limit"). A request that waited ``patience_s`` in one replica's queue leaves 
 dispatched again, after ``hop_s``, among the replicas it has not tried (as nginx's
 ``proxy_next_upstream`` would on a 429 from the replica), at most ``hops`` times; the last
 replica keeps it. Queues order requests by arrival at the proxy, so a handed-off request does
-not lose its place to newer ones (``keep_place=False``: it joins the back).
+not lose its place to newer ones (``keep_place=False``: it joins the back). Slots replicas only.
 
 Pure and deterministic: the same requests, model and seed give the same times.
 """
@@ -38,8 +56,11 @@ import heapq
 import itertools
 import random
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
+
+from server.engines.scheduler import Scheduler, SchedulerConfig, Seq, StepPlan
+from server.engines.steps import StepBatch
 
 DISPATCHERS = ("fcfs", "round_robin", "least_conn", "random_two_least_conn")
 
@@ -49,6 +70,9 @@ class Job:
     arrival: float
     prompt_tokens: int
     max_tokens: int
+    prefix_keys: tuple[Hashable, ...] | None = None
+    """Continuous batching: keys of the prompt's full blocks (``scheduler.block_keys``), so
+    prompts that share a prefix hit the prefix cache; None: the prompt shares nothing."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +83,17 @@ class Params:
     prefill_per_token_s: float
     decode_base_s: float
     decode_per_seq_s: float
+
+
+@dataclass(frozen=True)
+class BatchedParams:
+    """Continuous-batching replicas (the GPU regime)."""
+
+    replicas: int
+    config: SchedulerConfig
+    """Every replica's scheduling limits (max_num_seqs, token budget, KV cache, ...)."""
+    step_seconds: Callable[[StepBatch], float]
+    """Time of one step (a latency profile's step model)."""
 
 
 @dataclass(frozen=True)
@@ -92,6 +127,37 @@ class _Replica:
         return self.running + len(self.queue)
 
 
+class _Picker:
+    """NGINX's choice of a replica per request, on its counts of requests in flight: round robin,
+    least_conn (ties go round robin, as in nginx) or random two least_conn."""
+
+    def __init__(self, dispatcher: str, replicas: int, seed: int) -> None:
+        self.dispatcher = dispatcher
+        self.replicas = replicas
+        self._rng = random.Random(seed)
+        self._rr = itertools.cycle(range(replicas))
+        self._lc_next = 0
+
+    def pick(self, in_flight: Callable[[int], int], tried: int = 0) -> int:
+        """A replica index; ``tried`` is a bit mask of the replicas this request was sent to."""
+        n = self.replicas
+        left = [i for i in range(n) if not tried >> i & 1]
+        if self.dispatcher == "round_robin":
+            while True:
+                i = next(self._rr)
+                if i in left:
+                    return i
+        if self.dispatcher == "least_conn":
+            low = min(in_flight(i) for i in left)
+            for k in range(n):
+                i = (self._lc_next + k) % n
+                if i in left and in_flight(i) == low:
+                    self._lc_next = (i + 1) % n
+                    return i
+        a, b = self._rng.sample(left, 2) if len(left) > 1 else (left[0], left[0])
+        return b if in_flight(b) < in_flight(a) else a
+
+
 @dataclass(frozen=True)
 class Result:
     ttft: list[float]
@@ -101,11 +167,13 @@ class Result:
     replica: list[int]
 
 
-def simulate(jobs: Sequence[Job], params: Params, dispatcher: str, seed: int = 0,
+def simulate(jobs: Sequence[Job], params: Params | BatchedParams, dispatcher: str, seed: int = 0,
              handoff: Handoff | None = None) -> Result:
     """Run every job through the model under ``dispatcher``; jobs must be sorted by arrival."""
     if dispatcher not in DISPATCHERS:
         raise ValueError(f"dispatcher must be one of {', '.join(DISPATCHERS)}, got {dispatcher!r}")
+    if isinstance(params, BatchedParams):
+        return _simulate_batched(jobs, params, dispatcher, seed, handoff)
     if handoff is not None and (dispatcher == "fcfs" or handoff.patience_s <= 0
                                 or handoff.hops < 0 or handoff.hop_s < 0):
         raise ValueError("handoff needs an NGINX dispatcher, patience_s > 0, hops >= 0 and "
@@ -121,9 +189,7 @@ def simulate(jobs: Sequence[Job], params: Params, dispatcher: str, seed: int = 0
     done = [float("nan")] * len(jobs)
     where = [-1] * len(jobs)
     tried = [0] * len(jobs)  # bit mask of the replicas each job was sent to
-    rng = random.Random(seed)
-    rr = itertools.cycle(range(p.replicas))
-    lc_next = 0
+    picker = _Picker(dispatcher, p.replicas, seed)
     events: list[tuple[float, int, str, int, object]] = []
     order = itertools.count()
 
@@ -156,26 +222,8 @@ def simulate(jobs: Sequence[Job], params: Params, dispatcher: str, seed: int = 0
         elif r.queue:
             admit(r, r.queue.pop(0), t)
 
-    def pick(j: int) -> _Replica:
-        nonlocal lc_next
-        left = [r for r in reps if not tried[j] >> r.index & 1]
-        if dispatcher == "round_robin":
-            while True:
-                r = reps[next(rr)]
-                if r in left:
-                    return r
-        if dispatcher == "least_conn":
-            low = min(r.in_flight for r in left)
-            for k in range(p.replicas):
-                r = reps[(lc_next + k) % p.replicas]
-                if r in left and r.in_flight == low:
-                    lc_next = (r.index + 1) % p.replicas
-                    return r
-        a, b = rng.sample(left, 2) if len(left) > 1 else (left[0], left[0])
-        return b if b.in_flight < a.in_flight else a
-
     def dispatch(j: int, t: float) -> None:
-        r = pick(j)
+        r = reps[picker.pick(lambda i: reps[i].in_flight, tried[j])]
         tried[j] |= 1 << r.index
         if r.running < p.slots:
             admit(r, j, t)
@@ -237,6 +285,80 @@ def simulate(jobs: Sequence[Job], params: Params, dispatcher: str, seed: int = 0
                 for j in r.lingering:
                     release(r, j, t)
                 r.lingering.clear()
+    ttft = [f - jb.arrival for f, jb in zip(first, jobs)]
+    e2e = [d - jb.arrival for d, jb in zip(done, jobs)]
+    return Result(ttft, e2e, where)
+
+
+def _simulate_batched(jobs: Sequence[Job], p: BatchedParams, dispatcher: str, seed: int,
+                      handoff: Handoff | None) -> Result:
+    if handoff is not None:
+        raise ValueError("handoff is modelled for slots replicas only")
+    if p.replicas < 1:
+        raise ValueError("replicas must be at least 1")
+    if any(b.arrival < a.arrival for a, b in zip(jobs, jobs[1:])):
+        raise ValueError("jobs must be sorted by arrival")
+    cfg = p.config
+    step_seconds = p.step_seconds
+    max_seqs = cfg.max_num_seqs
+    scheds = [Scheduler(cfg) for _ in range(p.replicas)]
+    plans: list[StepPlan | None] = [None] * p.replicas
+    in_flight = [0] * p.replicas
+    central: deque[int] = deque()
+    first = [float("nan")] * len(jobs)
+    done = [float("nan")] * len(jobs)
+    where = [-1] * len(jobs)
+    picker = _Picker(dispatcher, p.replicas, seed)
+    events: list[tuple[float, int]] = []  # step ends: (time, replica)
+    fcfs = dispatcher == "fcfs"
+
+    def room(r: int) -> int:
+        s = scheds[r]
+        return max_seqs - len(s.running) - len(s.waiting)
+
+    def start(r: int, t: float) -> None:
+        plan = scheds[r].plan_step()
+        if plan.empty:
+            plans[r] = None
+            if scheds[r].has_work:  # nothing can run and nothing will free: a bad config
+                raise RuntimeError(f"replica {r} cannot schedule its waiting requests")
+            return
+        plans[r] = plan
+        heapq.heappush(events, (t + step_seconds(plan.batch), r))
+
+    def add(r: int, j: int, t: float) -> None:
+        job = jobs[j]
+        scheds[r].add(Seq(job.prompt_tokens, job.max_tokens, job.prefix_keys, j))
+        in_flight[r] += 1
+        where[j] = r
+        if plans[r] is None:
+            start(r, t)
+
+    arrivals = iter(range(len(jobs)))
+    nxt = next(arrivals, None)
+    while nxt is not None or events:
+        if nxt is not None and (not events or jobs[nxt].arrival <= events[0][0]):
+            j, t = nxt, jobs[nxt].arrival
+            nxt = next(arrivals, None)
+            if not fcfs:
+                add(picker.pick(in_flight.__getitem__), j, t)
+            elif not central and (open_ := [r for r in range(p.replicas) if room(r) > 0]):
+                add(max(open_, key=lambda r: (room(r), -len(scheds[r].running))), j, t)
+            else:
+                central.append(j)
+            continue
+        t, r = heapq.heappop(events)
+        out = scheds[r].finish_step(plans[r])  # type: ignore[arg-type]
+        for seq in out.emitted:
+            if seq.num_output == 1:
+                first[seq.data] = t
+        for seq in out.finished:
+            done[seq.data] = t
+            in_flight[r] -= 1
+        if fcfs:
+            while central and room(r) > 0:
+                add(r, central.popleft(), t)
+        start(r, t)
     ttft = [f - jb.arrival for f, jb in zip(first, jobs)]
     e2e = [d - jb.arrival for d, jb in zip(done, jobs)]
     return Result(ttft, e2e, where)

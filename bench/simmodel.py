@@ -8,7 +8,14 @@ import math
 from dataclasses import dataclass, field
 
 from bench import des
-from server.engines.profile import Profile, SlotsLinearCost, SlotsScheduler, load_profile
+from server.engines.profile import (
+    ContinuousScheduler,
+    Profile,
+    SlotsLinearCost,
+    SlotsScheduler,
+    load_profile,
+)
+from server.engines.scheduler import SchedulerConfig
 
 DEFAULT_PROFILE = "cpu-sim"
 """The regime of every benchmark figure so far (4 replicas on 2 CPU cores)."""
@@ -63,12 +70,19 @@ class SimModel:
             env["LLM_SIM_TIME_DILATION"] = repr(self.profile.time_dilation)
         return env
 
-    def des_params(self, replicas: int) -> des.Params:
-        """The same model for the discrete-event model (bench/des.py), in seconds (dilated)."""
+    def des_params(self, replicas: int) -> des.Params | des.BatchedParams:
+        """The same model for the discrete-event model (bench/des.py), in seconds (dilated):
+        slots replicas for a slots profile, continuous-batching ones (the scheduler the
+        batched sim engine runs) for a continuous profile."""
+        s = self.profile.scheduler
+        if isinstance(s, ContinuousScheduler):
+            config = SchedulerConfig(max_model_len=self.max_model_len,
+                                     max_num_seqs=s.max_num_seqs, **s.limits())
+            return des.BatchedParams(replicas, config, self.profile.step_seconds)
         cost = self.profile.cost
         if not isinstance(cost, SlotsLinearCost):
-            raise ValueError(f"the slots discrete-event model needs a slots profile; "
-                             f"{self.profile.name} is {self.profile.kind}")
+            raise ValueError(f"profile {self.profile.name}: a slots scheduler needs the "
+                             f"slots-linear cost form, not {type(cost).__name__}")
         p, d = cost.params, self.profile.time_dilation
         return des.Params(replicas, self.slots, d * p.prefill_base_ms / 1e3,
                           d * p.prefill_ms_per_token / 1e3, d * p.decode_base_ms / 1e3,

@@ -3,6 +3,11 @@
 A request that finds every slot busy and the queue full is refused at once (the API answers 429
 with Retry-After), so memory is bounded by ``max_running + max_waiting`` requests. Waiters are
 served first come, first served.
+
+An engine that keeps vLLM's own queues (``Engine.own_queue``: continuous batching, at most
+``max_num_seqs`` = LLM_MAX_CONCURRENCY running and the rest waiting inside the engine) gets a
+controller that only bounds the total, LLM_MAX_CONCURRENCY + LLM_MAX_QUEUE, and refuses beyond
+it; the request gauges then read the engine's counts (:func:`for_engine`).
 """
 
 from __future__ import annotations
@@ -10,8 +15,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from server.engines.base import Engine
 
 
 class Overloaded(Exception):
@@ -84,3 +93,13 @@ class AdmissionController:
             fut = self._waiters.popleft()
             if not fut.done():
                 fut.set_exception(Aborted())
+
+
+def for_engine(engine: Engine, max_concurrency: int, max_queue: int
+               ) -> tuple[AdmissionController, Callable[[], int], Callable[[], int]]:
+    """The controller in front of ``engine`` and the (running, waiting) gauges' sources."""
+    if engine.own_queue:
+        admission = AdmissionController(max_concurrency + max_queue, 0)
+        return (admission, lambda: engine.requests_running, lambda: engine.requests_waiting)
+    admission = AdmissionController(max_concurrency, max_queue)
+    return admission, lambda: admission.running, lambda: admission.waiting

@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from server.admission import AdmissionController
+from server.admission import for_engine as admission_for
 from server.api.generation import Generation
 from server.api.routes import router
 from server.auth import GateMiddleware
@@ -27,9 +27,15 @@ _log = logging.getLogger("server")
 def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     """Build the app. ``engine`` overrides the one chosen by ``settings.engine`` (tests)."""
     engine = engine or build_engine(settings)
-    admission = AdmissionController(settings.max_concurrency, settings.max_queue)
-    metrics = Metrics(running=lambda: admission.running, waiting=lambda: admission.waiting)
-    drain = DrainController(settings.drain_seconds, on_abort=admission.abort_waiting)
+    admission, running, waiting = admission_for(engine, settings.max_concurrency,
+                                                settings.max_queue)
+    metrics = Metrics(running=running, waiting=waiting)
+
+    def abort_waiting() -> None:
+        admission.abort_waiting()
+        engine.abort_waiting()
+
+    drain = DrainController(settings.drain_seconds, on_abort=abort_waiting)
     state = AppState(
         settings=settings, engine=engine, admission=admission, metrics=metrics, drain=drain,
         generation=Generation(engine, admission, metrics, aborting=lambda: drain.aborting),

@@ -81,6 +81,9 @@ class Generation:
             tokens = self.engine.generate(prompt_ids, params)
             try:
                 async for tok in tokens:
+                    if tok.finish_reason == "abort" and not tok.text:
+                        reason = "abort"  # the engine gave up before a token (drain deadline)
+                        break
                     count += 1
                     if count == 1:
                         self.metrics.time_to_first_token.observe(time.monotonic() - arrived)

@@ -2,7 +2,8 @@
 
 ``build_engine`` imports the chosen engine lazily: the sim engine never imports torch. The sim
 engine's class follows its latency profile's kind (server/engines/profile.py): ``slots`` is
-:class:`~server.engines.sim.SimEngine`.
+:class:`~server.engines.sim.SimEngine`, ``continuous`` (the GPU regime: vLLM's scheduler over the
+profile's step model) :class:`~server.engines.sim_batched.SimBatchedEngine`.
 """
 
 from __future__ import annotations
@@ -24,10 +25,16 @@ def build_engine(settings: Settings) -> Engine:
             from server.engines.sim import SimEngine
 
             return SimEngine(settings, profile=profile)
-        # The continuous-batching sim engine (vLLM's scheduler over profile.step_seconds)
-        # plugs in here.
-        raise ValueError(f"LLM_SIM_PROFILE: profile {profile.name} is {profile.kind}; this "
-                         "build's sim engine runs slots profiles only")
+        from server.engines.sim_batched import SimBatchedEngine, scheduler_config
+
+        # The engine applies the dilation itself (and reports it), so it gets the undilated
+        # step model.
+        return SimBatchedEngine(
+            settings, scheduler_config(settings, **profile.scheduler.limits()),
+            profile.dilated(1.0).step_seconds, profile.time_dilation,
+            description=profile.describe(),
+            profile={"name": profile.name, "kind": profile.kind,
+                     "source": profile.provenance.source})
     from server.engines.transformers import TransformersEngine
 
     return TransformersEngine(settings)

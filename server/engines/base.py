@@ -37,6 +37,10 @@ class Engine(abc.ABC):
 
     kind: str
     """Engine name as in LLM_ENGINE."""
+    own_queue: bool = False
+    """True for an engine that schedules as vLLM does (continuous batching): it keeps its own
+    running and waiting queues, admission control only bounds their total, and the request
+    gauges read :attr:`requests_running` / :attr:`requests_waiting`."""
 
     @property
     @abc.abstractmethod
@@ -68,3 +72,17 @@ class Engine(abc.ABC):
     def model_card(self) -> dict[str, Any]:
         """Extra fields for `/v1/models`."""
         return {}
+
+    @property
+    def requests_running(self) -> int:
+        """With ``own_queue``: requests in the engine's batch (vLLM's num_requests_running)."""
+        raise NotImplementedError
+
+    @property
+    def requests_waiting(self) -> int:
+        """With ``own_queue``: requests the engine has not admitted yet or preempted (vLLM's
+        num_requests_waiting)."""
+        raise NotImplementedError
+
+    def abort_waiting(self) -> None:  # noqa: B027 - optional hook, a no-op by default
+        """With ``own_queue``: end the sequences that have not started (drain deadline)."""

@@ -152,6 +152,16 @@ class ContinuousScheduler(_Frozen):
     def admission_slots(self) -> int:
         return self.max_num_seqs
 
+    def limits(self) -> dict[str, int | bool]:
+        """The scheduler's settings as server.engines.scheduler.SchedulerConfig takes them
+        (its ``max_num_seqs`` and ``max_model_len`` come from the server's own settings)."""
+        return {"kv_cache_tokens": self.kv_cache_tokens,
+                "max_num_batched_tokens": self.max_num_batched_tokens,
+                "block_size": self.block_size,
+                "enable_prefix_caching": self.enable_prefix_caching,
+                "enable_chunked_prefill": self.enable_chunked_prefill,
+                "long_prefill_token_threshold": self.long_prefill_token_threshold}
+
 
 # --- cost ---------------------------------------------------------------------------------------
 

@@ -174,8 +174,6 @@ def test_sim_model_dilated() -> None:
     assert m.nginx_output_tokens == math.ceil(384 * 2.5)
     assert from_env(m.env()).sim_latency_profile().decode_step_seconds(8) == pytest.approx(
         2.5 * 0.038)
-    with pytest.raises(ValueError, match="slots discrete-event model needs a slots profile"):
-        SimModel.named("h200-llama8b").des_params(2)
 
 
 # --- profile compare ----------------------------------------------------------------------------
@@ -224,3 +222,19 @@ def test_profile_compare_figures(capsys: pytest.CaptureFixture[str], tmp_path: P
     worst = float(out[-1].split("worst ")[1].split("%")[0])
     assert 0 < median <= worst <= 12.0
     assert profile_cli.main(["compare", "cpu-sim", "h200-llama8b", "--prompts", "x"]) == 2
+
+
+def test_a_continuous_profile_gives_the_discrete_event_model_its_scheduler() -> None:
+    from bench import des
+    from bench.simmodel import SimModel
+
+    model = SimModel.named("h200-llama8b", time_dilation=2.0)
+    params = model.des_params(2)
+    assert isinstance(params, des.BatchedParams)
+    s = model.profile.scheduler
+    assert params.config.max_num_batched_tokens == s.max_num_batched_tokens
+    assert params.config.max_model_len == model.max_model_len
+    # One request alone: its TTFT is one prefill step of its prompt, dilated.
+    result = des.simulate([des.Job(0.0, 1000, 4)], params, "least_conn")
+    alone = 2.0 * load_profile("h200-llama8b").step_seconds(StepBatch(prefill=((1000, 0),)))
+    assert result.ttft[0] == pytest.approx(alone, rel=1e-6)

@@ -70,18 +70,20 @@ class ServerProcess:
 
 @pytest.fixture
 def server_process(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
-    """Factory: start ``uvicorn server:app`` as a real process; always killed at teardown."""
+    """Factory: start ``uvicorn server:app`` (or another ``app``, ``--factory`` when ``factory``)
+    as a real process; always killed at teardown."""
     procs: list[subprocess.Popen] = []
 
-    def start(env: dict[str, str], wait: bool = True) -> ServerProcess:
+    def start(env: dict[str, str], wait: bool = True, app: str = "server:app",
+              factory: bool = False) -> ServerProcess:
         port = free_port()
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_")}
         full_env.update(env)
         log = tmp_path / f"server-{port}.log"
         with log.open("wb") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "uvicorn", "server:app", "--host", "127.0.0.1",
-                 "--port", str(port)],
+                [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1",
+                 "--port", str(port), *(["--factory"] if factory else [])],
                 cwd=REPO, env=full_env, stdout=out, stderr=subprocess.STDOUT,
             )
         procs.append(proc)

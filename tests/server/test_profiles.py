@@ -201,9 +201,25 @@ def test_profile_by_path_and_model_card_reports_dilation(tmp_path: Path) -> None
     assert engine.prefill_seconds(list(range(40))) == pytest.approx(4 * (0.050 + 0.25e-3 * 40))
 
 
-def test_continuous_profiles_need_the_continuous_engine() -> None:
-    with pytest.raises(ValueError, match="h200-llama8b is continuous"):
-        build_engine(from_env({"LLM_SIM_PROFILE": "h200-llama8b"}))
+def test_a_continuous_profile_runs_the_batched_engine_with_its_scheduler_and_dilation() -> None:
+    from server.engines.sim_batched import SimBatchedEngine
+
+    profile = load_profile("h200-llama8b")
+    engine = build_engine(from_env({"LLM_SIM_PROFILE": "h200-llama8b", "LLM_MAX_CONCURRENCY": "96",
+                                    "LLM_SIM_TIME_DILATION": "5"}))
+    assert isinstance(engine, SimBatchedEngine)
+    card = engine.model_card()
+    assert card["time_dilation"] == 5
+    assert card["profile"] == {"name": "h200-llama8b", "kind": "continuous",
+                               "source": "microbenchmark"}
+    s = profile.scheduler
+    assert card["scheduler"]["max_num_seqs"] == 96  # LLM_MAX_CONCURRENCY, as --max-num-seqs
+    assert card["scheduler"]["max_num_batched_tokens"] == s.max_num_batched_tokens
+    assert card["scheduler"]["block_size"] == s.block_size
+    # The engine dilates the undilated step model once (not the profile's dilated one again).
+    batch = StepBatch(decode_kv=(512,) * 8)
+    assert engine.step_seconds(batch) == pytest.approx(profile.step_seconds(batch))
+    assert engine.time_dilation == 5
 
 
 async def _stamps(engine: SimEngine, n: int) -> list[float]:

@@ -2,7 +2,8 @@
 
     python -m bench calibrate --url URL [--api-key K] [--model M] [--minutes N] --out PATH
         [--hardware TEXT] [--time-dilation D] [--prompts 128,512,2048]
-        [--concurrency 1,8,32,128] [--max-requests 1000] [--max-error 15] [--raw FILE]
+        [--concurrency 1,8,32,128] [--max-requests 1000] [--hold 128] [--max-error 15]
+        [--raw FILE | --refit FILE]
 
 Probes the endpoint with streaming chat completions, one probe per (prompt length,
 concurrency), each built so that what it times is one kind of engine step (bench/
@@ -75,6 +76,10 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--concurrency", default=DEFAULT_CONCURRENCY,
                     help=f"concurrent streams (default {DEFAULT_CONCURRENCY}; 1 is always "
                          "probed)")
+    ap.add_argument("--hold", type=int, default=cp.HOLD_TOKENS,
+                    help=f"tokens every stream of the largest probe reaches before it ends, so "
+                         f"the KV-cache lower bound covers requests that long (default "
+                         f"{cp.HOLD_TOKENS}; 0: no hold)")
     ap.add_argument("--max-error", type=float, default=DEFAULT_MAX_ERROR,
                     help=f"refuse a fit whose worst cell misses by more than this many percent "
                          f"(default {DEFAULT_MAX_ERROR:g})")
@@ -93,7 +98,9 @@ def main(argv: list[str]) -> int:
         if not 0 < args.max_error:
             raise ValueError(f"--max-error must be positive, got {args.max_error:g}")
         name = args.name or _name_from(args.out)
-        plan = cp.plan_probes(prompts, levels, args.minutes, args.max_requests)
+        if args.hold < 0:
+            raise ValueError(f"--hold must be 0 or more, got {args.hold}")
+        plan = cp.plan_probes(prompts, levels, args.minutes, args.max_requests, args.hold)
     except ValueError as exc:
         ap.error(str(exc))
     if args.refit is not None:
@@ -250,7 +257,8 @@ def _fit_context(plan: cp.Plan, info: cp.EndpointInfo, dialect: cp.Dialect) -> c
     if all(p.prompt <= top for p in plan.probes):
         return plan
     levels = sorted({p.concurrency for p in plan.probes})
-    new = cp.plan_probes(prompts, levels, plan.seconds / 60, plan.max_requests)
+    new = cp.plan_probes(prompts, levels, plan.seconds / 60, plan.max_requests,
+                         max((p.hold for p in plan.probes), default=0))
     cut = sorted({p.prompt for p in plan.probes if p.prompt > top})
     note = (f"prompts {', '.join(map(str, cut))} cut to {top} tokens: the endpoint's context "
             f"is {info.max_model_len} (prompt + {dialect.max_tokens} output tokens must fit)")

@@ -365,15 +365,18 @@ class KindFit:
     method_terms: dict[str, float]
     predictions: list[Prediction]
     notes: list[str] = field(default_factory=list)
+    unfitted: list[Prediction] = field(default_factory=list)
+    """Predictions of observations the fit left out, for choosing between kinds only."""
 
     @property
     def rms_log(self) -> float:
         return self.rms_log_on({id(p.obs) for p in self.predictions})
 
     def rms_log_on(self, observations: set[int]) -> float:
-        """RMS of log(predicted / measured) over the given observations (by id)."""
-        errs = [math.log(max(p.predicted_s, 1e-12) / p.obs.measured_s) for p in self.predictions
-                if id(p.obs) in observations]
+        """RMS of log(predicted / measured) over the given observations (by id), fitted or
+        not."""
+        errs = [math.log(max(p.predicted_s, 1e-12) / p.obs.measured_s)
+                for p in self.predictions + self.unfitted if id(p.obs) in observations]
         return math.sqrt(statistics.fmean(e * e for e in errs)) if errs else math.inf
 
     @property
@@ -405,9 +408,12 @@ def fit_slots(observed: Observed) -> KindFit:
     """Non-negative least squares of the slots-linear model on relative errors."""
     # A slots engine prefills beside its decode loop: the background step around the
     # foreground's first token is a decode step whose count of sequences depends on where that
-    # prefill happened to end (the foreground joins at the next step). It says nothing the
-    # decode windows do not, so the slots model leaves the mixed observations out.
+    # prefill happened to end (the foreground joins at the next step, so the span reads n or
+    # n - 1 sequences). It says nothing the decode windows do not, so the slots fit leaves the
+    # mixed observations out; for choosing the kind they are predicted as a decode step of
+    # n - 1/2 (an engine that batches prefills makes that step far longer).
     obs = [o for o in observed.observations if o.what != "mixed"]
+    mixed = [o for o in observed.observations if o.what == "mixed"]
     rows = []
     for o in obs:
         if o.is_ttft:
@@ -425,8 +431,10 @@ def fit_slots(observed: Observed) -> KindFit:
     notes = []
     if not observed.caching:
         notes.append("no prefix-cache hit seen: prefill_ms_per_cached_token unobserved (0)")
+    unfitted = [Prediction(o, (params["decode_base_ms"] + params["decode_ms_per_seq"]
+                               * (len(o.decode_kv) - 0.5)) / 1e3) for o in mixed]
     return KindFit("slots", params, {}, [Prediction(o, float(p)) for o, p in zip(
-        obs, pred, strict=True)], notes)
+        obs, pred, strict=True)], notes, unfitted)
 
 
 def nnls(a: np.ndarray, b: np.ndarray, iterations: int = 100) -> np.ndarray:
@@ -557,7 +565,8 @@ def choose(observed: Observed) -> Choice:
     except ValueError as exc:
         observed.skipped.append(f"continuous fit: {exc}")
     # Compared on the observations every kind predicts.
-    common = set.intersection(*({id(p.obs) for p in f.predictions} for f in fits))
+    common = set.intersection(*({id(p.obs) for p in f.predictions + f.unfitted}
+                                for f in fits))
     fits.sort(key=lambda f: f.rms_log_on(common))
     return Choice(fits[0], fits[1] if len(fits) > 1 else None, observed, budget, note,
                   {f.kind: f.rms_log_on(common) for f in fits}, len(common))

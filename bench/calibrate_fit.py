@@ -96,8 +96,6 @@ class Observed:
     cached_prompt: int = 0
     """The prompt length ``cached_ratio`` was measured at."""
     skipped: list[str] = field(default_factory=list)
-    overloaded: list[str] = field(default_factory=list)
-    """Probes with a window whose events came bunched."""
 
     @property
     def caching(self) -> bool:
@@ -230,7 +228,6 @@ def _observe_burst(rec: ProbeRecord, d: float, out: Observed, lone_step: float |
             out.skipped.append(f"{rec.name}: {label}: {100 * bunched:.0f}% of the token gaps "
                                "came bunched (the endpoint or this client fell behind the "
                                "engine); not timed")
-            out.overloaded.append(rec.name)
             continue
         rates[name] = step
         out.observations.append(Observation(rec.name, "decode", label, step / d,

@@ -26,10 +26,15 @@ dilated endpoint's times are divided by its dilation later, in bench/calibrate_f
 
 Token counts. Requests ask for ``stream_options: {include_usage, continuous_usage_stats}``
 (vLLM 0.33.0: every chunk then carries the cumulative ``completion_tokens``, exact even when
-the server merges tokens into one chunk; facts in tests/contracts/data/
-vllm-0.33.0.openai-streaming.json). Without per-chunk usage a content event counts as one
-token, which the final usage of requests that finish on their own confirms or refutes
-(:class:`Accounting`); without any usage it is an assumption, and the profile says so.
+the server merges tokens into one chunk; facts in
+tests/contracts/data/vllm-0.33.0.streaming.json). Without per-chunk usage a content event
+counts as one token, which the final usage of requests that finish on their own confirms or
+refutes (:class:`Accounting`); without any usage it is an assumption, and the profile says so.
+
+A request that the probe cancels is dropped by the endpoint: vLLM aborts a request whose client
+disconnects (same facts file); our server frees the sequence when its stream is closed (a
+request still queued for a slot is dropped when it reaches one, which is why each probe starts
+after one short request has run to its end).
 """
 
 from __future__ import annotations

@@ -70,6 +70,9 @@ class Settings(BaseSettings):
     """`transformers` only: `auto` picks CUDA when present, else CPU."""
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     """`transformers` only: weight dtype; `auto` is float32 on CPU, bfloat16/float16 on CUDA."""
+    cuda_graphs: Literal["auto", "on", "off"] = "auto"
+    """`transformers` only: replay the decode step as a CUDA graph; `auto` is on for CUDA. Never
+    used on a CPU."""
 
     sim_load_seconds: float = Field(default=0.0, ge=0, le=86_400)
     """Sim: how long loading takes before /ready answers 200 (a model's cold start)."""

@@ -120,6 +120,8 @@ class StepLoop:
     prefill_tokens: int = 512
     """Padded prompt tokens one prefill step may compute (one prompt always fits)."""
     cuda_graphs: bool = False
+    initial_capacity: int = 256
+    """Positions per slot allocated at start; the cache doubles when a sequence needs more."""
     bucketed: bool = False
     """Decode at bucketed shapes (powers of two) even without graphs; tests use it on CPU to run
     the exact path a CUDA-graph replay takes."""
@@ -137,7 +139,8 @@ class StepLoop:
         # One slot more than sequences: the scratch row that bucket padding writes into.
         self.cache = SlotKVCache(torch, cfg.num_hidden_layers, self.slots + 1, kv_heads,
                                  head_dim, self.dtype, self.device,
-                                 capacity=min(self.context, 256), max_capacity=self.context)
+                                 capacity=min(self.context, self.initial_capacity),
+                                 max_capacity=self.context)
         self._scratch = self.slots
         self._neg = torch.finfo(self.dtype).min
         self._incoming: collections.deque[Sequence] = collections.deque()

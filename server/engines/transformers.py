@@ -113,7 +113,7 @@ class TransformersEngine(Engine):
         try:
             model = AutoModelForCausalLM.from_pretrained(s.model, revision=revision, dtype=dtype,
                                                          attn_implementation="sdpa")
-        except ValueError:  # the architecture has no sdpa attention
+        except (ValueError, ImportError):  # no sdpa attention for this architecture
             _log.warning("%s does not support sdpa attention; using eager", s.model)
             model = AutoModelForCausalLM.from_pretrained(s.model, revision=revision, dtype=dtype,
                                                          attn_implementation="eager")

@@ -359,9 +359,11 @@ def main(args: argparse.Namespace) -> int:
           f"completed in the window, TTFT median {ttft}, errors {len(load.errors)}", flush=True)
     stats = card.get("batching")
     if stats:
-        print(f"engine: {stats['decode_steps']} decode steps, mean batch "
-              f"{stats['mean_decode_batch']}, {stats['prefill_steps']} prefill steps, "
-              f"CUDA graphs captured {stats['cuda_graphs_captured']}", flush=True)
+        step = stats["decode_seconds"] / max(1, stats["decode_steps"]) * 1e3
+        print(f"engine (whole run): {stats['decode_steps']} decode steps, mean batch "
+              f"{stats['mean_decode_batch']}, {step:.1f} ms per decode step (raw: "
+              f"{step_ms:.1f} ms), {stats['prefill_steps']} prefill steps, CUDA graphs "
+              f"captured {stats['cuda_graphs_captured']}", flush=True)
     if load.errors:
         print("errors (first 3):", *load.errors[:3], sep="\n  ")
     print(f"transformers engine: {x:.0f} tokens/s served at {b} streams, {100 * x / z:.0f}% of "

@@ -77,6 +77,7 @@ class StepStats:
     max_batch: int = 0
     graphs: int = 0
     busy_seconds: float = 0.0
+    decode_seconds: float = 0.0
     errors: int = 0
 
     def as_dict(self) -> dict[str, Any]:
@@ -85,7 +86,7 @@ class StepStats:
                 "decode_steps": self.decode_steps, "decode_tokens": self.decode_tokens,
                 "mean_decode_batch": round(mean, 2), "max_decode_batch": self.max_batch,
                 "cuda_graphs_captured": self.graphs, "busy_seconds": round(self.busy_seconds, 3),
-                "step_errors": self.errors}
+                "decode_seconds": round(self.decode_seconds, 3), "step_errors": self.errors}
 
 
 def _bucket(n: int, floor: int, cap: int) -> int:
@@ -243,21 +244,33 @@ class StepLoop:
         if any(s.cancelled for s in self._waiting):
             self._waiting = collections.deque(s for s in self._waiting if not s.cancelled)
         batch = self._admit()
-        try:
-            if batch:
+        if batch:
+            try:
                 self._prefill(batch)
-                self._flush()  # first tokens go out now, not after the decode step
-            if self._rows:
+            except Exception as exc:
+                self._failed(batch, exc)
+            self._flush()  # first tokens go out now, not after the decode step
+        if self._rows:
+            t1 = time.perf_counter()
+            try:
                 self._decode()
-        except Exception as exc:  # a failed forward fails the sequences in it, not the server
-            _log.exception("engine step failed")
-            self.stats.errors += 1
-            for seq in [*self._rows, *batch]:
-                if not seq.done:
-                    self._fail(seq, exc)
-            self._rows.clear()
+            except Exception as exc:
+                self._failed(list(self._rows), exc)
+            self.stats.decode_seconds += time.perf_counter() - t1
         self.stats.busy_seconds += time.perf_counter() - t0
         self._flush()
+
+    def _failed(self, seqs: list[Sequence], exc: Exception) -> None:
+        """A forward pass failed: fail the sequences it computed (not the server, nor the
+        sequences of the other pass of this step)."""
+        _log.error("engine step failed for %d sequence(s)", len(seqs), exc_info=exc)
+        self.stats.errors += 1
+        for seq in seqs:
+            if seq.done:
+                continue
+            if seq.slot >= 0:
+                self._release(seq)
+            self._fail(seq, exc)
 
     def _admit(self) -> list[Sequence]:
         batch: list[Sequence] = []

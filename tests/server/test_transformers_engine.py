@@ -202,6 +202,29 @@ def test_a_failed_step_fails_its_sequences_and_the_loop_goes_on(tiny, monkeypatc
     assert again.detok.ids == alone(tiny, prompt, max_tokens=10)[0]
 
 
+def test_a_failed_prefill_fails_only_the_new_sequences(tiny, monkeypatch) -> None:
+    loop = make_loop(tiny)
+    run = Run(loop)
+    ps = prompts(tiny[1])
+    running = run.submit(ps[0], max_tokens=20)
+    run.steps(2)
+    real = loop.model
+
+    def fail_next_prefill(**kw: Any) -> Any:
+        if kw["input_ids"].shape[1] > 1:
+            monkeypatch.setattr(loop, "model", real)
+            raise RuntimeError("out of memory")
+        return real(**kw)
+
+    monkeypatch.setattr(loop, "model", fail_next_prefill)
+    newcomer = run.submit(ps[2], max_tokens=20)
+    run.steps(1)
+    assert isinstance(run.items[newcomer][-1], RuntimeError) and newcomer.slot == -1
+    assert loop.running == 1 and not running.done
+    run.finish()
+    assert running.detok.ids == alone(tiny, ps[0], max_tokens=20)[0]
+
+
 class _IgnoresTheCache(torch.nn.Module):
     """A model whose attention would not use the engine's cache: what the load check catches."""
 

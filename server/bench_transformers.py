@@ -3,24 +3,26 @@
 1. Builds a random-weight Llama locally (:mod:`server.engines.random_llama`; no download): by
    default ~23 M parameters (``--model-size 20m``), a size where the forward pass, not Python,
    is most of a step on a CPU; ``--model-size 1b`` is the GPU shape (~1.0 B parameters).
-2. **Raw batched forward** at batch B, in this process, with nothing else running: the B
-   prompts prefilled in one forward, then ``max_tokens - 1`` decode steps of all B sequences
-   (greedy argmax on the device, transformers' own ``DynamicCache``; on CUDA a ``StaticCache``
-   step replayed as a CUDA graph unless ``--no-cuda-graphs``). Its rate, B x max_tokens tokens
-   over that time, is the limit for that batch on that machine: the same prompts and token
-   counts the server will serve, with no HTTP, scheduling, sampling or detokenisation. Median of
-   ``--raw-repeats`` runs after one warm-up run.
+2. **Raw batched forward** at batch B, in this process, while the server is idle: the B prompts
+   prefilled in one forward, then ``max_tokens - 1`` decode steps of all B sequences (greedy
+   argmax on the device, transformers' own ``DynamicCache``; on CUDA a ``StaticCache`` step
+   replayed as a CUDA graph unless ``--no-cuda-graphs``). Its rate, B x max_tokens tokens over
+   that time, is the limit for that batch on that machine: the same prompts and token counts the
+   server serves, with no HTTP, scheduling, sampling or detokenisation.
 3. Optionally (``--compare-library``), transformers' own continuous batching on the same
    prompts: ``generate_batch`` as one call, and a persistent ``ContinuousBatchingManager``
    (created, started and warmed up before the clock starts).
 4. **Served**: one real ``uvicorn server:app`` process (``LLM_ENGINE=transformers``, B slots)
    and B concurrent streaming chat clients in a closed loop (each starts its next request when
    its stream ends; starts staggered over one request's duration at the raw rate), sampling at
-   temperature 1. Tokens are counted as the clients receive them, in a window after warm-up.
+   temperature 1. Tokens are counted as the clients receive them, in windows after a warm-up.
 
-The last line is ``transformers engine: X tokens/s served at B streams, Y% of the raw batched
-forward (Z tokens/s)``. The clients share the machine with the server, as they would in the
-local mode; on a 2-core CPU they take a few percent of it.
+The speed of these shared machines drifts by tens of percent within minutes, so raw and served
+alternate: ``--rounds`` rounds of (one raw run, one served window of ``duration / rounds``), and
+a last raw run; Z is the median of the raw runs, X the served tokens over all windows. The last
+line is ``transformers engine: X tokens/s served at B streams, Y% of the raw batched forward
+(Z tokens/s)``. The clients share the machine with the server, as they would in local mode; on
+a 2-core CPU they take about 5% of one core.
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     g.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
                    help="auto: float32 on CPU, bfloat16 on CUDA")
-    g.add_argument("--raw-repeats", type=int, default=3)
+    g.add_argument("--rounds", type=int, default=3,
+                   help="served windows (--duration split between them), each after a raw run")
     g.add_argument("--no-cuda-graphs", action="store_true",
                    help="CUDA: eager raw loop, and LLM_CUDA_GRAPHS=off for the server")
     g.add_argument("--compare-library", action="store_true",
@@ -247,10 +250,8 @@ def start_server(env: dict[str, str], port: int, timeout: float) -> subprocess.P
     raise SystemExit(f"server did not become ready in {timeout:g} s")
 
 
-def serve(args: argparse.Namespace, model_dir: Path, device: str, dtype: str, text: str,
-          prompt_len: int, cycle: float) -> tuple[Load, float, dict]:
-    from server.bench import free_port
-
+def server_env(args: argparse.Namespace, model_dir: Path, device: str, dtype: str,
+               prompt_len: int) -> dict[str, str]:
     b, t = args.streams, args.max_tokens
     env = {"LLM_ENGINE": "transformers", "LLM_MODEL": str(model_dir),
            "LLM_SERVED_MODEL_NAME": "bench", "LLM_DEVICE": device, "LLM_DTYPE": dtype,
@@ -260,36 +261,32 @@ def serve(args: argparse.Namespace, model_dir: Path, device: str, dtype: str, te
            "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     if args.no_cuda_graphs:
         env["LLM_CUDA_GRAPHS"] = "off"
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    proc = start_server(env, port, timeout=900)
-    try:
-        body = {"model": "bench", "messages": [{"role": "user", "content": text}],
-                "max_tokens": t, "stream": True, "temperature": 1.0, "seed": 1}
-        load = Load()
-        warmup = args.warmup if args.warmup is not None else 1.5 * cycle
-        t0 = time.monotonic()
-        window = (t0 + warmup, t0 + warmup + args.duration)
+    return env
 
-        async def drive() -> None:
-            await asyncio.gather(*(
-                _client(base, body, load, i * cycle / b, window[1], window) for i in range(b)))
 
-        asyncio.run(drive())
-        card = httpx.get(base + "/v1/models", timeout=10).json()["data"][0]
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    return load, window[0], card
+def serve_round(base: str, body: dict, streams: int, cycle: float, warmup: float,
+                duration: float) -> tuple[Load, tuple[float, float]]:
+    """``streams`` closed-loop clients, starts staggered over ``cycle``; tokens are counted in
+    the window ``[warmup, warmup + duration]``; returns when every client's last stream ended
+    (the server is idle again)."""
+    load = Load()
+    t0 = time.monotonic()
+    window = (t0 + warmup, t0 + warmup + duration)
+
+    async def drive() -> None:
+        await asyncio.gather(*(_client(base, body, load, i * cycle / streams, window[1], window)
+                               for i in range(streams)))
+
+    asyncio.run(drive())
+    return load, window
 
 
 def main(args: argparse.Namespace) -> int:
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from server.bench import free_port
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -302,6 +299,9 @@ def main(args: argparse.Namespace) -> int:
         model_dir = Path(tmp.name)
     else:
         model_dir = args.model_dir
+    raws: list[float] = []
+    rounds: list[tuple[Load, tuple[float, float]]] = []
+    proc = None
     try:
         info = build_random_llama(model_dir, args.model_size, device=device, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -315,57 +315,82 @@ def main(args: argparse.Namespace) -> int:
               f"parameters, vocabulary {info['vocab']}), {dtype} on {where}; torch "
               f"{torch.__version__}, transformers {transformers.__version__}", flush=True)
         print(f"workload: batch/streams {b}, prompt {len(prompt)} tokens, {t} new tokens per "
-              f"request", flush=True)
+              f"request; raw batched forward = one prefill of {b}x{len(prompt)} tokens, then "
+              f"{t - 1} decode steps ({'CUDA graph' if graphs else 'eager'}), greedy on the "
+              f"device; served = {b} streaming chat clients in a closed loop, temperature 1",
+              flush=True)
+
+        def raw() -> tuple[float, float]:
+            prefill, decode = raw_batched(torch, model, prompt, b, t, device, graphs)
+            raws.append(b * t / (prefill + decode))
+            return raws[-1], decode / (t - 1) * 1e3
 
         raw_batched(torch, model, prompt, b, min(t, 16), device, graphs)  # warm-up
-        runs = [raw_batched(torch, model, prompt, b, t, device, graphs)
-                for _ in range(args.raw_repeats)]
-        full = sorted(b * t / (p + d) for p, d in runs)
-        decode = sorted(b * (t - 1) / d for _, d in runs)
-        step_ms = statistics.median(d / (t - 1) for _, d in runs) * 1e3
-        z = statistics.median(full)
-        print(f"raw batched forward (batch {b}: one prefill of {b}x{len(prompt)} tokens, then "
-              f"{t - 1} decode steps, {'CUDA graph' if graphs else 'eager'}): {z:.0f} tokens/s "
-              f"(median of {len(runs)}, range {full[0]:.0f}-{full[-1]:.0f}); decode steps "
-              f"alone {statistics.median(decode):.0f} tokens/s, {step_ms:.1f} ms per step",
-              flush=True)
         if args.compare_library:
-            for name, rate in library_rates(torch, model, prompt, b, t).items():
-                print(f"transformers {name}: {rate:.0f} tokens/s, {100 * rate / z:.0f}% of the "
-                      f"raw batched forward", flush=True)
-        del model
-        if device == "cuda":
-            torch.cuda.empty_cache()
+            rate, _ = raw()
+            for name, lib in library_rates(torch, model, prompt, b, t).items():
+                print(f"transformers {name}: {lib:.0f} tokens/s, {100 * lib / rate:.0f}% of "
+                      f"the raw batched forward ({rate:.0f} tokens/s, measured just before)",
+                      flush=True)
+            raws.clear()
 
-        cycle = t * b / z  # one request's duration at the raw rate
-        load, start, card = serve(args, model_dir, device, dtype, text, len(prompt), cycle)
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        proc = start_server(server_env(args, model_dir, device, dtype, len(prompt)), port,
+                            timeout=900)
+        body = {"model": "bench", "messages": [{"role": "user", "content": text}],
+                "max_tokens": t, "stream": True, "temperature": 1.0, "seed": 1}
+        per_round = args.duration / args.rounds
+        step_ms: list[float] = []
+        for r in range(args.rounds):
+            rate, ms = raw()  # while the server is idle
+            step_ms.append(ms)
+            cycle = t * b / rate  # one request's duration at the raw rate
+            warmup = args.warmup if args.warmup is not None else 1.5 * cycle
+            load, window = serve_round(base, body, b, cycle, warmup, per_round)
+            rounds.append((load, window))
+            got = sum(1 for s in load.stamps if window[0] <= s <= window[1]) / per_round
+            print(f"round {r + 1}: raw {rate:.0f} tokens/s, then served {got:.0f} tokens/s "
+                  f"({100 * got / rate:.0f}%)", flush=True)
+        rate, ms = raw()
+        step_ms.append(ms)
+        card = httpx.get(base + "/v1/models", timeout=10).json()["data"][0]
+        del model
     finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
         if tmp is not None:
             tmp.cleanup()
 
-    end = start + args.duration
-    stamps = sorted(s for s in load.stamps if start <= s <= end)
-    if not stamps:
-        print("no tokens received in the window; errors:", load.errors[:5])
-        return 1
-    x = len(stamps) / args.duration
-    parts = 5
-    span = args.duration / parts
-    slices = [sum(1 for s in stamps if start + i * span <= s < start + (i + 1) * span) / span
-              for i in range(parts)]
-    ttft = f"{statistics.median(load.ttft) * 1e3:.0f} ms" if load.ttft else "n/a"
-    print(f"served: {len(stamps)} tokens in {args.duration:g} s ({x:.0f} tokens/s; per "
-          f"{span:g} s slice {min(slices):.0f}-{max(slices):.0f}), {load.requests} requests "
-          f"completed in the window, TTFT median {ttft}, errors {len(load.errors)}", flush=True)
+    z = statistics.median(raws)
+    print(f"raw batched forward: {z:.0f} tokens/s (median of {len(raws)} runs bracketing the "
+          f"served rounds, range {min(raws):.0f}-{max(raws):.0f}), "
+          f"{statistics.median(step_ms):.1f} ms per decode step", flush=True)
+    tokens = sum(sum(1 for s in load.stamps if w[0] <= s <= w[1]) for load, w in rounds)
+    x = tokens / args.duration
+    ttft = [v for load, _ in rounds for v in load.ttft]
+    errors = [e for load, _ in rounds for e in load.errors]
+    done = sum(load.requests for load, _ in rounds)
+    ttft_text = f"{statistics.median(ttft) * 1e3:.0f} ms" if ttft else "n/a"
+    print(f"served: {tokens} tokens in {args.rounds} windows of {per_round:g} s ({x:.0f} "
+          f"tokens/s), {done} requests completed inside them, TTFT median {ttft_text}, "
+          f"errors {len(errors)}", flush=True)
     stats = card.get("batching")
     if stats:
         step = stats["decode_seconds"] / max(1, stats["decode_steps"]) * 1e3
         print(f"engine (whole run): {stats['decode_steps']} decode steps, mean batch "
-              f"{stats['mean_decode_batch']}, {step:.1f} ms per decode step (raw: "
-              f"{step_ms:.1f} ms), {stats['prefill_steps']} prefill steps, CUDA graphs "
-              f"captured {stats['cuda_graphs_captured']}", flush=True)
-    if load.errors:
-        print("errors (first 3):", *load.errors[:3], sep="\n  ")
+              f"{stats['mean_decode_batch']}, {step:.1f} ms per decode step, "
+              f"{stats['prefill_steps']} prefill steps, CUDA graphs captured "
+              f"{stats['cuda_graphs_captured']}", flush=True)
+    if errors:
+        print("errors (first 3):", *errors[:3], sep="\n  ")
+    if not tokens:
+        print("no tokens were served in the windows")
+        return 1
     print(f"transformers engine: {x:.0f} tokens/s served at {b} streams, {100 * x / z:.0f}% of "
           f"the raw batched forward ({z:.0f} tokens/s)")
-    return 0 if not load.errors else 1
+    return 0 if not errors else 1

@@ -9,7 +9,8 @@ One thread owns the model. Each iteration of its loop is one *step*:
    always at least one prompt), each sampling its first token;
 3. **decode**: one forward over every running sequence (the ones just prefilled included), one
    new token each, sampled on the device (:mod:`server.engines.sampling`);
-4. hand the step's tokens, already detokenised, to the event loop in one callback.
+4. hand the tokens, already detokenised, to the event loop in one callback per pass (the
+   first tokens of new sequences right after their prefill, the rest after the decode).
 
 Sequences join and leave only at step boundaries (continuous batching). Prefill is separate from
 decode, not chunked: on a CPU a step's time grows with the tokens it computes whichever way

@@ -10,6 +10,8 @@ import time
 import httpx
 import pytest
 
+from .support import wait_ready
+
 SLOW = {"LLM_ENGINE": "sim", "LLM_SIM_PREFILL_BASE_MS": "1", "LLM_SIM_PREFILL_MS_PER_TOKEN": "0",
         "LLM_SIM_DECODE_BASE_MS": "50", "LLM_SIM_DECODE_MS_PER_SEQ": "0"}
 
@@ -117,8 +119,10 @@ def _transformers(model_dir, drain_seconds: str) -> dict:
                          [("30", 100, "length"), ("0.3", 400, "abort")])
 def test_transformers_engine_drains(server_process, small_llama_dir, drain_seconds: str,
                                     max_tokens: int, finish: str) -> None:
-    # ~23 M parameters: each token is a real forward pass (over 10 ms on these CPUs)
-    sp = server_process(_transformers(small_llama_dir, drain_seconds))
+    # ~23 M parameters: each token is a real forward pass (over 10 ms on these CPUs). Loading
+    # torch, transformers and the model can take long on a busy 2-core machine.
+    sp = server_process(_transformers(small_llama_dir, drain_seconds), wait=False)
+    wait_ready(sp.base_url, timeout=240, proc=sp.proc)
     reader = StreamReader(sp.base_url, max_tokens=max_tokens, model="small")
     reader.start()
     assert reader.first_token.wait(30)

@@ -54,9 +54,11 @@ _FALLBACK_TEMPLATE = (
     "{% if add_generation_prompt %}assistant:{% endif %}"
 )
 
-CHECK_TOLERANCE = {"float32": 1e-3, "float16": 5e-2, "bfloat16": 5e-2}
+CHECK_TOLERANCE = {"float32": 1e-3, "float16": 0.1, "bfloat16": 0.1}
 """Largest logit difference (relative to the largest logit) between the batched path and the
-model's own forward that the load-time check accepts, per weight dtype."""
+model's own forward that the load-time check accepts, per weight dtype. Measured on the 23 M
+random model on a CPU: float32 ~1e-6, float16 ~1e-3, bfloat16 ~1e-2 (rounding grows with depth,
+hence the margin); a model that ignores the engine's cache is off by far more than 0.1."""
 
 
 class TransformersEngine(Engine):
@@ -143,7 +145,7 @@ class TransformersEngine(Engine):
                         eos=frozenset(eos), cache_arg=cache_arg, cuda_graphs=graphs)
         probe = list(tokenizer("The engine checks itself.")["input_ids"])[: limit // 2] or [0]
         worst = loop.check_against_model(probe)
-        tolerance = CHECK_TOLERANCE.get(str(dtype).removeprefix("torch."), 5e-2)
+        tolerance = CHECK_TOLERANCE.get(str(dtype).removeprefix("torch."), 0.1)
         if worst > tolerance:
             raise RuntimeError(
                 f"{s.model}: the batched engine's logits differ from the model's own forward by "

@@ -1,6 +1,12 @@
-"""Benchmark the sim engine against its own latency model.
+"""Benchmark one server replica: the sim engine against its latency model (default), or the
+transformers engine against the raw batched forward of its model (``--engine transformers``,
+see server/bench_transformers.py).
 
     python -m server.bench [--streams 256] [--max-tokens 64] [--prompt-tokens 200]
+    python -m server.bench --engine transformers [--streams 8] [--model-size 20m|1b]
+        [--device cpu|cuda] [--compare-library]
+
+Sim mode:
 
 Starts ONE real ``uvicorn server:app`` process (sim engine) on 127.0.0.1, holds ``--streams``
 concurrent streaming chat requests against it from async httpx clients (closed loop: each client
@@ -38,6 +44,7 @@ from pathlib import Path
 import httpx
 
 from local.procs import run_command, spawn
+from server import bench_transformers
 from server.engines.profile import Profile
 from server.engines.sim import sim_chat_prompt, sim_tokenize
 from server.settings import from_env
@@ -244,12 +251,17 @@ def run(args: argparse.Namespace, base: str, body: dict, cycle: float, think: fl
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m server.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--streams", type=int, default=256,
-                    help="concurrent streaming requests held open (default 256)")
-    ap.add_argument("--max-tokens", type=int, default=64,
-                    help="tokens generated per request (default 64)")
-    ap.add_argument("--prompt-tokens", type=int, default=200, help="approximate prompt size")
-    ap.add_argument("--duration", type=float, default=15.0, help="measured seconds")
+    ap.add_argument("--engine", choices=("sim", "transformers"), default="sim",
+                    help="the engine served: sim (default) or transformers (a random-weight "
+                         "Llama built here, no download)")
+    ap.add_argument("--streams", type=int, default=None,
+                    help="concurrent streams (default: sim 256, transformers 8)")
+    ap.add_argument("--max-tokens", type=int, default=None,
+                    help="tokens per request (default: sim 64, transformers 128)")
+    ap.add_argument("--prompt-tokens", type=int, default=None,
+                    help="approximate prompt size (default: sim 200, transformers 64)")
+    ap.add_argument("--duration", type=float, default=None,
+                    help="measured seconds (default: sim 15, transformers 30)")
     ap.add_argument("--warmup", type=float, default=None, help="default: 1.2 request cycles")
     ap.add_argument("--tolerance", type=float, default=0.10,
                     help="largest |measured/predicted - 1| that passes (default 0.10)")
@@ -257,8 +269,16 @@ def main(argv: list[str] | None = None) -> int:
                     help="clients pause uniform(0, think) between requests; default: one "
                          "decode step at full load, from the model")
     ap.add_argument("--client-procs", type=int, default=2,
-                    help="client processes sharing the streams")
+                    help="sim: client processes sharing the streams")
+    bench_transformers.add_arguments(ap)
     args = ap.parse_args(argv)
+    tf = args.engine == "transformers"
+    for name, sim_default, tf_default in (("streams", 256, 8), ("max_tokens", 64, 128),
+                                          ("prompt_tokens", 200, 64), ("duration", 15.0, 30.0)):
+        if getattr(args, name) is None:
+            setattr(args, name, tf_default if tf else sim_default)
+    if tf:
+        return bench_transformers.main(args)
 
     # Sim parameters: the server defaults unless LLM_SIM_* (a profile, overrides, a time
     # dilation) are set in the environment.

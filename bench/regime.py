@@ -1,8 +1,8 @@
 """Which regime are you in: the balancing comparison in the CPU regime and the GPU regime, in the
 discrete-event model (bench/des.py), with intervals over seeds.
 
-``python -m bench.regime [--regimes cpu,gpu] [--seeds 20] [--workloads standalone,sessions]
-[--out FILE]`` replays, per regime, workload, load and seed, one seeded trace through every
+``python -m bench regime [--regimes cpu,gpu] [--seeds 20] [--workloads standalone,sessions]
+[--out DIR]`` replays, per regime, workload, load and seed, one seeded trace through every
 dispatcher below and prints (and writes as Markdown) the p50 and p99 TTFT, the prefix-cache hit
 rate and the ratios the docs quote, each as the median over seeds with a 95 % interval of that
 median (order statistics: the interval holds the median of the ratio's distribution over traces
@@ -23,7 +23,7 @@ request rate the replicas sustain with every one of them holding its full batch 
 is a fraction of it. In the GPU regime nothing queues until the batches fill, so the points that
 matter are up to the edge: 50 %, 80 % and 95 %.
 
-``python -m bench.regime headroom`` measures, live, whether this machine keeps a dilated
+``python -m bench regime headroom`` measures, live, whether this machine keeps a dilated
 GPU-regime run's timing (see ``headroom``). Pure computation otherwise (no servers); run it under
 ``flock -s``.
 """
@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import des, trace
-from bench.command import shown
+from bench.command import OUT, OUT_HELP, shown
 from bench.dispatch import Epp, Nginx, epp_block_hashes, epp_prompt_text
 from bench.simmodel import SimModel
 from bench.stats import percentile
@@ -80,8 +80,8 @@ REGIMES = {
                    what="prod at maxReplicas: 4 replicas of h200-llama8b, max_num_seqs 128"),
 }
 
-DEFAULT_OUT = Path(__file__).resolve().parent.parent / "build" / "regime-results.md"
-"""Where the report goes without --out (build/ is not tracked)."""
+REPORT = "regime-results.md"
+"""The report's file name in the --out folder (default build/bench/, ignored by git)."""
 
 LIMIT = "limit"
 WORKLOADS = {"standalone": trace.Workload(), "sessions": trace.Workload(sessions=True)}
@@ -391,7 +391,7 @@ def report(studies: Sequence[Study], seeds: Sequence[int], command: str) -> str:
 
 
 def headroom(argv: Sequence[str]) -> int:
-    """``python -m bench.regime headroom [--profile h200-llama8b] [--max-num-seqs 128]
+    """``python -m bench regime headroom [--profile h200-llama8b] [--max-num-seqs 128]
     [--replicas 2] [--dilations 2,4,8] [--seconds 15]``: local-mode sim replicas of a continuous
     profile at each time dilation D, closed loop at full batch through local mode's nginx (one
     client process, as a benchmark runs), against the model's capacity for the same batch: the
@@ -403,12 +403,16 @@ def headroom(argv: Sequence[str]) -> int:
     from bench.ports import free_ports
     from local.cluster import LocalCluster
 
-    ap = argparse.ArgumentParser(prog="python -m bench.regime headroom", description=headroom.__doc__)
-    ap.add_argument("--profile", default="h200-llama8b")
-    ap.add_argument("--max-num-seqs", type=int, default=128)
-    ap.add_argument("--replicas", type=int, default=2)
-    ap.add_argument("--dilations", default="2,4,8")
-    ap.add_argument("--seconds", type=float, default=15.0)
+    ap = argparse.ArgumentParser(prog="python -m bench regime headroom",
+                                 description=headroom.__doc__)
+    ap.add_argument("--profile", default="h200-llama8b", help="latency profile (default h200-llama8b)")
+    ap.add_argument("--max-num-seqs", type=int, default=128,
+                    help="the profile's max_num_seqs (default 128, prod's maxConcurrency)")
+    ap.add_argument("--replicas", type=int, default=2, help="sim replicas (default 2)")
+    ap.add_argument("--dilations", default="2,4,8",
+                    help="time dilations to try, comma-separated (default 2,4,8)")
+    ap.add_argument("--seconds", type=float, default=15.0,
+                    help="measured seconds per dilation (default 15)")
     args = ap.parse_args(argv)
     wl = WORKLOADS["standalone"]
     base = SimModel.named(args.profile, 1.0, args.max_num_seqs)
@@ -433,7 +437,7 @@ def headroom(argv: Sequence[str]) -> int:
 
 
 def beside(argv: Sequence[str]) -> int:
-    """``python -m bench.regime beside [--capacity 9.74] [--sessions-capacity 9.08] [--seed 1]
+    """``python -m bench regime beside [--capacity 9.74] [--sessions-capacity 9.08] [--seed 1]
     [--load 0.8]``: the endpoint picker's rows for docs/load-balancing.md's measured table, on
     the very trace the full run measured (cpu-sim, 4 replicas, 290 s, the first 30 s dropped,
     the capacities it measured), with the same intervals (moving-block bootstrap over requests,
@@ -441,11 +445,15 @@ def beside(argv: Sequence[str]) -> int:
     from bench import ci
     from bench.balance_report import _ms, _x
 
-    ap = argparse.ArgumentParser(prog="python -m bench.regime beside", description=beside.__doc__)
-    ap.add_argument("--capacity", type=float, default=9.74)
-    ap.add_argument("--sessions-capacity", type=float, default=9.08)
-    ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--load", type=float, default=0.8)
+    ap = argparse.ArgumentParser(prog="python -m bench regime beside",
+                                 description=beside.__doc__)
+    ap.add_argument("--capacity", type=float, default=9.74,
+                    help="standalone requests/s the full run measured (default 9.74)")
+    ap.add_argument("--sessions-capacity", type=float, default=9.08,
+                    help="sessions requests/s the full run measured (default 9.08)")
+    ap.add_argument("--seed", type=int, default=1, help="the full run's trace seed (default 1)")
+    ap.add_argument("--load", type=float, default=0.8,
+                    help="fraction of the capacity (default 0.8)")
     args = ap.parse_args(argv)
     r = REGIMES["cpu"]
     model = r.model()
@@ -480,15 +488,17 @@ def main(argv: list[str] | None = None) -> int:
         return headroom(args_in[1:])
     if args_in[:1] == ["beside"]:
         return beside(args_in[1:])
-    ap = argparse.ArgumentParser(prog="python -m bench.regime", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m bench regime", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--regimes", default="cpu,gpu")
-    ap.add_argument("--seeds", type=int, default=20)
-    ap.add_argument("--workloads", default="standalone,sessions")
+    ap.add_argument("--regimes", default="cpu,gpu",
+                    help=f"comma-separated, of {', '.join(REGIMES)} (default cpu,gpu)")
+    ap.add_argument("--seeds", type=int, default=20,
+                    help="traces per cell, seeds 1..N (default 20)")
+    ap.add_argument("--workloads", default="standalone,sessions",
+                    help="comma-separated, of standalone,sessions (default both)")
     ap.add_argument("--duration", type=float, default=None,
                     help="trace seconds per cell, instead of each regime's")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                    help="write the Markdown report here (default build/regime-results.md)")
+    ap.add_argument("--out", type=Path, default=OUT, help=OUT_HELP)
     args = ap.parse_args(args_in)
     names = [x for x in args.regimes.split(",") if x]
     bad = [x for x in names if x not in REGIMES]
@@ -507,11 +517,11 @@ def main(argv: list[str] | None = None) -> int:
             from dataclasses import replace
             r = replace(r, duration=args.duration, warmup=min(r.warmup, args.duration / 4))
         studies.append(study(r, seeds, wls, say=lambda m: print(m, flush=True)))
-    text = report(studies, seeds, shown("python -m bench.regime", args_in))
+    text = report(studies, seeds, shown("python -m bench regime", args_in))
     print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text + "\n")
-    print(f"wrote {args.out}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / REPORT).write_text(text + "\n")
+    print(f"wrote {args.out / REPORT}")
     return 0
 
 

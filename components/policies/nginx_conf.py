@@ -317,10 +317,12 @@ def nginx_conf(
         "    server {",
         *_listen_lines(bind, tls_certificate, tls_key),
         f"        client_max_body_size {policy.client_max_body_size};",
-        # $request_body (the body key, the model) exists only while the body fits one memory
-        # buffer.
-        *([f"        client_body_buffer_size {policy.client_max_body_size};"]
-          if body_key or routes is not None else []),
+        # Every accepted body stays in one memory buffer (allocated at the body's size, not
+        # this one): a body written to a temporary file (nginx's default beyond 8-16k) reaches
+        # the replica in a second small write that waits ~40 ms for a delayed ACK (measured:
+        # docs/load-balancing.md, "Request bodies"); and $request_body (the body key, the model)
+        # exists only while the body is in memory.
+        f"        client_body_buffer_size {policy.client_max_body_size};",
         "        # Event streams must leave as they are produced; compression would batch them.",
         "        gzip off;",
         "",

@@ -40,12 +40,12 @@ def test_sessions_jobs_carry_keys_the_session_and_epp_hashes() -> None:
 def test_a_short_study_prints_every_target_and_the_headline_ratios(capsys, tmp_path) -> None:
     from bench.__main__ import main as bench_main
 
-    report = tmp_path / "r.md"
     assert bench_main(["regime", "--regimes", "cpu", "--seeds", "2", "--duration", "40",
-                       "--workloads", "standalone", "--out", str(report)]) == 0
+                       "--workloads", "standalone", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "| standalone | 80% | EPP (model) |" in report.read_text()
-    assert regime.DEFAULT_OUT.parent.name == "build"
+    report = (tmp_path / regime.REPORT).read_text()
+    assert "| standalone | 80% | EPP (model) |" in report
+    assert "`python -m bench regime --regimes cpu --seeds 2 --duration 40" in report
     for label in ("limit (model)", "least_conn x2 (model)", "EPP (model)",
                   "EPP + flow control (model)"):
         assert f"| standalone | 80% | {label} |" in out

@@ -525,5 +525,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+if __name__ == "__main__":  # `headroom` starts replicas and nginx: stop them on a signal
+    from local.procs import run_command
+
+    raise SystemExit(run_command(main, what="python -m bench regime"))

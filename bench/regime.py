@@ -350,12 +350,14 @@ def timeouts(s: Study) -> list[str]:
     """What the read timeout must cover in this regime: the longest wait for a first token
     (a stream's longest silence before its first event) and the slowest generation per output
     token (a non-streamed answer sends nothing until it is done), worst over seeds, at each
-    load: over the NGINX targets (what the Ingress path deploys) and over the endpoint
-    picker's, separately."""
+    load: over the NGINX targets (what the Ingress path deploys), the endpoint picker's and
+    the picker's with flow control (which the Gateway stack does not enable), separately."""
     out = []
     for (wname, load), per_seed in s.runs.items():
         for group, pick in (("NGINX targets", lambda k: not k.startswith("EPP")),
-                            ("endpoint picker", lambda k: k.startswith("EPP"))):
+                            ("endpoint picker", lambda k: k == "EPP"),
+                            ("endpoint picker with flow control",
+                             lambda k: k == "EPP + flow control")):
             runs = [r for cell in per_seed for k, r in cell.items() if pick(k)]
             if not runs:
                 continue

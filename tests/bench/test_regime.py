@@ -51,7 +51,9 @@ def test_a_short_study_prints_every_target_and_the_headline_ratios(capsys, tmp_p
         assert f"| standalone | 80% | {label} |" in out
     assert "cpu standalone 80%: round_robin / least_conn p99:" in out
     assert "worst over seeds and the NGINX targets" in out
-    assert "worst over seeds and the endpoint picker" in out
+    assert "worst over seeds and the endpoint picker (" not in out
+    assert "worst over seeds and the endpoint picker\n" in out
+    assert "worst over seeds and the endpoint picker with flow control" in out
     with pytest.raises(SystemExit):
         regime.main(["--regimes", "tpu"])
 

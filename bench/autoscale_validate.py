@@ -86,13 +86,18 @@ class Figures:
 
 PHASES = 8
 """The model runs each live run at this many phases of the poll and scrape clocks (a live
-run's autoscaler and Prometheus start anywhere in their intervals): its range is the model's
-band for that run."""
+run's autoscaler and Prometheus start anywhere in their intervals, independently): its range
+is the model's band for that run."""
+
+
+def phases(k: int) -> tuple[float, float]:
+    """The k-th (poll, scrape) phase pair: both clocks stratified over [0, 1), not aligned."""
+    return k / PHASES, ((3 * k + 1) % PHASES + 0.5) / PHASES
 
 
 def modelled(setting: Setting, shape_name: str, factor: float, capacity: float, seed: int,
              load_s: float, start_s: float, model: SimModel, slo_s: float, title: str = "",
-             phase: float = 0.0) -> tuple[Figures, des_autoscale.Outcome]:
+             phase: tuple[float, float] = (0.0, 0.5)) -> tuple[Figures, des_autoscale.Outcome]:
     """The model of one live run (same trace, same clocks)."""
     from bench.autoscale import MAX_REPLICAS, policy_for
 
@@ -100,7 +105,7 @@ def modelled(setting: Setting, shape_name: str, factor: float, capacity: float, 
     trace = build(shape, factor, capacity, seed, texts=False)
     salt = len(sim_tokenize(title)) if title else 0  # the client prefixes the run's title
     jobs = [des.Job(r.arrival, r.prompt_tokens + salt, r.max_tokens) for r in trace.requests]
-    timing = des_autoscale.live_timing(load_s, factor, start_s, phase=phase)
+    timing = des_autoscale.live_timing(load_s, factor, start_s, phases=phase)
     params = model.des_params(1)
     if setting.autoscaled:
         policy = policy_for(setting, factor)
@@ -146,7 +151,7 @@ def model_band(setting: Setting, shape_name: str, factor: float, capacity: float
                ) -> list[Figures]:
     """The model of one live run at `PHASES` phases of the poll and scrape clocks."""
     return [modelled(setting, shape_name, factor, capacity, seed, load_s, start_s, model, slo_s,
-                     title, k / PHASES)[0] for k in range(PHASES)]
+                     title, phases(k))[0] for k in range(PHASES)]
 
 
 def _row(name: str, fig: Figures) -> str:
@@ -178,10 +183,85 @@ HEAD = ("| run | requests | TTFT ≤ objective | replica-s | surge → added ser
         "max replicas | failed |\n|---|---|---|---|---|---|---|")
 
 
+def peak_event_rate(run: object, window_s: float = 10.0) -> float:
+    """Most streamed tokens per wall second over `window_s` windows (each request's tokens
+    spread evenly between its first and last), what the machine had to deliver."""
+    records = [r for r in run.records if r.first is not None and r.last is not None]  # type: ignore[attr-defined]
+    if not records:
+        return 0.0
+    t0 = min(r.first for r in records)
+    bins: dict[int, float] = {}
+    for r in records:
+        span = max(r.last - r.first, 1e-9)
+        a, b = r.first - t0, r.last - t0
+        k = int(a // window_s)
+        while k * window_s <= b:
+            lo, hi = max(a, k * window_s), min(b, (k + 1) * window_s)
+            bins[k] = bins.get(k, 0.0) + r.tokens * max(0.0, hi - lo) / span
+            k += 1
+    return max(bins.values()) / window_s
+
+
+def live_record(args: argparse.Namespace, command: str, model: SimModel) -> dict:
+    """Run every setting live; the record the model is then compared with."""
+    from bench.autoscale import measure_capacity, run_one
+
+    shape = SHAPES[args.trace]
+    cap = measure_capacity(model, 10.0, args.seed)
+    record: dict = {"command": command, "capacity": cap, "factor": args.factor,
+                    "seed": args.seed, "trace": args.trace, "profile": args.profile,
+                    "time_dilation": args.time_dilation, "max_num_seqs": args.max_num_seqs,
+                    "load_s": args.load, "slo": args.slo, "runs": []}
+    overheads = []
+    for i, setting in enumerate(args.settings, 1):
+        title = f"{i}/{len(args.settings)} {shape.name} {setting.name} load {args.load:g}s"
+        print(f"run {title}: {shape.seconds / args.factor:.0f} s wall", flush=True)
+        run = run_one(setting, shape, args.load, args.factor, cap, model, args.seed, title)
+        fig = live_figures(run, args.slo * args.time_dilation)
+        peak = peak_event_rate(run)
+        print(f"  live: {_row(setting.name, fig)}; 429s {run.rejected_429}; peak "
+              f"{peak:,.0f} tokens/s wall", flush=True)
+        overheads += start_overheads(run, args.load / args.factor)
+        record["runs"].append({
+            "setting": setting.name, "spec": args.spec[i - 1], "title": title,
+            "live": fig.__dict__, "rejected_429": run.rejected_429, "peak_tokens_per_s": peak,
+            "live_events": [(round(t * args.factor, 1), k, i) for t, k, i in run.events],
+            "live_ttft": [r.ttft if r.ok else None for r in run.records]})
+    record["start_overheads"] = overheads
+    return record
+
+
+def model_record(record: dict, start_s: float | None) -> tuple[list[str], dict]:
+    """Model every run of a live record; the comparison table's rows."""
+    overheads = record.get("start_overheads", [])
+    start = start_s if start_s is not None else (
+        statistics.median(x / k for x, k in overheads) if overheads else 0.0)
+    print(f"replica process start (added -> serving, less the load; replicas loading), wall "
+          f"s: {', '.join(f'{x:.2f} ({k})' for x, k in overheads) or 'none'}; the model uses "
+          f"{start:.2f} per replica loading", flush=True)
+    record["start_s"] = start
+    model = model_for(record["profile"], record["time_dilation"], record["max_num_seqs"])
+    lines = []
+    for run in record["runs"]:
+        setting = parse_setting(run["spec"])
+        live = Figures(**run["live"])
+        args = (setting, record["trace"], record["factor"], record["capacity"], record["seed"],
+                record["load_s"], start, model, record["slo"], run["title"])
+        band = model_band(*args)
+        _, out = modelled(*args)
+        run["model"] = [f.__dict__ for f in band]
+        run["model_events"] = [(round(t * record["factor"], 1), k, i)
+                               for t, k, i in out.scaler.events]
+        run["model_ttft"] = [None if math.isnan(x) else x for x in out.result.ttft]
+        lines += [_row(f"live {setting.name}", live),
+                  _band_row(f"model {setting.name}", band, live)]
+    return lines, record
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.autoscale_validate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("settings", nargs="+", type=parse_setting)
+    ap.add_argument("settings", nargs="*")
     ap.add_argument("--trace", choices=sorted(SHAPES), default="surge")
     ap.add_argument("--factor", type=float, default=10.0)
     ap.add_argument("--seed", type=int, default=7)
@@ -198,70 +278,54 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--start-s", type=float, default=None,
                     help="a replica process's start in wall seconds (default: measured in the "
                          "live runs; required with --model-only)")
+    ap.add_argument("--live-only", action="store_true",
+                    help="run live and save the record; model it later with --from")
+    ap.add_argument("--from", dest="source", type=Path, default=None,
+                    help="model the runs of a record saved by --live-only")
     ap.add_argument("--out", type=Path, default=Path("build") / "autoscale-validate")
     args = ap.parse_args(argv)
     command = shown("python -m bench.autoscale_validate", sys.argv[1:] if argv is None else argv)
+    args.spec = args.settings
+    try:
+        args.settings = [parse_setting(x) for x in args.settings]
+    except argparse.ArgumentTypeError as exc:
+        ap.error(str(exc))
+    if args.source is None and not args.settings:
+        ap.error("name the settings to run (or --from a saved record)")
+    if args.model_only and (args.capacity is None or args.start_s is None):
+        ap.error("--model-only needs --capacity and --start-s")
     try:
         model = model_for(args.profile, args.time_dilation, args.max_num_seqs)
     except ValueError as exc:
         ap.error(str(exc))
-    if args.model_only and (args.capacity is None or args.start_s is None):
-        ap.error("--model-only needs --capacity and --start-s")
-    print(f"{command}\nreplicas: {model.describe()}; compressed {args.factor:g}x", flush=True)
-    lines = [HEAD]
+    print(command, flush=True)
     if args.model_only:
-        for i, setting in enumerate(args.settings, 1):
+        lines = [HEAD]
+        for setting in args.settings:
             band = model_band(setting, args.trace, args.factor, args.capacity, args.seed,
                               args.load, args.start_s, model, args.slo)
             lines.append(_band_row(f"model {setting.name}", band))
         print("\n".join(lines))
         return 0
-
-    from bench.autoscale import measure_capacity, run_one
-
     started = time.monotonic()
-    shape = SHAPES[args.trace]
-    cap = measure_capacity(model, 10.0, args.seed)
-    live, overheads = [], []
-    for i, setting in enumerate(args.settings, 1):
-        title = f"{i}/{len(args.settings)} {shape.name} {setting.name} load {args.load:g}s"
-        print(f"run {title}: {shape.seconds / args.factor:.0f} s wall", flush=True)
-        run = run_one(setting, shape, args.load, args.factor, cap, model, args.seed, title)
-        live.append((setting, title, run))
-        overheads += start_overheads(run, args.load / args.factor)
-        fig = live_figures(run, args.slo * args.time_dilation)
-        print(f"  live: {_row(setting.name, fig)}; 429s {run.rejected_429}", flush=True)
-    start_s = args.start_s if args.start_s is not None else (
-        statistics.median(x / k for x, k in overheads) if overheads else 0.0)
-    print(f"replica process start (added -> serving, less the load; replicas loading), wall s: "
-          f"{', '.join(f'{x:.2f} ({k})' for x, k in overheads) or 'none'}; model uses "
-          f"{start_s:.2f} per replica loading")
-    record = {"command": command, "capacity": cap, "factor": args.factor, "seed": args.seed,
-              "profile": args.profile, "time_dilation": args.time_dilation,
-              "max_num_seqs": args.max_num_seqs, "load_s": args.load, "start_s": start_s,
-              "start_overheads": overheads, "runs": []}
-    for setting, title, run in live:
-        lf = live_figures(run, args.slo * args.time_dilation)
-        band = model_band(setting, args.trace, args.factor, cap, args.seed, args.load, start_s,
-                          model, args.slo, title)
-        _, out = modelled(setting, args.trace, args.factor, cap, args.seed, args.load, start_s,
-                          model, args.slo, title)
-        lines += [_row(f"live {setting.name}", lf), _band_row(f"model {setting.name}", band, lf)]
-        record["runs"].append({
-            "setting": setting.name, "live": lf.__dict__, "model": [f.__dict__ for f in band],
-            "rejected_429": run.rejected_429,
-            "live_events": [(round(t * args.factor, 1), k, i) for t, k, i in run.events],
-            "model_events": [(round(t * args.factor, 1), k, i) for t, k, i in out.scaler.events],
-            "live_ttft": [r.ttft if r.ok else None for r in run.records],
-            "model_ttft": [None if math.isnan(x) else x for x in out.result.ttft],
-        })
-    table = "\n".join(lines)
-    print(f"\ncapacity {cap:.3f} requests/s wall; {time.monotonic() - started:.0f} s\n{table}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    name = (f"{args.profile}-x{args.factor:g}-d{args.time_dilation:g}-seed{args.seed}-"
-            + "-".join(s.name for s in args.settings))
-    (args.out / f"{name}.json").write_text(json.dumps(record))
-    print(f"wrote {args.out / (name + '.json')}")
+    if args.source is not None:
+        record = json.loads(args.source.read_text())
+        path = args.source
+    else:
+        print(f"replicas: {model.describe()}; compressed {args.factor:g}x", flush=True)
+        record = live_record(args, command, model)
+        args.out.mkdir(parents=True, exist_ok=True)
+        name = (f"{args.profile}-x{args.factor:g}-d{args.time_dilation:g}-seed{args.seed}-"
+                + "-".join(s.name for s in args.settings))
+        path = args.out / f"{name}.json"
+        path.write_text(json.dumps(record))
+        print(f"wrote {path} ({time.monotonic() - started:.0f} s)", flush=True)
+        if args.live_only:
+            return 0
+    lines, record = model_record(record, args.start_s)
+    path.write_text(json.dumps(record))
+    print(f"\n`{record['command']}`: capacity {record['capacity']:.3f} requests/s wall\n"
+          + "\n".join([HEAD, *lines]))
     return 0
 
 

@@ -68,29 +68,34 @@ class Timing:
     """How often a ready replica is admitted and a drained one reaped (local mode: 0.2 s)."""
     lookback_s: float = 300.0
     """PromQL's lookback for an instant selector (a series with no sample this recent is gone)."""
-    phase: float = 0.0
-    """Where in its interval the first poll and the first scrape fall, as a fraction in [0, 1):
-    a live run's autoscaler and Prometheus start at no fixed point of the trace."""
+    poll_phase: float = 0.0
+    """Where in its interval the first poll falls, as a fraction in [0, 1): an autoscaler
+    starts at no fixed point of the trace."""
+    scrape_phase: float = 0.0
+    """Where in its interval the first scrape falls: Prometheus's clock is its own, so the
+    sample a poll reads is up to one scrape interval old."""
 
     def __post_init__(self) -> None:
         for name in ("scrape_s", "targets_s", "housekeeping_s", "lookback_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"Timing.{name} must be positive, got {getattr(self, name)!r}")
-        if not 0 <= self.phase < 1:
-            raise ValueError(f"Timing.phase must be in [0, 1), got {self.phase!r}")
+        for name in ("poll_phase", "scrape_phase"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"Timing.{name} must be in [0, 1), got {getattr(self, name)!r}")
         if self.load_s < 0 or self.start_s < 0:
             raise ValueError(f"Timing.load_s and start_s must be >= 0, got {self.load_s!r}, "
                              f"{self.start_s!r}")
 
 
 def live_timing(load_s: float, factor: float, start_wall_s: float,
-                scrape_s: float = 15.0, phase: float = 0.0) -> Timing:
+                scrape_s: float = 15.0, phases: tuple[float, float] = (0.0, 0.0)) -> Timing:
     """The timing of a live `python -m bench autoscale` run on its wall clock: load and scrape
     compressed by `factor` (its scrape interval has a 0.25 s floor), the process start
-    (`start_wall_s` per replica starting at the time) not."""
+    (`start_wall_s` per replica starting at the time) not; `phases` are the poll's and the
+    scrape's."""
     return Timing(load_s=load_s / factor, start_s=start_wall_s, start_shared=True,
                   scrape_s=max(0.25, scrape_s / factor), targets_s=5.0, housekeeping_s=0.2,
-                  phase=phase)
+                  poll_phase=phases[0], scrape_phase=phases[1])
 
 
 @dataclass
@@ -155,8 +160,8 @@ class Autoscaler:
         self._targets: frozenset[int] = frozenset(range(initial))
         self._pending_targets: frozenset[int] | None = None
         self._clocks = {
-            "scrape": timing.phase * timing.scrape_s, "targets": math.inf, "house": 0.0,
-            "poll": timing.phase * policy.polling_interval_seconds if policy is not None
+            "scrape": timing.scrape_phase * timing.scrape_s, "targets": math.inf, "house": 0.0,
+            "poll": timing.poll_phase * policy.polling_interval_seconds if policy is not None
             else math.inf}
         self._mask = sum(1 << i for i in range(initial))
         self._gauges: des.Gauges = lambda _r: (0, 0)

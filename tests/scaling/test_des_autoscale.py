@@ -59,6 +59,18 @@ def test_a_step_surge_adds_replicas_at_the_poll_after_the_threshold_and_serves_a
     assert out.lost == 0
 
 
+def test_a_poll_reads_the_last_scraped_sample_not_the_replica_now():
+    # Scrapes at 2.5, 7.5, ..., 102.5, 107.5, ...; polls at 0, 15, ..., 105, 120. The burst at
+    # 103 is after the scrape of 102.5: the poll at 105 sees no queue; the one at 120 reads the
+    # scrape of 117.5.
+    timing = da.Timing(load_s=30.0, scrape_s=5.0, targets_s=5.0, housekeeping_s=1.0,
+                       scrape_phase=0.5)
+    out = da.simulate(burst(103.0, 5), ONE_SLOT, policy(target_waiting_per_replica=1), timing,
+                      end=200.0)
+    assert next(d for d in out.scaler.decisions if d.at == 105.0).metrics == (0.0, 0.0)
+    assert events(out, "added")[0] == 120.0
+
+
 def test_a_higher_waiting_target_asks_for_fewer_replicas():
     out = da.simulate(burst(101.0, 5), ONE_SLOT, policy(target_waiting_per_replica=2), TIMING,
                       end=200.0)
@@ -99,7 +111,8 @@ def shrinking() -> ScalingPolicy:
         scale_down_window_seconds=0)
 
 
-HALF = da.Timing(load_s=30.0, scrape_s=5.0, targets_s=5.0, housekeeping_s=1.0, phase=0.5)
+HALF = da.Timing(load_s=30.0, scrape_s=5.0, targets_s=5.0, housekeeping_s=1.0,
+                 poll_phase=0.5, scrape_phase=0.5)
 """Polls at 7.5, 22.5, ...; scrapes at 2.5, 7.5, ..."""
 
 
@@ -259,5 +272,5 @@ def test_the_trace_without_texts_is_the_same_trace():
 def test_bad_timing_is_refused_naming_the_field():
     with pytest.raises(ValueError, match="Timing.scrape_s"):
         da.Timing(load_s=1.0, scrape_s=0.0)
-    with pytest.raises(ValueError, match="Timing.phase"):
-        da.Timing(load_s=1.0, phase=1.0)
+    with pytest.raises(ValueError, match="Timing.scrape_phase"):
+        da.Timing(load_s=1.0, scrape_phase=1.0)

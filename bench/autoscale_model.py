@@ -227,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=None, help="run at most this many, then stop")
     ap.add_argument("--shard", default="1/1", help="K/N: only every N-th missing run, from K")
     ap.add_argument("--report-only", action="store_true", help="print what the cache holds")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="also write the table, with the command, to this Markdown file")
     args = ap.parse_args(argv)
     try:
         seeds = [int(x) for x in args.seeds.split(",") if x]
@@ -275,9 +277,27 @@ def main(argv: list[str] | None = None) -> int:
     left = len(todo) - len(mine)
     done = {c: sorted(rows, key=lambda r: r["seed"]) for c, rows in results.items() if rows}
     autoscaled = [c for c in done if not c.static]
-    print(table(done, autoscaled[0] if autoscaled else None))
+    text = table(done, autoscaled[0] if autoscaled else None)
+    print(text)
     if left:
-        print(f"{left} run(s) not done yet")
+        print(f"{left} run(s) not done yet" + (f"; {args.out} not written" if args.out else ""))
+    elif args.out is not None:
+        walls = [r["wall_s"] for rows in done.values() for r in rows]
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text("\n".join([
+            f"`{command}`", "",
+            f"- Modelled (bench/des_autoscale.py), not measured: {args.profile} replicas "
+            f"(vLLM 0.33.0's scheduler over the profile's step model) behind least_conn, the "
+            f"{args.trace} trace at multiples of one replica's capacity at max_num_seqs "
+            f"{args.reference_seqs} ({cap:.2f} requests/s), model load {args.load:g} s, replicas "
+            f"{args.min_replicas}-{args.max_replicas}, scale-down window {args.window:g} s, other "
+            f"policy values the stack's defaults.",
+            f"- Objectives: TTFT ≤ {args.ttft:g} s; TPOT (mean seconds per output token after the "
+            f"first) ≤ {args.tpot:g} s.",
+            "- Each figure: mean over seeds ± the half-width of its 95 % t-interval; `vs first`: "
+            "the paired difference from the first autoscaled row over the same seeds.",
+            f"- {len(walls)} runs, {sum(walls) / 60:.0f} CPU minutes.", "", text, ""]))
+        print(f"wrote {args.out}")
     return 0
 
 

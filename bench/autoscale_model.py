@@ -168,6 +168,12 @@ def run_one(profile: str, shape: str, choice: Choice, seed: int, cap: float, loa
     }
 
 
+def run_file(cache: Path, common: dict, choice: Choice, seed: int) -> Path:
+    """Where one run's result is kept: named by a hash of everything that decides it."""
+    key = json.dumps({**common, **asdict(choice), "seed": seed}, sort_keys=True)
+    return cache / f"run-{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
+
+
 def mean_ci(xs: list[float]) -> tuple[float, float]:
     """Mean and the half-width of its 95 % t-interval (0 for one value)."""
     if len(xs) < 2:
@@ -250,15 +256,14 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.reference_seqs} serves {cap:.2f} requests/s (model); load {args.load:g} s, "
           f"replicas {args.min_replicas}-{args.max_replicas}, window {args.window:g} s, "
           f"trace {args.trace}", flush=True)
-    common = dict(version=MODEL_VERSION, profile=args.profile, shape=args.trace, cap=round(cap, 6), load=args.load,
-                  min=args.min_replicas, max=args.max_replicas, window=args.window,
-                  ttft=args.ttft, tpot=args.tpot)
+    common = dict(version=MODEL_VERSION, profile=args.profile, shape=args.trace,
+                  cap=round(cap, 6), load=args.load, min=args.min_replicas,
+                  max=args.max_replicas, window=args.window, ttft=args.ttft, tpot=args.tpot)
     todo, results = [], {}
     for choice in args.settings:
         results[choice] = []
         for seed in seeds:
-            key = json.dumps({**common, **asdict(choice), "seed": seed}, sort_keys=True)
-            path = args.cache / f"run-{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
+            path = run_file(args.cache, common, choice, seed)
             if path.exists():
                 results[choice].append(json.loads(path.read_text()))
             else:

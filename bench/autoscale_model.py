@@ -100,10 +100,15 @@ class Choice:
 
 
 def model_with_seqs(profile: str, max_num_seqs: int) -> SimModel:
+    """The profile with `max_num_seqs`; a slots profile (the CPU regime) keeps its slot count,
+    which `max_num_seqs` must then name."""
     model = SimModel.named(profile)
     prof = model.profile
     if prof.kind != "continuous":
-        raise ValueError(f"profile {prof.name} has slots, not max_num_seqs")
+        if max_num_seqs != model.slots:
+            raise ValueError(f"profile {prof.name} has {model.slots} slots: its settings' M "
+                             f"(and --reference-seqs) must be {model.slots}, not {max_num_seqs}")
+        return model
     sched = prof.scheduler.model_copy(update={"max_num_seqs": max_num_seqs})
     return SimModel(prof.model_copy(update={"scheduler": sched}))
 
@@ -148,12 +153,14 @@ def run_one(profile: str, shape: str, choice: Choice, seed: int, cap: float, loa
     rng = random.Random(f"phases-{seed}")  # the HPA's and Prometheus's clocks, per seed
     timing = des_autoscale.Timing(load_s=load_s, poll_phase=rng.random(),
                                   scrape_phase=rng.random())
+    # The gauges' names: vLLM's for the GPU regime, the server's for its slots engine.
+    engine = "vllm" if model.profile.kind == "continuous" else "server"
     if choice.static:
         out = des_autoscale.simulate(jobs, model.des_params(1), None, timing,
                                      initial=choice.static, end=end, seed=seed)
     else:
         out = des_autoscale.simulate(
-            jobs, model.des_params(1), policy_of(choice, "vllm", min_replicas, max_replicas,
+            jobs, model.des_params(1), policy_of(choice, engine, min_replicas, max_replicas,
                                                  window_s), timing, end=end, seed=seed)
     surge = SHAPES[shape].starts()[1]
     tpot = sorted(out.tpot())
@@ -225,8 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max", dest="max_replicas", type=int, default=4)
     ap.add_argument("--window", type=float, default=300.0,
                     help="scale-down stabilization window, seconds")
-    ap.add_argument("--reference-seqs", type=int, default=128,
-                    help="max_num_seqs whose one-replica capacity the trace's load is relative to")
+    ap.add_argument("--reference-seqs", type=int, default=None,
+                    help="max_num_seqs whose one-replica capacity the trace's load is relative "
+                         "to (default: 128, or a slots profile's slot count)")
     ap.add_argument("--ttft", type=float, default=TTFT_OBJECTIVE_S)
     ap.add_argument("--tpot", type=float, default=TPOT_OBJECTIVE_S)
     ap.add_argument("--cache", type=Path, default=Path("build") / "autoscale-model")
@@ -244,6 +252,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         ap.error("--seeds: comma-separated integers; --shard: K/N with 1 <= K <= N")
     command = shown("python -m bench.autoscale_model", sys.argv[1:] if argv is None else argv)
+    try:
+        if args.reference_seqs is None:
+            ref = SimModel.named(args.profile)
+            args.reference_seqs = 128 if ref.profile.kind == "continuous" else ref.slots
+        for m in {args.reference_seqs, *(c.max_num_seqs for c in args.settings)}:
+            model_with_seqs(args.profile, m)
+    except (KeyError, ValueError) as exc:
+        ap.error(str(exc))
     args.cache.mkdir(parents=True, exist_ok=True)
     ref_key = f"capacity-{args.profile}-M{args.reference_seqs}.json"
     ref_file = args.cache / ref_key
@@ -288,12 +304,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{left} run(s) not done yet" + (f"; {args.out} not written" if args.out else ""))
     elif args.out is not None:
         walls = [r["wall_s"] for rows in done.values() for r in rows]
+        engine = ("vLLM 0.33.0's scheduler over the profile's step model"
+                  if SimModel.named(args.profile).profile.kind == "continuous"
+                  else "the sim engine's slots")
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text("\n".join([
             f"`{command}`", "",
             f"- Modelled (bench/des_autoscale.py), not measured: {args.profile} replicas "
-            f"(vLLM 0.33.0's scheduler over the profile's step model) behind least_conn, the "
-            f"{args.trace} trace at multiples of one replica's capacity at max_num_seqs "
+            f"({engine}) behind least_conn, the "
+            f"{args.trace} trace at multiples of one replica's capacity at max_num_seqs (slots) "
             f"{args.reference_seqs} ({cap:.2f} requests/s), model load {args.load:g} s, replicas "
             f"{args.min_replicas}-{args.max_replicas}, scale-down window {args.window:g} s, other "
             f"policy values the stack's defaults.",

@@ -75,3 +75,12 @@ def test_runs_are_cached_resumed_and_the_table_pairs_by_seed(tmp_path, monkeypat
     calls.clear()
     assert am.main(argv + ["--report-only"]) == 0
     assert calls == []
+
+
+def test_a_slots_profile_takes_only_its_slot_count(capsys):
+    assert am.model_with_seqs("cpu-sim", 8).slots == 8
+    with pytest.raises(ValueError, match="8 slots"):
+        am.model_with_seqs("cpu-sim", 128)
+    with pytest.raises(SystemExit):
+        am.main(["128:1:96", "--profile", "cpu-sim", "--report-only"])
+    assert "must be 8, not 128" in capsys.readouterr().err

@@ -1,8 +1,8 @@
-"""Autoscaling settings compared in the discrete-event model: ``python -m bench.autoscale_model``.
+"""Autoscaling settings compared in the discrete-event model: ``python -m bench autoscale-model``.
 
 The live benchmark (``python -m bench autoscale``) cannot run the GPU regime at its own pace on
 a few CPU cores; the discrete-event autoscaling model (bench/des_autoscale.py, validated against
-live runs by ``python -m bench.autoscale_validate``) can, on the trace clock itself: no time
+live runs by ``python -m bench autoscale-validate``) can, on the trace clock itself: no time
 compression, no dilation. For every setting and seed it replays the benchmark's trace
 (bench/autoscale_trace.py, seeded) through replicas of the profile behind least_conn, scaled by
 the stack's policy with the setting's values, and reports per setting, over seeds:
@@ -221,23 +221,29 @@ def table(results: dict[Choice, list[dict]], baseline: Choice | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.autoscale_model", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m bench autoscale-model", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("settings", nargs="+", type=Choice.parse)
-    ap.add_argument("--profile", default="h200-llama8b")
-    ap.add_argument("--trace", choices=sorted(SHAPES), default="surge")
-    ap.add_argument("--seeds", default="1,2,3,4,5")
+    ap.add_argument("settings", nargs="+", type=Choice.parse,
+                    help="M:WAITING:RUNNING[:AVERAGE_S] or M:static:N (M: maxConcurrency)")
+    ap.add_argument("--profile", default="h200-llama8b",
+                    help="latency profile of the replicas (default h200-llama8b: the GPU regime)")
+    ap.add_argument("--trace", choices=sorted(SHAPES), default="surge",
+                    help="trace shape (bench/autoscale_trace.py)")
+    ap.add_argument("--seeds", default="1,2,3,4,5", help="trace seeds, comma-separated")
     ap.add_argument("--load", type=float, default=120.0, help="model load time, seconds")
-    ap.add_argument("--min", dest="min_replicas", type=int, default=1)
-    ap.add_argument("--max", dest="max_replicas", type=int, default=4)
+    ap.add_argument("--min", dest="min_replicas", type=int, default=1, help="minReplicas")
+    ap.add_argument("--max", dest="max_replicas", type=int, default=4, help="maxReplicas")
     ap.add_argument("--window", type=float, default=300.0,
                     help="scale-down stabilization window, seconds")
     ap.add_argument("--reference-seqs", type=int, default=None,
                     help="max_num_seqs whose one-replica capacity the trace's load is relative "
                          "to (default: 128, or a slots profile's slot count)")
-    ap.add_argument("--ttft", type=float, default=TTFT_OBJECTIVE_S)
-    ap.add_argument("--tpot", type=float, default=TPOT_OBJECTIVE_S)
-    ap.add_argument("--cache", type=Path, default=Path("build") / "autoscale-model")
+    ap.add_argument("--ttft", type=float, default=TTFT_OBJECTIVE_S,
+                    help="TTFT objective, seconds")
+    ap.add_argument("--tpot", type=float, default=TPOT_OBJECTIVE_S,
+                    help="objective for the mean seconds per output token after the first")
+    ap.add_argument("--cache", type=Path, default=Path("build") / "autoscale-model",
+                    help="folder of cached runs (default build/autoscale-model)")
     ap.add_argument("--limit", type=int, default=None, help="run at most this many, then stop")
     ap.add_argument("--shard", default="1/1", help="K/N: only every N-th missing run, from K")
     ap.add_argument("--report-only", action="store_true", help="print what the cache holds")
@@ -251,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError
     except ValueError:
         ap.error("--seeds: comma-separated integers; --shard: K/N with 1 <= K <= N")
-    command = shown("python -m bench.autoscale_model", sys.argv[1:] if argv is None else argv)
+    command = shown("python -m bench autoscale-model", sys.argv[1:] if argv is None else argv)
     try:
         if args.reference_seqs is None:
             ref = SimModel.named(args.profile)

@@ -1,4 +1,4 @@
-"""The autoscaling model against live runs: ``python -m bench.autoscale_validate``.
+"""The autoscaling model against live runs: ``python -m bench autoscale-validate``.
 
 Runs settings of the autoscaling benchmark live (``bench.autoscale.run_one``: local mode's
 replicas, nginx, a real Prometheus and the local autoscaler) and replays each run's very trace
@@ -259,20 +259,25 @@ def model_record(record: dict, start_s: float | None) -> tuple[list[str], dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.autoscale_validate", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m bench autoscale-validate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("settings", nargs="*")
-    ap.add_argument("--trace", choices=sorted(SHAPES), default="surge")
-    ap.add_argument("--factor", type=float, default=10.0)
-    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("settings", nargs="*",
+                    help="static:N or WAITING:RUNNING[:AVERAGE_S[:WINDOW_S[:MIN]]]")
+    ap.add_argument("--trace", choices=sorted(SHAPES), default="surge",
+                    help="trace shape (bench/autoscale_trace.py)")
+    ap.add_argument("--factor", type=float, default=10.0,
+                    help="time compression of the trace and the policy")
+    ap.add_argument("--seed", type=int, default=7, help="trace seed")
     ap.add_argument("--load", type=float, default=30.0, help="model load time, trace seconds")
-    ap.add_argument("--profile", default=DEFAULT_PROFILE)
-    ap.add_argument("--time-dilation", type=float, default=1.0)
+    ap.add_argument("--profile", default=DEFAULT_PROFILE, help="latency profile of the replicas")
+    ap.add_argument("--time-dilation", type=float, default=1.0,
+                    help="every engine step this many times the profile's")
     ap.add_argument("--max-num-seqs", type=int, default=None,
                     help="continuous profiles: the replicas' max_num_seqs")
     ap.add_argument("--slo", type=float, default=SLO_SECONDS,
                     help="TTFT objective in the regime's seconds (x the dilation on the wall)")
-    ap.add_argument("--model-only", action="store_true")
+    ap.add_argument("--model-only", action="store_true",
+                    help="no live runs: model the settings for --capacity and --start-s")
     ap.add_argument("--capacity", type=float, default=None,
                     help="with --model-only: the live run's measured capacity (requests/s wall)")
     ap.add_argument("--start-s", type=float, default=None,
@@ -282,9 +287,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="run live and save the record; model it later with --from")
     ap.add_argument("--from", dest="source", type=Path, default=None,
                     help="model the runs of a record saved by --live-only")
-    ap.add_argument("--out", type=Path, default=Path("build") / "autoscale-validate")
+    ap.add_argument("--out", type=Path, default=Path("build") / "autoscale-validate",
+                    help="folder for the live records (default build/autoscale-validate)")
     args = ap.parse_args(argv)
-    command = shown("python -m bench.autoscale_validate", sys.argv[1:] if argv is None else argv)
+    command = shown("python -m bench autoscale-validate", sys.argv[1:] if argv is None else argv)
     args.spec = args.settings
     try:
         args.settings = [parse_setting(x) for x in args.settings]

@@ -70,7 +70,7 @@ def test_runs_are_cached_resumed_and_the_table_pairs_by_seed(tmp_path, monkeypat
     assert cells[3] == "-1.0 ± 12.7"
     assert cells[6] == "50.0 ± 0.0"
     assert cells[7] == "-15.0 ± 63.5"
-    assert "Modelled" in text and "`python -m bench.autoscale_model 128:1:96 128:4:96" in text
+    assert "Modelled" in text and "`python -m bench autoscale-model 128:1:96 128:4:96" in text
 
     calls.clear()
     assert am.main(argv + ["--report-only"]) == 0

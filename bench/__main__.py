@@ -43,12 +43,16 @@ SUBCOMMANDS = {
     "calibrate": "fit a latency profile to any OpenAI-compatible endpoint",
     "profile": "check or compare latency profiles",
     "plan": "a capacity plan from a latency profile",
+    "autoscale-model": "autoscaling settings compared in the discrete-event model, over seeds, "
+                       "in either regime (docs/autoscaling.md, Which regime are you in)",
+    "autoscale-validate": "the autoscaling model against live autoscaling runs",
     "regime": "balancing in the CPU and GPU regimes, modelled over seeds "
-              "(docs/load-balancing.md)",
+              "(docs/load-balancing.md, Which regime are you in)",
 }
 MODULES = {"autoscale": "bench.autoscale", "faults": "bench.faults",
            "calibrate": "bench.calibrate", "profile": "bench.profile_cli", "plan": "bench.plan",
-           "regime": "bench.regime"}
+           "autoscale-model": "bench.autoscale_model",
+           "autoscale-validate": "bench.autoscale_validate", "regime": "bench.regime"}
 """``python -m bench <name> --help`` for each; without a name, the balancing benchmark."""
 
 

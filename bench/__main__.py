@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     if args_in[:1] == ["autoscale"]:  # `python -m bench autoscale [...]`: docs/autoscaling.md
         from bench import autoscale
         return autoscale.main(args_in[1:])
+    if args_in[:1] == ["plan"]:  # `python -m bench plan ...`: capacity planning, docs/planning.md
+        from bench import plan
+        return plan.main(args_in[1:])
     if args_in[:1] == ["profile"]:  # `python -m bench profile ...`: latency profiles
         from bench import profile_cli
         return profile_cli.main(args_in[1:])

@@ -1,0 +1,206 @@
+"""``python -m bench plan --validate [--quick]``: the planner's model against local mode.
+
+Plans (bench/plan.py), then replays two of the planned load points through local mode: sim
+replicas running the plan's profile behind a real nginx with the chosen method
+(local.cluster.LocalCluster, bench/ingress_pool.py), the load sent open loop by the balancing
+benchmark's client and cell machinery (bench/balance.py ``run_cell``):
+
+* **peak**: the plan's rate on ``maxReplicas`` (autoscaling) or ``replicas`` (fixed);
+* **base**: the base rate (``rate / peak-to-base``; fixed plans: half the rate) on
+  ``minReplicas`` (fixed plans: the same replicas).
+
+A GPU-regime profile runs time-dilated by the factor local mode would pick for those replicas
+(local/dilation.py: the full batch's event rate within this machine's measured headroom), and
+arrivals slow down by the same factor, so the live run is the regime at ``1/D`` speed. Each
+point's live p99 TTFT comes with its 95 % interval (balance.Cell.quantile: a moving-block
+bootstrap over the measured requests); the discrete-event model replays the very same trace
+(same arrivals, same lengths, same dilation) and the point is inside when the model's p99 lies
+in the live interval and no request failed. The last line is
+``plan validate: <k> of 2 points inside the live 95% CI``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from bench import balance, des, plan, plan_workload, trace
+from bench.command import shown
+
+DEFAULTS = {"profile": "h200-llama8b", "rate": 160.0, "slo_ttft_p99": 0.1,
+            "peak_to_base": 2.0}
+"""The planned load ``--validate`` checks: each of --profile, --rate and --slo-ttft-p99 not
+given takes its value here, and --peak-to-base too when none of them is given."""
+
+
+@dataclass(frozen=True)
+class Replay:
+    seconds: float
+    """Wall seconds of arrivals per point."""
+    warmup: float
+    """Wall seconds of arrivals sent but not counted (the replicas start empty)."""
+    seeds: int
+    """Seeds of the plan run before the replay."""
+
+
+QUICK = Replay(seconds=75.0, warmup=10.0, seeds=5)
+FULL = Replay(seconds=240.0, warmup=20.0, seeds=8)
+MAX_ERROR_SHARE = 0.0
+"""A point with failed requests is not inside: a failure has no TTFT to count."""
+
+
+@dataclass(frozen=True)
+class Point:
+    name: str
+    rate: float
+    """Requests/s in the regime's own time (the live rate is rate / dilation)."""
+    replicas: int
+    planned: plan.Cell | None
+    """The plan's cell at this load, when the plan modelled it."""
+
+
+def points(p: plan.Plan) -> list[Point]:
+    assert p.targets is not None and p.method is not None
+    t = p.targets
+
+    def planned(s: plan.Search | None, n: int) -> plan.Cell | None:
+        return s.rows.get(n, {}).get(p.method) if s else None  # type: ignore[arg-type]
+
+    if p.autoscaling:
+        return [Point("peak", p.rate, t.max_replicas, planned(p.peak, t.max_replicas)),
+                Point("base", p.base_rate, t.min_replicas, planned(p.base, t.min_replicas))]
+    return [Point("peak", p.rate, t.max_replicas, planned(p.peak, t.max_replicas)),
+            Point("base", p.rate / 2, t.max_replicas, None)]
+
+
+def dilation_for(setup: plan.Setup, replicas: int) -> tuple[float, str]:
+    """The dilation local mode picks for ``replicas`` of the profile, and why."""
+    from local import dilation
+
+    profile = setup.model().profile
+    headroom = dilation.load_headroom()
+    d = dilation.pick_dilation(profile, replicas, headroom)
+    rate = dilation.full_batch_event_rate(profile, replicas)
+    budget = dilation.TARGET_SHARE * headroom.for_this_machine()
+    return d, (f"local mode's dilation for {replicas} replicas: {d:g} (full batch "
+               f"{rate:,.0f} SSE events/s against a budget of {budget:,.0f}/s, "
+               f"{dilation.TARGET_SHARE:.0%} of the headroom measured in local/headroom.yaml)")
+
+
+def model_p99(tr: trace.Trace, setup: plan.Setup, replicas: int, method: str,
+              warmup: float) -> tuple[float, float]:
+    """(p99, p50) TTFT the discrete-event model gives the measured requests of ``tr``."""
+    jobs = plan_workload.jobs_from_trace(tr, setup.block_size())
+    res = des.simulate(jobs, setup.params(replicas), method, seed=1)
+    ttft = [t for t, j in zip(res.ttft, jobs) if j.arrival >= warmup]
+    return float(np.percentile(ttft, 99)), float(np.percentile(ttft, 50))
+
+
+def _fill_defaults(args: argparse.Namespace) -> None:
+    bare = all(getattr(args, k) is None for k in ("profile", "rate", "slo_ttft_p99"))
+    for key in ("profile", "rate", "slo_ttft_p99"):
+        if getattr(args, key) is None:
+            setattr(args, key, DEFAULTS[key])
+    if bare and args.peak_to_base == 1.0:
+        args.peak_to_base = DEFAULTS["peak_to_base"]
+
+
+def main(ap: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str]) -> int:
+    t_start = time.monotonic()
+    replay = QUICK if args.quick else FULL
+    _fill_defaults(args)
+    if args.seeds == ap.get_default("seeds"):
+        args.seeds = replay.seeds
+    setup = plan.setup_from_args(ap, args)
+    say = balance.say
+    command = shown("python -m bench plan", argv)
+    say(f"{command}: planning {args.rate:g} requests/s under {setup.profile}, TTFT p99 <= "
+        f"{args.slo_ttft_p99 * 1e3:.0f} ms, peak-to-base {args.peak_to_base:g} ...")
+    p = plan.make_plan(setup, args.rate, args.slo_ttft_p99, args.peak_to_base,
+                       max_replicas=args.max_replicas, jobs=args.jobs)
+    if p.method is None or p.targets is None:
+        say(f"plan: no replica count meets the objective ({p.peak.stop}); nothing to validate")
+        say("plan validate: 0 of 2 points inside the live 95% CI")
+        return 1
+    pts = points(p)
+    n_max = max(pt.replicas for pt in pts)
+    say(f"plan (modelled, {p.seconds:.0f} s): {p.method}, "
+        + ", ".join(f"{pt.name} {pt.rate:g} requests/s on {pt.replicas}" for pt in pts))
+    if args.time_dilation is not None:
+        d, why = args.time_dilation, f"dilation {args.time_dilation:g} (given)"
+    else:
+        d, why = dilation_for(setup, n_max)
+    live = replace(setup, time_dilation=d)
+    model = live.model()
+    env = model.env() | {"LLM_MAX_CONCURRENCY": str(live.slots())}
+    mean_out = float(np.mean([j.max_tokens for j in plan_workload.jobs(
+        100, 50, 1, setup.workload, setup.max_model_len)]))
+    say(f"live: {why}")
+    for pt in pts:
+        say(f"  {pt.name}: {pt.rate / d:.1f} requests/s live ({pt.rate:g} in the regime), "
+            f"~{pt.rate * mean_out / d:,.0f} SSE events/s, {replay.seconds:g} s of arrivals "
+            f"(first {replay.warmup:g} s not counted)")
+    workload = setup.workload
+    if workload.sessions:  # think times are wall time too
+        workload = replace(workload, think_mean_s=workload.think_mean_s * d,
+                           reply_s_per_token=workload.reply_s_per_token * d)
+
+    from bench.ingress_pool import NginxPool
+    from local.cluster import LocalCluster
+
+    base = balance.free_base_port(n_max + 1 + 2, 17)
+    results = []
+    with LocalCluster(n_max, port=base + n_max, first_replica_port=base, server_env=env,
+                      max_output_tokens=model.nginx_output_tokens) as cluster:
+        upstreams = [u.removeprefix("http://") for u in cluster.replica_urls]
+        queue = int(env["LLM_MAX_QUEUE"])
+        pools: dict[int, NginxPool] = {}
+        try:
+            for i, pt in enumerate(pts):
+                if pt.replicas not in pools:
+                    pools[pt.replicas] = NginxPool(
+                        upstreams[:pt.replicas], 1, base + n_max + 1 + len(pools),
+                        max_output_tokens=model.nginx_output_tokens,
+                        replica_slots=live.slots(),
+                        admission_limit=pt.replicas * (live.slots() + queue))
+                tr = trace.generate(pt.rate / d, replay.seconds, 100 + i, workload,
+                                    setup.max_model_len)
+                m99, m50 = model_p99(tr, live, pt.replicas, p.method, replay.warmup)
+                cell = balance.run_cell(cluster, pools[pt.replicas], tr, "plan", pt.rate,
+                                        p.method, replay.warmup, grace=120.0,
+                                        salt=f"validate{i}", seed=100 + i)
+                results.append(_report(pt, cell, m99, m50, d, p.method))
+        finally:
+            for pool in pools.values():
+                pool.close()
+    inside = sum(results)
+    say(f"validated in {time.monotonic() - t_start:.0f} s on {os.cpu_count()} cores")
+    say(f"plan validate: {inside} of {len(pts)} points inside the live 95% CI")
+    return 0 if inside == len(pts) else 1
+
+
+def _report(pt: Point, cell: balance.Cell, m99: float, m50: float, d: float,
+            method: str) -> bool:
+    live = cell.quantile(99)
+    s = cell.summary
+    ok = live.contains(m99) and s.errors <= MAX_ERROR_SHARE * s.requests
+    planned = ""
+    if pt.planned is not None:
+        iv = pt.planned.p99.scaled(d)
+        planned = (f"; the plan's own interval at this load {iv.lo * 1e3:.0f}-"
+                   f"{iv.hi * 1e3:.0f} ms (dilated)")
+    balance.say(
+        f"[{pt.name}] {pt.rate:g} requests/s on {pt.replicas} replicas, {method}, dilation "
+        f"{d:g}: live TTFT p99 {live.value * 1e3:.0f} ms (95 % CI {live.lo * 1e3:.0f}-"
+        f"{live.hi * 1e3:.0f}), p50 {s.ttft_p50 * 1e3:.0f} ms, {s.requests} requests, "
+        f"{s.errors} errors, client send lag <= {s.send_lag_max * 1e3:.0f} ms "
+        f"({cell.seconds:.0f} s); model on the same trace p99 "
+        f"{m99 * 1e3:.0f} ms, p50 {m50 * 1e3:.0f} ms: {'inside' if ok else 'OUTSIDE'}"
+        + (f" ({s.errors} failed)" if s.errors else "") + planned
+        + f"; undilated: live p99 {live.value / d * 1e3:.1f} ms, model {m99 / d * 1e3:.1f} ms")
+    return ok

@@ -255,3 +255,13 @@ def test_running_sequences_match_littles_law_at_light_load() -> None:
     assert run.running == pytest.approx(sum(e2e) / (150 - 10) / 2, rel=1e-6)
     assert len(jobs) == run.requests
     assert statistics.fmean(e2e) > 0
+
+
+def test_the_validation_dilation_bounds_events_and_requests() -> None:
+    from bench import plan_validate
+
+    gpu = plan.Setup("h200-llama8b")
+    d, why = plan_validate.dilation_for(gpu, 3, 240.0)
+    assert d == 24 and "local mode's dilation for 3 replicas is 7.2" in why
+    assert plan_validate.dilation_for(gpu, 3, 50.0)[0] == 7.2  # the event rate binds
+    assert plan_validate.dilation_for(plan.Setup("cpu-sim"), 4, 8.0)[0] == 1.0

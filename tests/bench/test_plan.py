@@ -8,6 +8,7 @@ import random
 import statistics
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -265,3 +266,26 @@ def test_the_validation_dilation_bounds_events_and_requests() -> None:
     assert d == 24 and "local mode's dilation for 3 replicas is 7.2" in why
     assert plan_validate.dilation_for(gpu, 3, 50.0)[0] == 7.2  # the event rate binds
     assert plan_validate.dilation_for(plan.Setup("cpu-sim"), 4, 8.0)[0] == 1.0
+
+
+def test_the_validation_predicts_the_mean_of_jittered_replays() -> None:
+    from bench import plan_validate
+
+    setup = plan.Setup("h200-llama8b",
+                       trace.Workload(output=trace.LogNormal(24, 1.4, 1, 128)), time_dilation=24)
+    tr = trace.generate(5.0, 30, 101, setup.workload, setup.max_model_len)
+    measured = sum(r.arrival >= 5 for r in tr.requests)
+    exact = plan_validate.model_ttft(tr, setup, 2, "round_robin", 5.0)
+    jittered = plan_validate.model_ttft(tr, setup, 2, "round_robin", 5.0, jitter=3)
+    assert len(exact) == len(jittered) == measured > 100
+    # A few ms late moves requests across step boundaries: some TTFTs change, by under a step
+    # either way plus what the changed batches cost.
+    moved = [abs(a - b) for a, b in zip(exact, jittered)]
+    assert sum(m > 1e-9 for m in moved) > measured // 4 and statistics.median(moved) < 0.3
+    assert jittered == plan_validate.model_ttft(tr, setup, 2, "round_robin", 5.0, jitter=3)
+    e = plan_validate.model_expected(tr, setup, 2, "round_robin", 5.0, replays=6)
+    runs = [plan_validate.model_ttft(tr, setup, 2, "round_robin", 5.0, jitter=k)
+            for k in range(1, 7)]
+    assert e.p99 == pytest.approx(statistics.fmean(float(np.percentile(r, 99)) for r in runs))
+    assert e.p99_sd > 0 and e.exact_p99 == pytest.approx(float(np.percentile(exact, 99)))
+    assert e.ttft == exact

@@ -9,6 +9,14 @@ Writes a Markdown table and a PNG plot to ``--out``; prints, last, the affinity 
 round_robin/default ratio with its interval.
 
 Full run (defaults): about %(minutes)s minutes on 2 cores. ``--quick``: under 3 minutes.
+
+Other benchmarks, each with its own --help:
+  python -m bench autoscale   static min/max against autoscaling settings (docs/autoscaling.md)
+  python -m bench faults      rolling restart, crash, overload, nginx reload (docs/reliability.md)
+  python -m bench plan        replicas, balancing method and autoscaling targets for a rate and
+                              a TTFT objective, modelled; --validate checks the model live
+                              (docs/capacity-planning.md)
+  python -m bench profile     latency profiles: check, compare (docs/latency-profiles.md)
 """
 
 from __future__ import annotations
@@ -42,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     if args_in[:1] == ["autoscale"]:  # `python -m bench autoscale [...]`: docs/autoscaling.md
         from bench import autoscale
         return autoscale.main(args_in[1:])
-    if args_in[:1] == ["plan"]:  # `python -m bench plan ...`: capacity planning, docs/planning.md
+    if args_in[:1] == ["plan"]:  # `python -m bench plan ...`: docs/capacity-planning.md
         from bench import plan
         return plan.main(args_in[1:])
     if args_in[:1] == ["profile"]:  # `python -m bench profile ...`: latency profiles

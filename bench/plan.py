@@ -485,7 +485,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--slo-ttft-p99", type=_positive, metavar="S",
                     help="objective: p99 time to first token, seconds")
     ap.add_argument("--workload", default="standalone",
-                    help="standalone, sessions, or a YAML file (docs/planning.md)")
+                    help="standalone, sessions, or a YAML file (docs/capacity-planning.md)")
     ap.add_argument("--prompt-tokens", metavar="K=V,...",
                     help="override prompt lengths, e.g. median=300,sigma=0.6,high=4096")
     ap.add_argument("--output-tokens", metavar="K=V,...",
@@ -508,7 +508,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--stack", default="prod", help="stack name for the snippet's file name")
     ap.add_argument("--validate", action="store_true",
                     help="replay two planned load points through local mode and compare "
-                         "(docs/planning.md)")
+                         "(docs/capacity-planning.md)")
     ap.add_argument("--quick", action="store_true",
                     help="with --validate: the short validation (< 5 minutes on 2 cores)")
     ap.add_argument("--out", default=str(ROOT / "build"),

@@ -64,7 +64,7 @@ def snippet(plan: Plan, stack: str, command: str) -> str:
     body = yaml.safe_dump({"config": {f"{NAMESPACE}:{k}": v for k, v in values.items()}},
                           sort_keys=False, default_flow_style=False)
     head = [f"# {command}",
-            "# Modelled by the discrete-event model (docs/planning.md), not measured.",
+            "# Modelled by the discrete-event model (docs/capacity-planning.md), not measured.",
             f"# Merge into Pulumi.{stack}.yaml: each key below goes into the section of that name"
             " (model.id and the rest stay).",
             "# With a `models` list, the model keys go into each entry the plan is for."]
@@ -88,7 +88,7 @@ def render(plan: Plan, workload_label: str, argv: Sequence[str], stack: str = "p
            if plan.autoscaling else ""),
         f"  model: the discrete-event model (bench/des.py: "
         + ("vLLM 0.33.0's scheduler stepped per replica" if gpu else "slots replicas")
-        + f"), {k} seeds x {setup.seconds(plan.rate):g} simulated s per cell, the first "
+        + f"), {k} seeds x {setup.seconds(plan.rate):.3g} simulated s per cell, the first "
           f"{setup.warmup:g} s not counted; p99 = mean of the {k} seeds' p99s, 95 % interval = "
           f"mean +- t(0.975, {k - 1}) = {t975(k - 1):.3f} x their sd / sqrt({k})",
         f"  capacity: {plan.capacity:.1f} requests/s per saturated replica, so at least "

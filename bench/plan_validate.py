@@ -48,8 +48,8 @@ does, and a dilated stream of 384 tokens lasts minutes)."""
 
 LIVE_REQUESTS_PER_S = 10.0
 """New requests per second this 2-core machine replays faithfully with the continuous-batching
-sim engine, nginx and the client (docs/planning.md): at 33/s (local mode's dilation, 4.8, for 2
-replicas of h200-llama8b) the client fell 200 ms behind its schedule and the live p50 TTFT was
+sim engine, nginx and the client (docs/capacity-planning.md): at 33/s (local mode's dilation,
+4.8, for 2 replicas of h200-llama8b) the client fell 200 ms behind its schedule and the live p50 TTFT was
 20 % above the model's on the same trace; at 10/s (dilation 24) 7 ms and 3.6 %. Local mode's
 dilation bounds the SSE event rate only; the validation raises it until the request rate is
 within this too."""

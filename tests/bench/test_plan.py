@@ -289,3 +289,17 @@ def test_the_validation_predicts_the_mean_of_jittered_replays() -> None:
     assert e.p99 == pytest.approx(statistics.fmean(float(np.percentile(r, 99)) for r in runs))
     assert e.p99_sd > 0 and e.exact_p99 == pytest.approx(float(np.percentile(exact, 99)))
     assert e.ttft == exact
+
+
+def test_bench_help_names_the_plan_subcommand(capsys) -> None:
+    from bench.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "python -m bench plan " in out and "docs/capacity-planning.md" in out
+    with pytest.raises(SystemExit):
+        main(["plan", "--help"])
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m bench plan") and "--slo-ttft-p99" in out
+    assert "--validate" in out and "--out" in out

@@ -303,3 +303,16 @@ def test_bench_help_names_the_plan_subcommand(capsys) -> None:
     out = capsys.readouterr().out
     assert out.startswith("usage: python -m bench plan") and "--slo-ttft-p99" in out
     assert "--validate" in out and "--out" in out
+
+
+def test_the_docs_example_snippet_parses_into_the_prod_stack() -> None:
+    # docs/capacity-planning.md shows a snippet a newcomer will paste: it must stay valid.
+    doc = (REPO / "docs" / "capacity-planning.md").read_text()
+    block = doc[doc.index("\nconfig:\n") + 1:doc.index("\nmodelled in ")]
+    values = {k.removeprefix("llm-serving:"): v
+              for k, v in yaml.safe_load(block)["config"].items()}
+    cfg = parse_stack_config(_merge(_stack("prod"), values))
+    a = cfg.autoscaling
+    assert a.enabled and (a.min_replicas, a.max_replicas) == (2, 3)
+    assert cfg.load_balancing.method in plan.METHODS
+    assert "plan validate: <k> of 2 points inside the live 95% CI" in doc

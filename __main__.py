@@ -9,6 +9,7 @@ config, secrets = load_stack_config()
 stack = LlmStack("llm", {"config": config, "secrets": secrets})
 
 pulumi.export("endpoint", stack.endpoint)
+pulumi.export("models", stack.endpoints)
 pulumi.export("apiKey", stack.api_key)
 pulumi.export("image", stack.image)
 pulumi.export("namespace", stack.namespace)

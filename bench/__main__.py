@@ -5,23 +5,22 @@ the same seeded Poisson trace per workload and load through 1..K fresh NGINX ins
 every method, and straight to the replicas (``direct``: the proxy's own cost). Every p50/p99
 and every ratio carries a 95 %% interval (paired moving-block bootstrap over requests), and the
 limit row comes from a discrete-event model of the sim engine with one central FCFS queue.
-Writes a Markdown table and a PNG plot to ``--out``; prints, last, the affinity line and the
-round_robin/default ratio with its interval.
+Writes a Markdown table and a PNG plot to ``--out`` (default build/bench/); prints the
+affinity line, the round_robin/default ratio with its interval, and a one-sentence conclusion.
 
-Full run (defaults): about %(minutes)s minutes on 2 cores. ``--quick``: under 3 minutes.
+Full run (defaults): about %(minutes)s minutes on 2 cores. ``--quick``: under 3 minutes, a smoke
+test (short cells, wide intervals): the full run's figures are in docs/load-balancing.md.
 
-Other benchmarks, each with its own --help:
-  python -m bench autoscale   static min/max against autoscaling settings (docs/autoscaling.md)
-  python -m bench faults      rolling restart, crash, overload, nginx reload (docs/reliability.md)
-  python -m bench plan        replicas, balancing method and autoscaling targets for a rate and
-                              a TTFT objective, modelled; --validate checks the model live
-                              (docs/capacity-planning.md)
-  python -m bench profile     latency profiles: check, compare (docs/latency-profiles.md)
+Performance figures are reported against *targets* ("target <= 1.25x: reached / not
+reached") and do not change the exit code; a correctness *bar* (no request lost in the
+overload cell) that fails exits 1. Bad input or a failed start exits 2; a run stopped by
+signal N exits 128 + N after stopping everything it started.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import time
@@ -29,13 +28,26 @@ from dataclasses import replace
 from pathlib import Path
 
 from bench import balance, balance_report, trace
-from bench.command import shown
+from bench.command import OUT, shown
 from bench.simmodel import DEFAULT_PROFILE, SimModel
+from local.procs import run_command
 
 __all__ = ["SimModel", "main"]
 
-ROOT = Path(__file__).resolve().parent.parent
 FULL_MINUTES = 75
+SUBCOMMANDS = {
+    "autoscale": "autoscaling against static replica counts on a surge and a ramp "
+                 "(docs/autoscaling.md)",
+    "faults": "fault drills: rolling restart, crash, overload, reload, disconnects, flood "
+              "(docs/reliability.md)",
+    "calibrate": "fit a latency profile to any OpenAI-compatible endpoint",
+    "profile": "check or compare latency profiles",
+    "plan": "a capacity plan from a latency profile: replicas, balancing method, autoscaling "
+            "targets, modelled; --validate checks it live (docs/capacity-planning.md)",
+}
+MODULES = {"autoscale": "bench.autoscale", "faults": "bench.faults",
+           "calibrate": "bench.calibrate", "profile": "bench.profile_cli", "plan": "bench.plan"}
+"""``python -m bench <name> --help`` for each; without a name, the balancing benchmark."""
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -44,23 +56,19 @@ def _csv(text: str) -> tuple[str, ...]:
 
 def main(argv: list[str] | None = None) -> int:
     args_in = sys.argv[1:] if argv is None else argv
-    if args_in[:1] == ["faults"]:  # `python -m bench faults [...]`: the fault drills
-        from bench import faults
-        return faults.main(args_in[1:])
-    if args_in[:1] == ["autoscale"]:  # `python -m bench autoscale [...]`: docs/autoscaling.md
-        from bench import autoscale
-        return autoscale.main(args_in[1:])
-    if args_in[:1] == ["plan"]:  # `python -m bench plan ...`: docs/capacity-planning.md
-        from bench import plan
-        return plan.main(args_in[1:])
-    if args_in[:1] == ["profile"]:  # `python -m bench profile ...`: latency profiles
-        from bench import profile_cli
-        return profile_cli.main(args_in[1:])
+    if args_in[:1] and args_in[0] in SUBCOMMANDS:  # `python -m bench <name> [...]`
+        return importlib.import_module(MODULES[args_in[0]]).main(args_in[1:])
     full = balance.Plan()
-    ap = argparse.ArgumentParser(prog="python -m bench",
-                                 description=__doc__ % {"minutes": FULL_MINUTES},
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--replicas", type=int, default=4)
+    ap = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__ % {"minutes": FULL_MINUTES},
+        usage="%(prog)s [options]  (the balancing benchmark)\n"
+              f"       %(prog)s {{{','.join(SUBCOMMANDS)}}} [options]  (listed at the end)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="other benchmarks (python -m bench <name> --help):\n" + "\n".join(
+            f"  {name:<10} {purpose}" for name, purpose in SUBCOMMANDS.items())
+        + "\nand python -m bench.model_seeds: the balancing model over many seeds (no "
+          "processes).")
+    ap.add_argument("--replicas", type=int, default=4, help="sim replicas (default 4)")
     ap.add_argument("--loads", default=",".join(map(str, full.loads)),
                     help="standalone loads, fractions of measured capacity (comma-separated)")
     ap.add_argument("--duration", type=float, default=full.duration,
@@ -69,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="requests arriving earlier are sent but not counted")
     ap.add_argument("--policies", default=",".join(full.standalone),
                     help="standalone targets at one NGINX: method[@body][*boundFactor]")
-    ap.add_argument("--sessions-policies", default=",".join(full.sessions))
+    ap.add_argument("--sessions-policies", default=",".join(full.sessions),
+                    help="targets of the multi-turn sessions workload, like --policies")
     ap.add_argument("--sessions-load", type=float, default=full.sessions_load,
                     help="load of the multi-turn sessions cells (0 skips them)")
     ap.add_argument("--ingress-pods", default=",".join(map(str, full.pods)),
@@ -80,15 +89,18 @@ def main(argv: list[str] | None = None) -> int:
                     help="load of the direct-vs-nginx comparison (0 skips it)")
     ap.add_argument("--overload", type=float, default=full.overload,
                     help="load of the session_hash_bounded overload cell (0 skips it)")
-    ap.add_argument("--capacity-seconds", type=float, default=12.0)
+    ap.add_argument("--capacity-seconds", type=float, default=12.0,
+                    help="seconds of the closed-loop capacity measurement per workload")
     ap.add_argument("--seeds", default="1",
                     help="trace seeds, comma-separated; several are run in turn and pooled "
                          "(bootstrap blocks drawn within each seed's run)")
     ap.add_argument("--quick", action="store_true",
-                    help="one load (80%%), short cells, shorter outputs, 3 methods per "
-                         "workload, one NGINX (< 3 min)")
-    ap.add_argument("--out", type=Path, default=ROOT / "docs",
-                    help="directory for bench-results.md and bench-ttft.png")
+                    help="smoke test: one load (80%%), short cells, shorter outputs, 3 "
+                         "methods per workload, one NGINX (< 3 min)")
+    ap.add_argument("--out", type=Path, default=OUT,
+                    help="folder for bench[-quick]-results.md and bench[-quick]-ttft.png "
+                         "(default build/bench/, ignored by git; --out docs refreshes the "
+                         "committed ones)")
     ap.add_argument("--profile", default=DEFAULT_PROFILE,
                     help="replicas' latency profile: a name in server/profiles/ or a path "
                          f"(default {DEFAULT_PROFILE})")
@@ -173,8 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     balance.say(f"wrote {md} and {png} in {elapsed:.0f} s")
     for line in balance_report.last_lines(cells):
         balance.say(line)
-    return 0
+    balance.say(balance_report.conclusion(cells, modelled, quick=args.quick))
+    return 1 if balance_report.lost_in_overload(cells) else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main, what="python -m bench"))

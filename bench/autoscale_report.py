@@ -10,6 +10,7 @@ from pathlib import Path
 
 from bench.autoscale_trace import TimedTrace
 from bench.stats import Record, percentile
+from local.autoscaler import Sample
 
 SCALE_DOWN_RACE_SECONDS = 2.0
 """A failed request sent up to this long after a replica was retired counts against
@@ -35,21 +36,6 @@ class Setting:
         return self.replicas is None
 
 
-@dataclass(frozen=True)
-class Sample:
-    t: float
-    """Wall seconds since the trace started."""
-    serving: int
-    starting: int
-    draining: int
-    waiting: float
-    running: float
-
-    @property
-    def processes(self) -> int:
-        return self.serving + self.starting + self.draining
-
-
 @dataclass
 class Run:
     setting: Setting
@@ -60,6 +46,7 @@ class Run:
     t0: float
     """Monotonic time of trace second 0 (the records' clock)."""
     samples: list[Sample] = field(default_factory=list)
+    """The cluster over time; `t` in wall seconds since the trace started."""
     events: list[tuple[float, str, int]] = field(default_factory=list)
     """(wall seconds since t0, kind, replica index) from the autoscaler."""
 
@@ -227,7 +214,8 @@ def plot(runs: Sequence[Run], path: Path, title: str) -> None:
             axes[1].step([s.t * minutes for s in run.samples],
                          [s.serving + s.starting for s in run.samples], where="post",
                          color=color, label=name)
-            axes[2].plot([s.t * minutes for s in run.samples], [s.waiting for s in run.samples],
+            axes[2].plot([s.t * minutes for s in run.samples],
+                         [math.nan if s.waiting is None else s.waiting for s in run.samples],
                          color=color)
         else:
             axes[1].hlines(run.setting.replicas, 0, first.shape.seconds / 60, color=color,

@@ -90,14 +90,16 @@ def _ratio(a: Cell | None, b: Cell | None, q: float) -> ci.Interval:
 
 
 def bars(cells: Sequence[Cell], modelled: dict) -> list[str]:
-    """The issue's bars, each with its measured interval and a verdict on the upper end."""
+    """The performance targets, each with its measured interval and a verdict on the upper
+    end ("reached" / "not reached": they do not fail the run), and the correctness bar of the
+    overload cell (nothing lost: a miss exits 1)."""
     out = []
     default = cell(cells, "standalone", 0.8, 1, DEFAULT_METHOD)
     limit = modelled.get(("standalone", 0.8), {}).get(LIMIT)
     if default is not None and limit is not None:
         r = ci.ratio(default.ttft, limit, 99, strata=default.strata)
         out.append(f"default ({DEFAULT_METHOD}) p99 TTFT / limit at 80%: {_x(r)} — "
-                   f"bar ≤ 1.25×: {_verdict(r, 1.25)}")
+                   f"target ≤ 1.25×: {_verdict(r, 1.25)}")
     rr = _ratio(cell(cells, "standalone", 0.8, 1, "round_robin"), default, 99)
     if not math.isnan(rr.value):
         out.append(f"round_robin / default p99 TTFT at 80%: {_x(rr)}")
@@ -107,19 +109,19 @@ def bars(cells: Sequence[Cell], modelled: dict) -> list[str]:
     if sh is not None and bd is not None and sh.hit and bd.hit is not None:
         share = bd.hit / sh.hit
         out.append(f"sessions: bounded cache hit {bd.hit:.0%} = {share:.0%} of session_hash's "
-                   f"{sh.hit:.0%} (counters, no interval) — bar ≥ 90%: "
-                   f"{'met' if share >= 0.9 else 'NOT met'}")
+                   f"{sh.hit:.0%} (counters, no interval) — target ≥ 90%: "
+                   f"{'reached' if share >= 0.9 else 'not reached'}")
         p50 = _ratio(bd, sh, 50)
-        out.append(f"sessions: bounded / session_hash p50 TTFT: {_x(p50)} — bar ≤ 1.2×: "
+        out.append(f"sessions: bounded / session_hash p50 TTFT: {_x(p50)} — target ≤ 1.2×: "
                    f"{_verdict(p50, 1.2)}")
     if bd is not None and lc is not None:
         p99 = _ratio(bd, lc, 99)
-        out.append(f"sessions: bounded / least_conn p99 TTFT: {_x(p99)} — bar ≤ 1.1×: "
+        out.append(f"sessions: bounded / least_conn p99 TTFT: {_x(p99)} — target ≤ 1.1×: "
                    f"{_verdict(p99, 1.1)}")
     sa = _ratio(cell(cells, "standalone", 0.8, 1, "session_hash_bounded"),
                 cell(cells, "standalone", 0.8, 1, "least_conn"), 99)
     if not math.isnan(sa.value):
-        out.append(f"standalone: bounded / least_conn p99 TTFT: {_x(sa)} — bar ≤ 1.2×: "
+        out.append(f"standalone: bounded / least_conn p99 TTFT: {_x(sa)} — target ≤ 1.2×: "
                    f"{_verdict(sa, 1.2)}")
     for k in sorted({c.pods for c in cells if c.pods > 1}):
         for t in sorted({c.target for c in cells if c.pods == k}):
@@ -135,14 +137,53 @@ def bars(cells: Sequence[Cell], modelled: dict) -> list[str]:
     return out
 
 
-def _verdict(iv: ci.Interval, bar: float) -> str:
+def _verdict(iv: ci.Interval, target: float) -> str:
     if math.isnan(iv.value):
         return "not measured"
-    if iv.hi <= bar:
-        return "met (upper end of the interval)"
-    if iv.value <= bar:
-        return "point estimate meets it, interval does not"
-    return "NOT met"
+    if iv.hi <= target:
+        return "reached (upper end of the interval)"
+    if iv.value <= target:
+        return "point estimate reaches it, the interval does not"
+    return "not reached"
+
+
+def lost_in_overload(cells: Sequence[Cell]) -> int:
+    """Requests lost in the overload cells (the correctness bar: any makes the run exit 1)."""
+    return sum(c.summary.errors for c in cells
+               if c.target.startswith("session_hash_bounded") and c.load > 1)
+
+
+def conclusion(cells: Sequence[Cell], modelled: dict, *, quick: bool) -> str:
+    """The run in one plain sentence, last of its output."""
+    parts = []
+    default = cell(cells, "standalone", 0.8, 1, DEFAULT_METHOD)
+    limit = modelled.get(("standalone", 0.8), {}).get(LIMIT)
+    if default is not None and limit is not None:
+        r = ci.ratio(default.ttft, limit, 99, strata=default.strata)
+        if not math.isnan(r.value):
+            where = ("within" if r.hi <= 1.25 else "at, within noise," if r.value <= 1.25
+                     else "over")
+            parts.append(f"the slowest 1% of first tokens through the default {DEFAULT_METHOD} "
+                         f"took {r.value:.2f}x as long as through the best possible balancer "
+                         f"(a modelled central queue), {where} the 1.25x target")
+    rr = _ratio(cell(cells, "standalone", 0.8, 1, "round_robin"), default, 99)
+    if not math.isnan(rr.value):
+        parts.append(f"round_robin's took {rr.value:.2f}x the default's")
+    sh = cell(cells, "sessions", 0.8, 1, "session_hash")
+    bd = cell(cells, "sessions", 0.8, 1, "session_hash_bounded")
+    if sh is not None and bd is not None and sh.hit and bd.hit is not None:
+        parts.append(f"session_hash_bounded kept {bd.hit / sh.hit:.0%} of session_hash's "
+                     "prefix-cache hits")
+    over = [c for c in cells if c.target.startswith("session_hash_bounded") and c.load > 1]
+    if over:
+        lost = lost_in_overload(cells)
+        parts.append("above capacity no request was lost" if not lost
+                     else f"above capacity {lost} requests were lost (bar: none)")
+    head = ("Conclusion (quick run: a smoke test with wide intervals, the full run in "
+            "docs/load-balancing.md decides)" if quick else "Conclusion")
+    if not parts:
+        return f"{head}: this plan measured none of the headline cells; see the table above."
+    return f"{head}: at 80% load, " + "; ".join(parts) + "."
 
 
 def last_lines(cells: Sequence[Cell]) -> list[str]:

@@ -21,6 +21,12 @@ rest and reported, but not part of the engine's model (``Profile.step_seconds`` 
   341 ms replayed and 257 ms eagerly, the 1B shape 77 and 49 ms, while at 1,024 tokens (little
   attention) both agree. ``graph_capture_attention_factor`` scales the prefill attention of
   these cells; their dense part (the roofline of the matrix multiplies) is the engine's.
+* ``endpoint_ttft``: a time to first token measured through an API (``bench calibrate``): the
+  step that computed the prompt plus what the request costs outside the engine (HTTP,
+  tokenizing, the first chunk's way back), ``request_overhead_ms``.
+
+A cell may also carry ``offset_s``, a measured time added to its prediction (a calibration
+knows how long a request waited for the step that computed its prompt).
 """
 
 from __future__ import annotations
@@ -37,9 +43,10 @@ import numpy as np
 from server.engines.profile import Fit, FitCell, RooflineParams
 from server.engines.steps import StepBatch
 
-METHODS = ("engine", "eager", "graph_prefill")
+METHODS = ("engine", "eager", "graph_prefill", "endpoint_ttft")
 METHOD_TERMS = {"eager": "eager_launch_floor_ms",
-                "graph_prefill": "graph_capture_attention_factor"}
+                "graph_prefill": "graph_capture_attention_factor",
+                "endpoint_ttft": "request_overhead_ms"}
 ROOFLINE = tuple(RooflineParams.model_fields)
 SIGNIFICANT = 4
 """Significant digits a fitted parameter is stored with; residuals use the stored values."""
@@ -52,6 +59,8 @@ class Cell:
     batch: StepBatch
     measured_s: float
     method: str = "engine"
+    offset_s: float = 0.0
+    """Measured time added to the prediction (e.g. a wait before the step)."""
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -112,7 +121,9 @@ def predict(params: RooflineParams, terms: dict[str, float], cell: Cell) -> Resi
     dense, decode, prefill, per_seq = params.parts(cell.batch)
     if cell.method == "graph_prefill":
         prefill *= terms["graph_capture_attention_factor"]
-    predicted = math.fsum((dense, decode, prefill, per_seq))
+    predicted = math.fsum((dense, decode, prefill, per_seq, cell.offset_s))
+    if cell.method == "endpoint_ttft":
+        predicted += terms["request_overhead_ms"] / 1e3
     if cell.method == "eager":
         floor = terms["eager_launch_floor_ms"] / 1e3
         if floor >= predicted:
@@ -186,14 +197,18 @@ def fit_roofline(cells: Sequence[Cell], fixed: dict[str, float] | None = None,
 
     def f(x: np.ndarray) -> np.ndarray:
         params, terms = unpack(x)
-        predicted = np.array([r.predicted_s for r in residuals(params, terms, cells)])
+        try:
+            predicted = np.array([r.predicted_s for r in residuals(params, terms, cells)])
+        except OverflowError:  # a far step (a huge roofline_sharpness): reject it
+            return np.full(len(cells), np.inf)
         return np.log(predicted / measured)
 
     best: tuple[float, np.ndarray] | None = None
     for scale in starts:
         start = _start(cells, scale)
         start.update(graph_capture_attention_factor=2.0, eager_launch_floor_ms=min(
-            (c.measured_s * 1e3 for c in cells if c.method == "eager"), default=1.0))
+            (c.measured_s * 1e3 for c in cells if c.method == "eager"), default=1.0),
+            request_overhead_ms=0.5)
         x = levenberg_marquardt(f, np.array([_to_x(n, start[n]) for n in names]))
         cost = float(np.sum(f(x) ** 2))
         if best is None or cost < best[0] - 1e-12:

@@ -4,18 +4,18 @@ its own, and the client spreads its requests across them. session_hash_bounded's
 shared out over the instances, as the cluster rendering shares it over the controller pods.
 
 Each instance is the local-mode nginx.conf (`components.policies.nginx_conf.nginx_conf`) in a private
-prefix with one worker, started in the foreground and stopped by the PID started here.
+prefix with one worker, started in the foreground (in its own session, recorded by
+`local.cleanup` like every process local mode starts) and stopped by the PID started here.
 """
 
 from __future__ import annotations
 
 import random
 import shutil
+import signal
 import subprocess
-import tempfile
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from types import TracebackType
 from typing import Self
 
@@ -24,8 +24,8 @@ import httpx
 from bench.ports import free_ports
 from components.policies.balancing import HEALTH_PATH, LoadBalancingConfig
 from components.policies.nginx_conf import nginx_conf
-from local import privileges
-from local.procs import find_nginx
+from local import cleanup, privileges
+from local.procs import find_nginx, signal_group, spawn
 
 
 class _PortTaken(Exception):
@@ -49,7 +49,7 @@ class NginxPool:
         self.replica_slots = replica_slots
         self.admission_limit = admission_limit
         self._bin = find_nginx()
-        self._dir = Path(tempfile.mkdtemp(prefix="bench_nginx_")).resolve()
+        self._dir = cleanup.temp_dir("bench_nginx_")
         self._account = privileges.worker_account()
         self._temp = privileges.make_temp_dir(self._account) if self._account else None
         self._procs: list[subprocess.Popen[bytes]] = []
@@ -87,10 +87,9 @@ class NginxPool:
                 shutil.chown(self._temp / f"nginx{i}", self._account.uid, self._account.gid)
             (prefix / "nginx.conf").write_text(conf)
             (prefix / "error.log").write_text("")  # spill_count and the port check read it
-            self._procs.append(subprocess.Popen(
+            self._procs.append(spawn(
                 [self._bin, "-p", f"{prefix}/", "-c", str(prefix / "nginx.conf"),
-                 "-e", str(prefix / "error.log")],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                 "-e", str(prefix / "error.log")], log=subprocess.DEVNULL))
         deadline = time.monotonic() + timeout
         with httpx.Client(timeout=1.0) as client:
             for proc, port in zip(self._procs, self.ports):
@@ -132,13 +131,14 @@ class NginxPool:
             try:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                signal_group(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=5)
+            signal_group(proc.pid, signal.SIGKILL)  # a worker its master left behind
         self._procs = []
 
     def close(self) -> None:
         self.stop()
-        shutil.rmtree(self._dir, ignore_errors=True)
+        cleanup.remove_temp_dir(self._dir)
         privileges.remove_temp_dir(self._temp)
 
     def __enter__(self) -> Self:

@@ -61,15 +61,20 @@ def _handoff(text: str) -> des.Handoff:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.model_seeds", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, default=20)
-    ap.add_argument("--duration", type=float, default=290.0)
-    ap.add_argument("--warmup", type=float, default=30.0)
-    ap.add_argument("--load", type=float, default=0.8)
+    ap.add_argument("--seeds", type=int, default=20, help="traces modelled (default 20)")
+    ap.add_argument("--duration", type=float, default=290.0,
+                    help="trace seconds per seed (default 290, the full run's cells)")
+    ap.add_argument("--warmup", type=float, default=30.0,
+                    help="requests arriving earlier are not counted (default 30)")
+    ap.add_argument("--load", type=float, default=0.8,
+                    help="offered load, a fraction of --capacity (default 0.8)")
     ap.add_argument("--capacity", type=float, default=9.7,
                     help="requests/s at saturation (what python -m bench measured)")
     ap.add_argument("--bar", type=float, default=1.25,
                     help="report the share of seeds whose ratio to the limit is at most this")
-    ap.add_argument("--handoff", type=_handoff, default=None, metavar="PATIENCE:HOPS[:back]")
+    ap.add_argument("--handoff", type=_handoff, default=None, metavar="PATIENCE:HOPS[:back]",
+                    help="add least_conn with late binding: a request waiting PATIENCE s "
+                         "moves on, up to HOPS times (:back queues it at the back)")
     args = ap.parse_args(argv)
     for name, xs in ratios(args.seeds, args.duration, args.warmup, args.capacity * args.load,
                            handoff=args.handoff).items():

@@ -42,11 +42,11 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 
 from bench import ci, des, plan_workload, trace
+from bench.command import OUT
 from bench.simmodel import SimModel
 from components.policies.balancing import LoadBalancingConfig
 from components.policies.scaling import HPA_TOLERANCE
@@ -58,7 +58,6 @@ METHODS = ("round_robin", "least_conn", "random_two_least_conn")
 SESSION_METHODS = ("session_hash", "session_hash_bounded")
 """Methods of the stack the discrete-event model has no dispatcher for (yet)."""
 DEFAULT_METHOD = LoadBalancingConfig().method
-ROOT = Path(__file__).resolve().parent.parent
 GPU_MIN_REPLICAS = 2
 """A GPU stack's rollout replaces pods one at a time (no spare GPU to surge into)."""
 MEASURED_REQUESTS = 4000
@@ -511,9 +510,10 @@ def parser() -> argparse.ArgumentParser:
                          "(docs/capacity-planning.md)")
     ap.add_argument("--quick", action="store_true",
                     help="with --validate: the short validation (< 5 minutes on 2 cores)")
-    ap.add_argument("--out", default=str(ROOT / "build"),
+    ap.add_argument("--out", default=str(OUT),
                     help="with --validate: folder for plan-validate[-quick].json, every "
-                         "measured request live and modelled (default: build/)")
+                         "measured request live and modelled (default build/bench/, ignored "
+                         "by git)")
     ap.add_argument("--time-dilation", type=_positive,
                     help="with --validate: override the dilation local mode would pick")
     return ap

@@ -18,8 +18,8 @@ bootstrap over the measured requests); the discrete-event model replays the very
 (same arrivals, same lengths, same dilation) ``REPLAYS`` times, each arrival a few ms late as
 live (``JITTER_S`` says why one replay is not enough), and the point is inside when the mean of
 those replays' p99s lies in the live interval and no request failed. Every measured request,
-live and modelled, goes to ``--out``/plan-validate[-quick].json (default build/). The last line is
-``plan validate: <k> of 2 points inside the live 95% CI``.
+live and modelled, goes to ``--out``/plan-validate[-quick].json (default build/bench/). The
+last line is ``plan validate: <k> of 2 points inside the live 95% CI``.
 """
 
 from __future__ import annotations
@@ -49,10 +49,10 @@ does, and a dilated stream of 384 tokens lasts minutes)."""
 LIVE_REQUESTS_PER_S = 10.0
 """New requests per second this 2-core machine replays faithfully with the continuous-batching
 sim engine, nginx and the client (docs/capacity-planning.md): at 33/s (local mode's dilation,
-4.8, for 2 replicas of h200-llama8b) the client fell 200 ms behind its schedule and the live p50 TTFT was
-20 % above the model's on the same trace; at 10/s (dilation 24) 7 ms and 3.6 %. Local mode's
-dilation bounds the SSE event rate only; the validation raises it until the request rate is
-within this too."""
+4.8, for 2 replicas of h200-llama8b) the client fell 200 ms behind its schedule and the live
+p50 TTFT was 20 % above the model's on the same trace; at 10/s (dilation 24) 7 ms and 3.6 %.
+Local mode's dilation bounds the SSE event rate only; the validation raises it until the
+request rate is within this too."""
 
 
 @dataclass(frozen=True)

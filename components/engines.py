@@ -20,6 +20,13 @@ and exposes no setting for it; a server that closes first makes the proxy
 reuse a dead connection. So the servers wait longer than the proxy."""
 
 
+MODEL_LABEL = "model_name"
+"""Label that carries the served model name on an engine's series: vLLM's own
+(tests/contracts/data/vllm-0.33.0.metrics.json, `labels`). For an engine that sets none, the
+ServiceMonitor of a stack with several models adds it, so rules, dashboards and autoscaling
+queries tell the models apart the same way on every engine."""
+
+
 @dataclass(frozen=True)
 class EngineLaunch:
     """The part of a stack's configuration an engine's command line and environment are built
@@ -86,6 +93,8 @@ class EngineProfile:
     """Counter of requests refused with 429 for overload; None when the engine queues instead."""
     unavailable: MetricRef | None
     """Counter of requests answered 503 (draining); None when the engine does not count them."""
+    labels_model: bool
+    """True when every series carries MODEL_LABEL (the served name) from the engine itself."""
     scale_signal: Literal["cpu", "queue"]
     """What autoscaling follows: CPU (HPA) or the engine's queue metrics (KEDA)."""
     command: tuple[str, ...] | None
@@ -161,6 +170,7 @@ PROFILES: dict[str, EngineProfile] = {
         kv_cache_metric=None,
         refused=MetricRef("llm_requests_rejected_total", (("reason", "overload"),)),
         unavailable=MetricRef("llm_requests_rejected_total", (("reason", "draining"),)),
+        labels_model=False,
         # On CPU nodes generation is CPU-bound, so utilisation tracks load.
         scale_signal="cpu",
         command=None,
@@ -192,6 +202,7 @@ PROFILES: dict[str, EngineProfile] = {
         # and counts no HTTP status codes of its own.
         refused=None,
         unavailable=None,
+        labels_model=True,
         # GPU utilisation says little about queueing; waiting requests do.
         scale_signal="queue",
         command=("vllm", "serve"),

@@ -50,6 +50,35 @@ namespace labels pin (components/pod_security.py)."""
 
 PINNED["pod-security-admission"] = POD_SECURITY_ADMISSION_VERSION
 
+NGF_CHART = "oci://ghcr.io/nginx/charts/nginx-gateway-fabric"
+"""NGINX Gateway Fabric Helm chart (nginx/nginx-gateway-fabric, charts/nginx-gateway-fabric)."""
+NGF_VERSION = "2.6.7"
+"""Chart version and the controller it installs (appVersion); built against GATEWAY_API_VERSION and
+INFERENCE_EXTENSION_VERSION. Its inference extension: nginxGateway.gwAPIInferenceExtension.enable."""
+GATEWAY_API_VERSION = "1.5.1"
+GATEWAY_API_CRDS = ("https://github.com/kubernetes-sigs/gateway-api/releases/download/"
+                    f"v{GATEWAY_API_VERSION}/standard-install.yaml")
+"""Standard-channel Gateway API CRDs; NGF's chart does not install them."""
+INFERENCE_EXTENSION_VERSION = "1.5.0"
+INFERENCE_EXTENSION_CRDS = ("https://github.com/kubernetes-sigs/gateway-api-inference-extension/releases/download/"
+                            f"v{INFERENCE_EXTENSION_VERSION}/manifests.yaml")
+"""Gateway API Inference Extension CRDs (InferencePool inference.networking.k8s.io/v1 and the x-k8s.io kinds)."""
+EPP_CHART = "oci://registry.k8s.io/gateway-api-inference-extension/charts/inferencepool"
+EPP_CHART_VERSION = f"v{INFERENCE_EXTENSION_VERSION}"
+"""One release per model: an InferencePool and its endpoint picker; published with the release tag as version."""
+
+PINNED["nginx-gateway-fabric"] = NGF_VERSION
+PINNED["gateway-api"] = GATEWAY_API_VERSION
+PINNED["gateway-api-inference-extension"] = INFERENCE_EXTENSION_VERSION
+
+MODEL_ROUTER_NGINX_VERSION = "1.29.8"
+MODEL_ROUTER_IMAGE = f"docker.io/nginxinc/nginx-unprivileged:{MODEL_ROUTER_NGINX_VERSION}-alpine-slim"
+"""The Gateway path's model router (components/policies/model_routing.py, router_conf): nginx.org's nginx built
+to run unprivileged (uid 101, port 8080), from nginx/docker-nginx-unprivileged at the same tag;
+the tag moves with weekly rebuilds, so pin the digest in production."""
+
+PINNED["nginx-unprivileged"] = MODEL_ROUTER_NGINX_VERSION
+
 KUBE_STATE_METRICS_VERSION = "2.20.0"
 """kube-state-metrics: the cluster replica alerts read its kube_deployment_* series
 (components/policies/alerting.py). Installed by the stack with `monitoring.kubeStateMetrics:

@@ -1,9 +1,9 @@
 """`python -m local up|down|status|top`: run the serving stack on this machine.
 
 `up` stays in the foreground: it starts the replicas and nginx, prints the endpoint, the API
-key and ready-to-paste examples, and stops everything on Ctrl-C or SIGTERM (`down`). Errors
-meant for the user (nginx missing, a port in use, a replica that fails) are printed without a
-traceback and exit with 2.
+key and ready-to-paste examples, and stops everything on Ctrl-C, SIGTERM (`down`) or SIGHUP
+(a second one kills what is left at once). Errors meant for the user (nginx missing, a port
+in use, a replica that fails) are printed without a traceback and exit with 2.
 
 `up --stack Pulumi.<name>.yaml` (or just `<name>`) serves every model of that stack under its
 served name, the sim engine unless `--engine transformers`, behind one nginx that routes by the
@@ -13,20 +13,21 @@ request's `model` field, and runs the stack's balancing method and autoscaling s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import math
+import os
 import shlex
-import signal
 import sys
 import time
 from pathlib import Path
-from types import FrameType
 from typing import Any, get_args
 
 from pydantic import ValidationError
 
 from components.policies.balancing import LbMethod, LoadBalancingConfig
+from local import cleanup
 from local.autoscaler import stack_config, stack_file, start_autoscaling
 from local.cluster import (
     REPO_ROOT,
@@ -159,11 +160,16 @@ def _up(args: argparse.Namespace) -> int:
     sim_env, dilation_note = _sim_profile_env(args, models)
     cluster = _cluster(args, models, stack, sim_env)
     cluster.supervisor_markers = ["local", "up"]
-    _interrupt_on_sigterm()
     engine = cluster.engine
-    prometheus = scaler = None
     timeout = args.timeout if args.timeout is not None else (
         SIM_TIMEOUT if engine == "sim" else MODEL_TIMEOUT)
+    # SIGINT, SIGTERM (`down`, a service manager) and SIGHUP stop it in order; a second one
+    # kills whatever is left at once (local/cleanup.py). The stops unwind last in, first out,
+    # and runs every step even when one is interrupted: the autoscaler, then Prometheus, then
+    # the cluster (registered first, so nothing can skip it), then the final sweep.
+    stops = contextlib.ExitStack()
+    stops.enter_context(cleanup.supervised())
+    stops.callback(_stop_cluster, cluster)
     try:
         *starts, last = _layout(cluster)
         for line in starts:
@@ -174,6 +180,8 @@ def _up(args: argparse.Namespace) -> int:
             prometheus, scaler = start_autoscaling(
                 cluster, scaling_cfg, port=args.prometheus_port, time_factor=args.time_factor,
                 on_event=_say)
+            stops.callback(prometheus.close)
+            stops.callback(scaler.stop)
         _say(banner(cluster))
         if dilation_note:
             _say(dilation_note)
@@ -187,18 +195,20 @@ def _up(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
-        if scaler is not None:
-            scaler.stop()
-        if prometheus is not None:
-            prometheus.close()
-        if cluster.running:
-            _say("stopping (replicas drain in-flight requests; Ctrl-C again to kill)")
-            try:
-                cluster.stop()
-            except KeyboardInterrupt:
-                _say("killed")
-            else:
-                _say("stopped")
+        with contextlib.suppress(KeyboardInterrupt):  # every step ran; the sweep did too
+            stops.close()
+
+
+def _stop_cluster(cluster: LocalCluster) -> None:
+    if not cluster.running:
+        return
+    _say("stopping (replicas drain in-flight requests; Ctrl-C again to kill)")
+    try:
+        cluster.stop()
+    except KeyboardInterrupt:  # only outside supervised(): a second signal kills, not raises
+        _say("killed")
+        raise
+    _say("killed" if len(cleanup.received()) > 1 else "stopped")
 
 
 def _sim_profile_env(args: argparse.Namespace, models: tuple[LocalModel, ...] | None = None
@@ -301,13 +311,6 @@ def _supervise(cluster: LocalCluster) -> int:
                 log = cluster.replica_logs[index]
                 _say(f"warning: replica {index + 1} exited; nginx routes around it. "
                      f"Last lines of {log}:\n{log_tail(log)}")
-
-
-def _interrupt_on_sigterm() -> None:
-    """SIGTERM (from `down`, a service manager) stops like Ctrl-C does."""
-    def handler(_signum: int, _frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, handler)
 
 
 def _layout(cluster: LocalCluster) -> list[str]:
@@ -432,7 +435,10 @@ def _top(args: argparse.Namespace) -> int:
 
 
 def _say(message: str) -> None:
-    print(message, flush=True)  # flush: works (and orders well with stderr) without a TTY
+    try:
+        print(message, flush=True)  # flush: works (and orders well with stderr) without a TTY
+    except OSError:  # the terminal closed (SIGHUP): stopping in order matters more than saying so
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from typing import Any
 from components.engines import PROFILES
 from components.policies.alerting import local_rules
 from components.policies.scaling import Decision, ScalingPolicy
+from local import cleanup
 from local.procs import LocalModeError
 from local.prometheus import LocalPrometheus
 
@@ -37,12 +38,18 @@ HOUSEKEEPING_SECONDS = 0.2
 
 @dataclass(frozen=True)
 class Sample:
-    """The cluster at one instant (for plots and replica-seconds)."""
+    """The cluster at one instant: one type for every autoscaling time series (this
+    autoscaler's own record, the benchmark's plots and replica-seconds)."""
 
-    at: float
+    t: float
+    """Seconds: the monotonic clock where recorded; the benchmark shifts it to its trace."""
     serving: int
     starting: int
     draining: int
+    waiting: float | None = None
+    """Requests queued, summed over the serving replicas' /metrics; None where not read."""
+    running: float | None = None
+    """Sequences in generation, summed alike; None where not read."""
 
     @property
     def processes(self) -> int:
@@ -140,6 +147,8 @@ class LocalAutoscaler:
                     next_poll = max(next_poll + self.policy.polling_interval_seconds,
                                     self._clock())
             except LocalModeError as exc:  # reported, and the loop goes on (as the HPA does)
+                if self._stop.is_set() or cleanup.stopping():
+                    break  # the command is stopping: nothing new starts (local/cleanup.py)
                 self.errors.append(str(exc))
                 self._say(f"[autoscaler] error: {exc}")
             wait = min(HOUSEKEEPING_SECONDS, max(0.0, next_poll - self._clock()))

@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import os
 import secrets
-import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -29,7 +27,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from components.policies.balancing import LoadBalancingConfig
-from local import privileges, procs
+from local import cleanup, privileges, procs
 from local.elastic import Elastic
 from local.models import ENGINES, LocalModel, check_models  # noqa: F401 - ENGINES public
 from local.nginx import NginxControl, answers, children, policy_label  # noqa: F401 - public
@@ -325,7 +323,7 @@ class LocalCluster(NginxControl, Elastic, ReplicaProcesses):
     def _prepare_workdir(self) -> None:
         if self.workdir is None or (self._owned_workdir and not self.workdir.exists()):
             # Only [A-Za-z0-9_] in mkdtemp's suffix: nginx_conf accepts the path.
-            self.workdir = Path(tempfile.mkdtemp(prefix="llm-local-")).resolve()
+            self.workdir = cleanup.temp_dir("llm-local-")
         self.workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
         (self.workdir / "nginx").mkdir(mode=0o700, exist_ok=True)
         for replica in self._replicas:
@@ -411,7 +409,7 @@ class LocalCluster(NginxControl, Elastic, ReplicaProcesses):
         if self.workdir is not None:
             procs.remove_state(self.workdir)
             if self._owned_workdir:
-                shutil.rmtree(self.workdir, ignore_errors=True)
+                cleanup.remove_temp_dir(self.workdir)
 
     # --- stopping -----------------------------------------------------------------------------
 

@@ -69,13 +69,12 @@ def check_models(models: Sequence[LocalModel]) -> tuple[LocalModel, ...]:
 
 
 def stack_model_sections(cfg: Any) -> tuple[Any, ...]:
-    """The stack's model sections, in order (the first is the default model).
-
-    Today a stack has one `model` section. When `StackConfig` gains its `models` list, return
-    `cfg.models` here: each section needs `served` (the served name) and `id`; a section's
-    own `replicas`, when it has one, is used before the stack-wide count.
-    """
-    return (cfg.model,)
+    """Each model of a parsed stack (`StackConfig`) as that model's view of it
+    (`StackConfig.for_model`), in the stack's order (the first is the default model): the view's
+    `model` is the model's section (served name, id), and its `replicas` and `autoscaling` are
+    the model's own where it sets them (`models[i].replicas`, `models[i].autoscaling`), else
+    the stack's."""
+    return tuple(cfg.model_views())
 
 
 def models_from_stack(cfg: Any, *, engine: str = "sim", replicas: int | None = None,
@@ -83,17 +82,20 @@ def models_from_stack(cfg: Any, *, engine: str = "sim", replicas: int | None = N
     """Every model of a parsed stack as `LocalModel`s, under its served name.
 
     `engine` sim (default) serves each name with the latency model; transformers loads each
-    model's `id`. `replicas` overrides every model's count; otherwise a model's own
-    `replicas`, else autoscaling's minReplicas when the stack autoscales, else the stack's
-    `replicas` (at least 1: local mode does not scale to zero).
+    model's `id`. `replicas` overrides every model's count; otherwise each model starts with
+    what its Deployment starts with in the cluster: its autoscaling minReplicas when the stack
+    autoscales, else its replica count (each the model's own where it sets one, else the
+    stack's; at least 1: local mode does not scale to zero).
     """
-    stack_wide = cfg.autoscaling.min_replicas if cfg.autoscaling.enabled else cfg.replicas
     models = []
-    for section in stack_model_sections(cfg):
-        count = replicas if replicas is not None else getattr(section, "replicas", None)
-        if count is None:
-            count = stack_wide
+    for view in stack_model_sections(cfg):
+        if replicas is not None:
+            count = replicas
+        elif view.autoscaling.enabled:
+            count = view.autoscaling.min_replicas
+        else:
+            count = view.replicas
         models.append(LocalModel(
-            served_name=section.served, replicas=max(int(count), 1), engine=engine,
-            model_id=section.id if engine == "transformers" else None))
+            served_name=view.model.served, replicas=max(int(count), 1), engine=engine,
+            model_id=view.model.id if engine == "transformers" else None))
     return check_models(models)

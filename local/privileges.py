@@ -11,10 +11,10 @@ from __future__ import annotations
 import grp
 import os
 import pwd
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from local import cleanup
 
 WORKER_ACCOUNTS = ("www-data", "nginx", "nobody")
 """Accounts tried in order: Debian's and Red Hat's web-server users, then nobody."""
@@ -52,12 +52,12 @@ def worker_account() -> WorkerAccount | None:
 
 def make_temp_dir(account: WorkerAccount) -> Path:
     """A fresh 0700 directory owned by ``account`` in the system temp dir (world-traversable,
-    unlike a private workdir); nginx creates its temp paths inside it."""
-    path = Path(tempfile.mkdtemp(prefix="llm_nginx_temp_")).resolve()
+    unlike a private workdir); nginx creates its temp paths inside it. Recorded in
+    `local.cleanup`, so it goes even when the run is killed by a signal."""
+    path = cleanup.temp_dir("llm_nginx_temp_")
     os.chown(path, account.uid, account.gid)
     return path
 
 
 def remove_temp_dir(path: Path | None) -> None:
-    if path is not None:
-        shutil.rmtree(path, ignore_errors=True)
+    cleanup.remove_temp_dir(path)

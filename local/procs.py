@@ -1,13 +1,16 @@
-"""Process, port and state-file helpers for local mode.
+"""Process, port and state-file helpers for local mode (and the benchmarks).
 
 Every process local mode starts runs in its own session (process group) so that a Ctrl-C in the
 terminal reaches only the supervisor, which then stops things in the right order (nginx first,
 then the replicas drain). Signals always go to a PID (or the group) that local mode started and
-whose command line still matches - never to a process found by name.
+whose command line still matches - never to a process found by name. `spawn` records every
+group in `local.cleanup`, so a command run with `run_command` leaves none behind, whichever
+signals stop it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -15,10 +18,13 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from local import cleanup
 
 NGINX_CANDIDATES: tuple[str, ...] = (
     "/usr/sbin/nginx",  # Debian/Ubuntu: not on a non-root user's PATH
@@ -150,14 +156,47 @@ def port_in_use(port: int) -> bool:
 # --- processes ---------------------------------------------------------------------------------
 
 
-def spawn(args: Sequence[str], *, log: Path, env: dict[str, str] | None = None,
+def spawn(args: Sequence[str], *, log: Path | int | None, env: dict[str, str] | None = None,
           cwd: Path | None = None) -> subprocess.Popen[bytes]:
-    """Start `args` in a new session with stdout and stderr appended to `log`."""
-    with open(log, "ab") as out:  # the child keeps its own descriptor
-        return subprocess.Popen(
+    """Start `args` in a new session with stdout and stderr appended to `log` (a path;
+    `subprocess.DEVNULL`; None: this process's own), recorded for `local.cleanup`.
+
+    Raises LocalModeError once the command is stopping: nothing new starts then."""
+    if cleanup.stopping():
+        raise LocalModeError(f"not starting {os.path.basename(args[0])}: stopping")
+    output = open(log, "ab") if isinstance(log, Path) else contextlib.nullcontext(log)
+    with cleanup.recording(), output as out:  # the child keeps its own descriptor
+        return cleanup.track(subprocess.Popen(
             list(args), cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out,
             stderr=subprocess.STDOUT, start_new_session=True,
-        )
+        ))
+
+
+def run_command(main: Callable[[], int], *, what: str) -> int:
+    """Run a command that starts processes under `local.cleanup.supervised()`.
+
+    Its first SIGINT/SIGTERM/SIGHUP interrupts it and its own cleanup runs; whatever it
+    started is gone when this returns. Returns `main()`'s code; 2 with the message for a
+    LocalModeError; 128 + the signal's number after an interrupt, with a line saying so.
+    """
+    try:
+        with cleanup.supervised():
+            return main()
+    except KeyboardInterrupt:
+        sig = cleanup.interrupted_by() or signal.SIGINT
+        _tell(f"{what}: interrupted by {sig.name}; stopped everything it started")
+        return 128 + int(sig)
+    except LocalModeError as exc:
+        _tell(f"error: {exc}")
+        return 2
+
+
+def _tell(message: str) -> None:
+    """To stderr, unless the terminal is gone (SIGHUP): then nowhere."""
+    try:
+        print(message, file=sys.stderr, flush=True)
+    except OSError:
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
 
 
 def cmdline(pid: int) -> str | None:

@@ -1,6 +1,12 @@
-"""Benchmark the sim engine against its own latency model.
+"""Benchmark one server replica: the sim engine against its latency model (default), or the
+transformers engine against the raw batched forward of its model (``--engine transformers``,
+see server/bench_transformers.py).
 
     python -m server.bench [--streams 256] [--max-tokens 64] [--prompt-tokens 200]
+    python -m server.bench --engine transformers [--streams 8] [--model-size 20m|1b]
+        [--device cpu|cuda] [--compare-library]
+
+Sim mode:
 
 Starts ONE real ``uvicorn server:app`` process (sim engine) on 127.0.0.1, holds ``--streams``
 concurrent streaming chat requests against it from async httpx clients (closed loop: each client
@@ -37,6 +43,8 @@ from pathlib import Path
 
 import httpx
 
+from local.procs import run_command, spawn
+from server import bench_transformers
 from server.engines.profile import Profile
 from server.engines.sim import sim_chat_prompt, sim_tokenize
 from server.settings import from_env
@@ -160,10 +168,11 @@ def free_port() -> int:
 
 def start_server(env: dict[str, str], port: int) -> subprocess.Popen:
     full = {k: v for k, v in os.environ.items() if not k.startswith("LLM_")} | env
-    proc = subprocess.Popen(
+    # Its own session, recorded so that no signal to this command leaves it running.
+    proc = spawn(
         [sys.executable, "-m", "uvicorn", "server:app", "--host", "127.0.0.1", "--port",
          str(port), "--log-level", "warning", "--no-access-log"],
-        cwd=ROOT, env=full,
+        log=None, cwd=ROOT, env=full,
     )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -203,6 +212,10 @@ async def count_inflight(s: Samples, window: tuple[float, float]) -> None:
             s.inflight_samples.append(s.inflight)
 
 
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _part_main(args: tuple) -> Samples:
     return asyncio.run(run_part(*args))
 
@@ -218,7 +231,8 @@ def run(args: argparse.Namespace, base: str, body: dict, cycle: float, think: fl
     if k == 1:
         results = [_part_main(parts[0])]
     else:
-        with multiprocessing.get_context("spawn").Pool(k) as pool:
+        # The workers leave Ctrl-C to this process, which stops them (and the server).
+        with multiprocessing.get_context("spawn").Pool(k, initializer=_ignore_sigint) as pool:
             results = pool.map(_part_main, parts)
     total = Samples()
     for r in results:
@@ -237,18 +251,34 @@ def run(args: argparse.Namespace, base: str, body: dict, cycle: float, think: fl
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m server.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--streams", type=int, default=256)
-    ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--prompt-tokens", type=int, default=200, help="approximate prompt size")
-    ap.add_argument("--duration", type=float, default=15.0, help="measured seconds")
+    ap.add_argument("--engine", choices=("sim", "transformers"), default="sim",
+                    help="the engine served: sim (default) or transformers (a random-weight "
+                         "Llama built here, no download)")
+    ap.add_argument("--streams", type=int, default=None,
+                    help="concurrent streams (default: sim 256, transformers 8)")
+    ap.add_argument("--max-tokens", type=int, default=None,
+                    help="tokens per request (default: sim 64, transformers 128)")
+    ap.add_argument("--prompt-tokens", type=int, default=None,
+                    help="approximate prompt size (default: sim 200, transformers 64)")
+    ap.add_argument("--duration", type=float, default=None,
+                    help="measured seconds (default: sim 15, transformers 30)")
     ap.add_argument("--warmup", type=float, default=None, help="default: 1.2 request cycles")
-    ap.add_argument("--tolerance", type=float, default=0.10)
+    ap.add_argument("--tolerance", type=float, default=0.10,
+                    help="largest |measured/predicted - 1| that passes (default 0.10)")
     ap.add_argument("--think-ms", type=float, default=None,
                     help="clients pause uniform(0, think) between requests; default: one "
                          "decode step at full load, from the model")
     ap.add_argument("--client-procs", type=int, default=2,
-                    help="client processes sharing the streams")
+                    help="sim: client processes sharing the streams")
+    bench_transformers.add_arguments(ap)
     args = ap.parse_args(argv)
+    tf = args.engine == "transformers"
+    for name, sim_default, tf_default in (("streams", 256, 8), ("max_tokens", 64, 128),
+                                          ("prompt_tokens", 200, 64), ("duration", 15.0, 30.0)):
+        if getattr(args, name) is None:
+            setattr(args, name, tf_default if tf else sim_default)
+    if tf:
+        return bench_transformers.main(args)
 
     # Sim parameters: the server defaults unless LLM_SIM_* (a profile, overrides, a time
     # dilation) are set in the environment.
@@ -324,8 +354,16 @@ def main(argv: list[str] | None = None) -> int:
         print("errors (first 3):", *s.errors[:3], sep="\n  ")
     print(f"overall: {'PASS' if ok else 'FAIL'} (tolerance {args.tolerance:.0%}, "
           f"samples: {len(s.ttft)} TTFT, {len(s.itl)} inter-token)")
+    if ok:
+        print(f"Conclusion: at {args.streams} concurrent streams the sim engine runs as its "
+              f"latency model predicts (first-token and inter-token times within "
+              f"{args.tolerance:.0%}).")
+    else:
+        print(f"Conclusion: at {args.streams} concurrent streams the sim engine does not run "
+              f"as its latency model predicts (a FAIL row above, or failed requests); a busy "
+              f"machine slows the measured side.")
     return 0 if ok else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main, what="python -m server.bench"))

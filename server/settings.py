@@ -73,6 +73,9 @@ class Settings(BaseSettings):
     """`transformers` only: `auto` picks CUDA when present, else CPU."""
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     """`transformers` only: weight dtype; `auto` is float32 on CPU, bfloat16/float16 on CUDA."""
+    cuda_graphs: Literal["auto", "on", "off"] = "auto"
+    """`transformers` only: replay the decode step as a CUDA graph; `auto` is on for CUDA. Never
+    used on a CPU."""
 
     sim_profile: str | None = None
     """Sim: latency profile, a shipped name (`server/profiles/<name>.yaml`: `cpu-sim`,

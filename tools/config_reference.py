@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import types
 import typing
 from pathlib import Path
 from typing import Any, Iterator
@@ -37,7 +38,7 @@ def _type_name(annotation: Any) -> str:
         return " \\| ".join(f"`{a}`" for a in args)
     if origin is typing.Annotated:
         return _type_name(args[0])
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType")):
+    if origin in (typing.Union, types.UnionType):
         names = [_type_name(a) for a in args if a is not type(None)]
         return " \\| ".join(names)
     if origin is tuple:
@@ -79,6 +80,9 @@ def rows(
     for name, field in model.model_fields.items():
         key = prefix + (field.alias or name)
         annotation = field.annotation
+        optional = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(optional) == 1:
+            annotation = optional[0]  # an optional section (or list) reads like a section
         inner = [a for a in typing.get_args(annotation) if a is not type(None)]
         section = _section_type(annotation)
         items = None
@@ -92,8 +96,10 @@ def rows(
             value = None if field.is_required() else field.default
             default = _default(field)
         if section is not None:
-            # A section's defaults are listed once, on its keys' rows.
-            yield key, "section", "required" if default == "required" else "", description
+            # A section's defaults are listed once, on its keys' rows; an optional section
+            # (default None) says so.
+            shown = default if default in ("required", "—") else ""
+            yield key, "section", shown, description
             yield from rows(section, key + ".", value if isinstance(value, BaseModel) else None)
         elif items is not None:
             yield key, f"list of {items.__name__}", default, description

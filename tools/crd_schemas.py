@@ -1,17 +1,31 @@
-"""Hand-written JSON schemas for the custom resources the stack creates.
+"""JSON schemas for the custom resources the stack creates.
 
-kubernetes-validate ships only built-in kinds. These cover what the CRDs
-require and the fields this project sets, with unknown spec fields rejected so
-a typo fails. They follow KEDA 2.19's ScaledObject CRD, the Prometheus
-Operator's monitoring.coreos.com/v1 ServiceMonitor and PrometheusRule CRDs
-(PrometheusRule: spec.groups[].name required, rules[].expr required, `for`
-a Prometheus duration, label and annotation values strings) and cert-manager's
-ClusterIssuer and Certificate.
+kubernetes-validate ships only built-in kinds. Two sources:
+
+- Hand-written (`SCHEMAS`): what the CRDs require and the fields this project sets, with unknown
+  spec fields rejected so a typo fails. They follow KEDA 2.19's ScaledObject CRD, the Prometheus
+  Operator's monitoring.coreos.com/v1 ServiceMonitor and PrometheusRule CRDs (PrometheusRule:
+  spec.groups[].name required, rules[].expr required, `for` a Prometheus duration, label and
+  annotation values strings) and cert-manager's ClusterIssuer and Certificate.
+- The pinned CRDs' own OpenAPI schemas (`pinned_crd_schema`): the Gateway API, the Inference
+  Extension and NGINX Gateway Fabric's policies, as read at their tags into
+  tests/contracts/data/<component>-<version>.crds.json (the one copy; CEL rules are evaluated by
+  the contract tests), with unknown fields rejected wherever the CRD lists the fields.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
+import json
+from pathlib import Path
 from typing import Any
+
+from components.pins import PINNED
+
+FACTS_DIR = Path(__file__).resolve().parent.parent / "tests" / "contracts" / "data"
+CRD_COMPONENTS = ("gateway-api", "gateway-api-inference-extension", "nginx-gateway-fabric")
+"""Pinned components whose CRD schemas were saved beside their facts."""
 
 _INT = {"type": "integer", "minimum": 0}
 _METADATA = {
@@ -94,6 +108,24 @@ SCALED_OBJECT: dict[str, Any] = _resource({
     },
 })
 
+_RELABEL_CONFIG: dict[str, Any] = {  # monitoring.coreos.com/v1 RelabelConfig
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "sourceLabels": {"type": "array", "items": {"type": "string"}},
+        "separator": {"type": "string"},
+        "targetLabel": {"type": "string"},
+        "regex": {"type": "string"},
+        "modulus": {"type": "integer", "minimum": 0},
+        "replacement": {"type": "string"},
+        "action": {"enum": [
+            "replace", "Replace", "keep", "Keep", "drop", "Drop", "hashmod", "HashMod",
+            "labelmap", "LabelMap", "labeldrop", "LabelDrop", "labelkeep", "LabelKeep",
+            "lowercase", "Lowercase", "uppercase", "Uppercase", "keepequal", "KeepEqual",
+            "dropequal", "DropEqual"]},
+    },
+}
+
 SERVICE_MONITOR: dict[str, Any] = _resource({
     "type": "object",
     "required": ["selector"],
@@ -124,6 +156,7 @@ SERVICE_MONITOR: dict[str, Any] = _resource({
                     "path": {"type": "string", "pattern": "^/"},
                     "interval": {"type": "string", "pattern": r"^(0|(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"},
                     "scheme": {"enum": ["http", "https"]},
+                    "relabelings": {"type": "array", "items": _RELABEL_CONFIG},
                 },
             },
         },
@@ -220,3 +253,53 @@ SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"): SERVICE_MONITOR,
     ("monitoring.coreos.com/v1", "PrometheusRule"): PROMETHEUS_RULE,
 }
+
+
+@functools.cache
+def pinned_crds() -> dict[tuple[str, str], dict[str, Any]]:
+    """(apiVersion, kind) -> {scope, openAPIV3Schema, component} of every saved pinned CRD."""
+    found = {}
+    for component in CRD_COMPONENTS:
+        path = FACTS_DIR / f"{component}-{PINNED[component]}.crds.json"
+        for kind, entry in json.loads(path.read_text())["schemas"].items():
+            found[(entry["apiVersion"], kind)] = {**entry, "component": component}
+    return found
+
+
+def _strict(schema: Any) -> Any:
+    """The schema with unknown fields rejected wherever the CRD lists the fields (the API server
+    prunes unknown fields without an error, so a misspelt one would simply vanish)."""
+    if isinstance(schema, dict):
+        out = {k: _strict(v) for k, v in schema.items()}
+        if "properties" in out and "additionalProperties" not in out \
+                and not out.get("x-kubernetes-preserve-unknown-fields"):
+            out["additionalProperties"] = False
+        return out
+    if isinstance(schema, list):
+        return [_strict(v) for v in schema]
+    return schema
+
+
+@functools.cache
+def pinned_crd_schema(api_version: str, kind: str) -> dict[str, Any] | None:
+    """JSON schema of a whole manifest of a pinned CRD's kind (None if none defines it)."""
+    entry = pinned_crds().get((api_version, kind))
+    if entry is None:
+        return None
+    schema = _strict(copy.deepcopy(entry["openAPIV3Schema"]))
+    metadata = {"type": "object", "required": ["name"],
+                "properties": {"name": {"type": "string", "minLength": 1},
+                               "namespace": {"type": "string"}}}
+    if entry["scope"] == "Namespaced":
+        metadata["required"] = ["name", "namespace"]
+    schema["properties"]["metadata"] = metadata
+    schema["properties"]["apiVersion"] = {"const": api_version}
+    schema["properties"]["kind"] = {"const": kind}
+    schema["required"] = sorted({"apiVersion", "kind", "metadata", "spec",
+                                 *schema.get("required", [])})
+    return schema
+
+
+def schema_for(api_version: str, kind: str) -> dict[str, Any] | None:
+    """The custom-resource schema a manifest is validated against, if any."""
+    return SCHEMAS.get((api_version, kind)) or pinned_crd_schema(api_version, kind)

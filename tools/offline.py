@@ -454,7 +454,7 @@ def schema_problems(manifest: dict[str, Any], versions: tuple[str, ...] = SCHEMA
     problems = []
     kind, api_version = manifest.get("kind", "?"), manifest.get("apiVersion", "?")
     name = manifest.get("metadata", {}).get("name", "?")
-    custom = crd_schemas.SCHEMAS.get((api_version, kind))
+    custom = crd_schemas.schema_for(api_version, kind)
     if custom is not None:
         import jsonschema
 

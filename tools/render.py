@@ -25,6 +25,7 @@ from components.config.rules import stack_warnings
 from components.config.stack import StackConfig
 from components.engines import PROFILES
 from components.policies.alerting import local_rules
+from components.policies.balancing import SERVER_ADMISSION_DEFAULT
 from components.policies.nginx_conf import nginx_conf
 from local.models import models_from_stack
 from tools import offline
@@ -164,8 +165,11 @@ def _local_nginx_conf(cfg: StackConfig, out: Path) -> str:
     groups = {m.served_name: [next(addresses) for _ in range(m.replicas)] for m in models}
     upstreams = groups if len(groups) > 1 else next(iter(groups.values()))
     admitted = None
-    if cfg.model.max_concurrency is not None:  # running slots + the server's default queue
-        admitted = replicas * (cfg.model.max_concurrency + SERVER_DEFAULT_QUEUE)
+    slots = [view.model.max_concurrency for view in cfg.model_views()]
+    if any(s is not None for s in slots):  # running slots + the server's default queue
+        admitted = sum(m.replicas * (SERVER_ADMISSION_DEFAULT if s is None
+                                     else s + SERVER_DEFAULT_QUEUE)
+                       for m, s in zip(models, slots))
     return nginx_conf(
         cfg.load_balancing, upstreams, LOCAL_LISTEN_PORT, cfg.model.max_output_tokens,
         prefix=out.resolve(), admission_limit=admitted,

@@ -3,5 +3,6 @@
 import sys
 
 from bench.faults.cli import main
+from local.procs import run_command
 
-sys.exit(main())
+sys.exit(run_command(main, what="python -m bench.faults"))

@@ -26,10 +26,10 @@ from bench.faults.flood import drill_flood
 from bench.faults.load import wait_idle
 from bench.faults.model import DrillModel, DrillResult, exit_code, summary_table
 from bench.faults.report import markdown, splice
+from bench.command import OUT
 from bench.ports import free_ports
 from components.policies.balancing import LoadBalancingConfig
 
-ROOT = Path(__file__).resolve().parents[2]
 DRILLS = ("rolling", "crash", "overload", "reload", "disconnect", "flood")
 
 
@@ -39,10 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true",
                     help="shorter drills (under two minutes); writes nowhere unless --out")
     ap.add_argument("--out", type=Path, default=None,
-                    help="directory whose reliability.md gets the results between its markers "
-                         "(full run default: docs)")
-    ap.add_argument("--replicas", type=int, default=3)
-    ap.add_argument("--seed", type=int, default=1)
+                    help="folder whose reliability.md gets the results between its markers "
+                         "(full run default build/bench/, ignored by git; --out docs "
+                         "refreshes the committed ones)")
+    ap.add_argument("--replicas", type=int, default=3, help="sim replicas (default 3)")
+    ap.add_argument("--seed", type=int, default=1, help="seed of the load (default 1)")
     ap.add_argument("--rate", type=float, default=None,
                     help="steady load in requests/s (default 14: about half of 3 replicas)")
     ap.add_argument("--workdir", type=Path, default=None,
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--drills", default=",".join(DRILLS),
                     help="comma-separated subset, run in this order")
     args = ap.parse_args(argv)
-    out = args.out if args.out is not None or args.quick else ROOT / "docs"
+    out = args.out if args.out is not None or args.quick else OUT
     drills = [d for d in args.drills.split(",") if d]
     for d in drills:
         if d not in DRILLS:
@@ -112,9 +113,16 @@ def main(argv: list[str] | None = None) -> int:
         path.write_text(splice(path.read_text() if path.exists() else None, body))
         say(f"wrote {path} ({replicas_end} replicas at the end)")
     code = exit_code(results)
-    say("all drills passed" if code == 0 else "some drill missed its bar")
+    say(conclusion(results))
     return code
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def conclusion(results: list[DrillResult]) -> str:
+    """The run in one plain sentence, last of its output."""
+    missed = [r.drill for r in results if not r.passed]
+    names = ", ".join(r.drill for r in results)
+    if not missed:
+        return (f"Conclusion: all {len(results)} drill(s) ({names}) met their bars: local mode "
+                "came through each fault without losing a request it should have kept.")
+    return (f"Conclusion: {len(missed)} of {len(results)} drill(s) missed their bar "
+            f"({', '.join(missed)}); the table above says which check failed.")

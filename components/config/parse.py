@@ -111,6 +111,9 @@ def _describe(error: Mapping[str, Any]) -> str:
     if kind == "missing":
         return f"{_key_path(loc)}: required key is missing"
     message = error["msg"].removeprefix("Value error, ")
+    if not loc:
+        # A rule across the top-level keys: its message starts with the keys it names.
+        return f"{NAMESPACE}:{message}"
     return f"{_key_path(loc)}: {message} (got {error.get('input')!r})"
 
 

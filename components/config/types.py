@@ -79,6 +79,20 @@ def api_path(value: str) -> str:
     return value
 
 
+_MODEL_PATH = re.compile(r"^(/[A-Za-z0-9._~-]+)+/v1$")
+
+
+def model_path(value: str) -> str:
+    """An Ingress path prefix of a model other than the first: it must end in /v1 (clients
+    use it as their base URL) and stay outside /v1, which is the first model's."""
+    if not _MODEL_PATH.match(value) or value == "/v1" or value.startswith("/v1/"):
+        raise ValueError(
+            "must be a path that ends in /v1 and lies outside /v1 (the first model's), made "
+            "of letters, digits and '.', '_', '~', '-', e.g. /coder/v1"
+        )
+    return value
+
+
 def cpu_cores(quantity: str) -> float:
     """'500m' -> 0.5, '2' -> 2.0."""
     return int(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)

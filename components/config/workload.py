@@ -1,14 +1,35 @@
-"""Stack configuration sections of the model workload: the model, its image, resources,
-GPUs, weight cache, rollout and disruption budget (assembled in components/config/stack.py)."""
+"""Stack configuration sections of the model workload: the model (or several, each with its
+own replicas, GPUs, resources and autoscaling bounds), its image, resources, GPUs, weight cache,
+rollout and disruption budget (assembled in components/config/stack.py)."""
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import Field
 
 from components.config.sections import Section
 from components.config.types import CpuQuantity, DnsLabel, MemoryQuantity, NonEmptyStr
+
+MODEL_NAME_MAX = 24
+"""Longest Kubernetes name of a model: it goes into the names of the model's objects (e.g.
+`llm-autoscaler-<name>-scaledobject-<suffix>`, which KEDA copies into a label value, at most 63
+characters)."""
+
+_MODEL_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_NAME_SEPARATORS = re.compile(r"[./_]")
+
+
+def kube_name_problem(name: str) -> str | None:
+    """Why `name` cannot name a model's Kubernetes objects, or None when it can."""
+    if not _MODEL_NAME.match(name):
+        return ("lower-case letters, digits and '-', starting and ending with a letter or digit, "
+                "are allowed")
+    if len(name) > MODEL_NAME_MAX:
+        return (f"at most {MODEL_NAME_MAX} characters are allowed (it prefixes the model's "
+                "object names, which Kubernetes caps at 63)")
+    return None
 
 
 class ModelConfig(Section):
@@ -136,3 +157,52 @@ class DisruptionBudgetConfig(Section):
     """A PodDisruptionBudget so node drains take model pods down one at a time."""
     max_unavailable: int = Field(1, ge=1)
     """Pods a voluntary disruption (drain, upgrade) may take down at once."""
+
+
+# --- several models per stack -----------------------------------------------------------------
+
+
+class ModelGpuConfig(Section):
+    count: int = Field(ge=0, le=16)
+    """GPUs per replica of this model; the rest of the `gpu` section (vendor, node selector,
+    tolerations) is the stack's."""
+
+
+class ModelAutoscalingConfig(Section):
+    min_replicas: int | None = Field(None, ge=1, le=1000)
+    """Fewest replicas of this model; default autoscaling.minReplicas."""
+    max_replicas: int | None = Field(None, ge=1, le=1000)
+    """Most replicas of this model; default autoscaling.maxReplicas."""
+    target_running_per_replica: int | None = Field(None, ge=1)
+    """Sequences in generation per replica before one is added; about 75 % of this model's
+    maxConcurrency. Default autoscaling.targetRunningPerReplica."""
+
+
+class ModelEntry(ModelConfig):
+    """One model of `models`: the `model` keys, plus what may differ between models."""
+
+    name: DnsLabel | None = None
+    """Kubernetes name of the model's objects and its Ingress path; default: servedName
+    lower-cased, with '.', '/' and '_' turned into '-' (at most 24 characters)."""
+    replicas: int | None = Field(None, ge=0, le=1000)
+    """Pods of this model; default the stack's `replicas`."""
+    gpu: ModelGpuConfig | None = None
+    """GPUs per replica of this model; default gpu.count."""
+    resources: ResourcesConfig | None = None
+    """CPU and memory per replica of this model; default the stack's `resources`."""
+    autoscaling: ModelAutoscalingConfig | None = None
+    """This model's replica bounds (autoscaling.enabled is the stack's)."""
+
+    @property
+    def kube_name(self) -> str:
+        """The name its objects carry: `name`, or the served name made a Kubernetes name."""
+        if self.name is not None:
+            return self.name
+        return _NAME_SEPARATORS.sub("-", self.served.lower())
+
+    @classmethod
+    def of(cls, model: ModelConfig) -> ModelEntry:
+        """The entry a single `model` section stands for (no overrides)."""
+        if isinstance(model, ModelEntry):
+            return model
+        return cls.model_validate(model.model_dump())

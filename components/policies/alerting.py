@@ -9,10 +9,15 @@ the same; only the scope (which series belong to this stack) and the source of
 the replica count differ:
 
 - cluster: engine series carry the `namespace` label the ServiceMonitor adds;
-  replicas come from kube-state-metrics (`kube_deployment_*`), which is the
-  only place that knows about a pod that is not ready;
+  replicas come from kube-state-metrics (`kube_deployment_*` of the model's own
+  Deployment), which is the only place that knows about a pod that is not ready;
 - local: the scrape job of the local replicas scopes the series; a replica
   counts as available while its /metrics answers (`up == 1`).
+
+A stack with several models gets one policy per model (from its view,
+`StackConfig.for_model`): its engine series are further scoped by the model's name
+(`engines.MODEL_LABEL`), and, as every model's, its replica counts by its Deployment's name,
+so each model has its own recorded series and alerts, told apart by their `model` label.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 
-from components.engines import EngineProfile
+from components.engines import MODEL_LABEL, EngineProfile
 
 if TYPE_CHECKING:
     from components.config.stack import StackConfig
@@ -60,6 +65,9 @@ class AlertPolicy:
     for_seconds: int
     no_ready_for_seconds: int
     window_seconds: int
+    replica_scope: tuple[tuple[str, str], ...] | None = None
+    """Label matchers of the replica counts (kube-state-metrics series carry no model label);
+    None: `scope`."""
 
     def with_timing(self, *, for_seconds: int, window_seconds: int) -> "AlertPolicy":
         """The same policy on a shorter clock, for drills that cannot wait minutes."""
@@ -71,16 +79,35 @@ class AlertPolicy:
         )
 
 
+def needs_deployment(cfg: "StackConfig") -> bool:
+    """Whether the stack's namespace holds Deployments other than this model's: several models,
+    or the Gateway path's model router and endpoint pickers."""
+    return cfg.scoped_by_model or cfg.gateway.enabled
+
+
 def alert_policy(
     cfg: "StackConfig", target: Target = "cluster", job: str = LOCAL_JOB,
-    profile: EngineProfile | None = None,
+    profile: EngineProfile | None = None, deployment: str | None = None,
 ) -> AlertPolicy:
-    """The policy of one stack; `target` picks how its series are scoped, `profile` the
-    engine whose metric names the rules read (default: the stack's engine)."""
+    """The policy of one stack (or of one model's view of it); `target` picks how its series are
+    scoped, `profile` the engine whose metric names the rules read (default: the stack's
+    engine). `deployment`, the model's Deployment, scopes a cluster policy's replica counts to
+    it; it is required where other Deployments share the namespace (several models, or the
+    Gateway path's router), whose replicas would otherwise count as the model's."""
     if target not in ("cluster", "local"):
         raise ValueError(f"alert_policy: 'target' must be 'cluster' or 'local', not {target!r}")
     slo = cfg.monitoring.slo
-    scope = (("namespace", cfg.namespace),) if target == "cluster" else (("job", job),)
+    scope: tuple[tuple[str, str], ...] = (
+        (("namespace", cfg.namespace),) if target == "cluster" else (("job", job),))
+    replica_scope = None
+    if target == "cluster":
+        if deployment is None and needs_deployment(cfg):
+            raise ValueError("alert_policy: a model whose namespace holds other Deployments "
+                             "(several models, or the gateway's router) needs its 'deployment'")
+        if deployment is not None:
+            replica_scope = (*scope, ("deployment", deployment))
+        if cfg.scoped_by_model:
+            scope = (*scope, (MODEL_LABEL, cfg.model.served))
     return AlertPolicy(
         profile=profile if profile is not None else cfg.profile,
         scope=scope,
@@ -93,6 +120,7 @@ def alert_policy(
         for_seconds=slo.for_minutes * 60,
         no_ready_for_seconds=slo.no_ready_for_minutes * 60,
         window_seconds=slo.window_minutes * 60,
+        replica_scope=replica_scope,
     )
 
 
@@ -100,8 +128,9 @@ def _duration(seconds: int) -> str:
     return f"{seconds // 60}m" if seconds % 60 == 0 else f"{seconds}s"
 
 
-def _sel(policy: AlertPolicy, name: str, **extra: str) -> str:
-    pairs = list(policy.scope) + sorted(extra.items())
+def _sel(policy: AlertPolicy, name: str, scope: tuple[tuple[str, str], ...] | None = None,
+         **extra: str) -> str:
+    pairs = list(policy.scope if scope is None else scope) + sorted(extra.items())
     return name + "{" + ",".join(f'{k}="{v}"' for k, v in pairs) + "}"
 
 
@@ -130,9 +159,10 @@ def _replica_exprs(policy: AlertPolicy) -> tuple[str, str]:
     """(available, desired) replica counts for the target."""
     if policy.target == "cluster":
         # max by Deployment first: two kube-state-metrics scraped by one Prometheus (the
-        # stack's and kube-prometheus-stack's) report each Deployment twice.
+        # stack's and kube-prometheus-stack's) report each Deployment twice. One model of
+        # several selects its own Deployment (`replica_scope`).
         return tuple(  # type: ignore[return-value]
-            f"sum(max by (deployment) ({_sel(policy, name)}))"
+            f"sum(max by (deployment) ({_sel(policy, name, policy.replica_scope)}))"
             for name in KUBE_STATE_METRICS_REPLICAS
         )
     up = _sel(policy, "up")

@@ -264,6 +264,9 @@ def ingress_annotations(policy: LoadBalancingConfig, max_output_tokens: int, *,
         "nginx.org/proxy-send-timeout": f"{send_timeout_seconds(policy, max_output_tokens)}s",
         "nginx.org/proxy-connect-timeout": f"{policy.connect_timeout_seconds}s",
         "nginx.org/client-max-body-size": policy.client_max_body_size,
+        # Bodies stay in memory up to the limit (see nginx_conf: a body in a temporary file
+        # costs ~40 ms more per request).
+        "nginx.org/client-body-buffer-size": policy.client_max_body_size,
         # The controller adds `proxy_set_header Connection "";` itself when keepalive > 0.
         "nginx.org/keepalive": str(policy.keepalive_connections),
         "nginx.org/max-fails": str(policy.max_fails),

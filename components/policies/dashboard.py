@@ -3,7 +3,9 @@ Foundation SDK and shipped as a ConfigMap the kube-prometheus-stack Grafana
 sidecar loads (label `grafana_dashboard: "1"`).
 
 Panel queries read the engine's own series (names from the engine profile),
-not the recorded ones, so the dashboard works without the alert rules.
+not the recorded ones, so the dashboard works without the alert rules. A stack with several
+models has one dashboard whose latency and load series are split by model
+(`engines.MODEL_LABEL`, legend `{{model_name}}`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models import common
 from grafana_foundation_sdk.models.dashboard import DataSourceRef, Threshold, ThresholdsMode
 
+from components.engines import MODEL_LABEL
 from components.policies.monitoring import CONTROLLER_LATENCY_METRIC, controller_metrics_enabled
 
 if TYPE_CHECKING:
@@ -41,20 +44,32 @@ class _Queries:
     def __init__(self, cfg: "StackConfig") -> None:
         self.profile = cfg.profile
         self.namespace = cfg.namespace
+        self.by_model = cfg.model_count > 1
+        """Several models: every aggregate keeps the model label, one series per model."""
 
     def sel(self, name: str, **extra: str) -> str:
         pairs = [("namespace", self.namespace), *sorted(extra.items())]
         return name + "{" + ",".join(f'{k}="{v}"' for k, v in pairs) + "}"
 
+    def _by(self, *labels: str) -> str:
+        labels = (*labels, MODEL_LABEL) if self.by_model else labels
+        return f" by ({', '.join(labels)})" if labels else ""
+
     def quantile(self, q: float, histogram: str) -> str:
         return (
-            f"histogram_quantile({q}, sum by (le) "
+            f"histogram_quantile({q}, sum{self._by('le')} "
             f"(rate({self.sel(histogram + '_bucket')}[{_RATE}])))"
         )
 
-    def rate(self, series: str, by: str = "") -> str:
-        grouping = f" by ({by})" if by else ""
-        return f"sum{grouping}(rate({series}[{_RATE}]))"
+    def rate(self, series: str) -> str:
+        return f"sum{self._by()}(rate({series}[{_RATE}]))"
+
+    def agg(self, how: str, series: str) -> str:
+        """`how` (sum, count) over the stack, per model where there are several."""
+        return f"{how}{self._by()}({series})"
+
+    def legend(self, text: str) -> str:
+        return f"{{{{{MODEL_LABEL}}}}} {text}" if self.by_model else text
 
 
 def _target(expr: str, legend: str, ref: str) -> prometheus.Dataquery:
@@ -92,13 +107,22 @@ def _stat(title: str, expr: str, unit: str = "none", width: int = 6) -> stat.Pan
     )
 
 
+def _max_replicas(cfg: "StackConfig") -> float | None:
+    """The autoscaling ceiling the Replicas panel marks, when every model shares one."""
+    if not cfg.autoscaling.enabled:
+        return None
+    ceilings = {view.autoscaling.max_replicas for view in cfg.model_views()}
+    return float(ceilings.pop()) if len(ceilings) == 1 else None
+
+
 def build_dashboard(cfg: "StackConfig") -> dict[str, Any]:
     """The dashboard of one stack, as the JSON model Grafana imports."""
     q, p = _Queries(cfg), cfg.profile
     slo = cfg.monitoring.slo
     finished = q.sel(p.e2e_histogram + "_count")
+    served = ", ".join(m.served for m in cfg.models)
     board = (
-        dash.Dashboard(f"LLM serving: {cfg.model.served} ({cfg.namespace})")
+        dash.Dashboard(f"LLM serving: {served} ({cfg.namespace})")
         .uid(dashboard_uid(cfg))
         .tags(["llm-serving", p.name])
         .refresh("30s")
@@ -107,29 +131,32 @@ def build_dashboard(cfg: "StackConfig") -> dict[str, Any]:
         .with_variable(dash.DatasourceVariable("datasource").label("Prometheus").type("prometheus"))
         .with_row(dash.Row("Now"))
         .with_panel(_stat("Requests/s", q.rate(finished), "reqps"))
-        .with_panel(_stat("Replicas reporting", f"count({q.sel(p.running_metric)})"))
-        .with_panel(_stat("Running", f"sum({q.sel(p.running_metric)})"))
-        .with_panel(_stat("Waiting", f"sum({q.sel(p.waiting_metric)})"))
+        .with_panel(_stat("Replicas reporting", q.agg("count", q.sel(p.running_metric))))
+        .with_panel(_stat("Running", q.agg("sum", q.sel(p.running_metric))))
+        .with_panel(_stat("Waiting", q.agg("sum", q.sel(p.waiting_metric))))
         .with_row(dash.Row("Latency"))
         .with_panel(_series(
             "Time to first token", "s",
-            [(q.quantile(0.5, p.ttft_histogram), "p50"), (q.quantile(0.99, p.ttft_histogram), "p99")],
+            [(q.quantile(0.5, p.ttft_histogram), q.legend("p50")),
+             (q.quantile(0.99, p.ttft_histogram), q.legend("p99"))],
             threshold=slo.ttft_p99_seconds,
             description=f"Dashed: the p99 objective (monitoring.slo.ttftP99Seconds = {slo.ttft_p99_seconds} s).",
         ))
         .with_panel(_series(
             "End-to-end request latency", "s",
-            [(q.quantile(0.5, p.e2e_histogram), "p50"), (q.quantile(0.99, p.e2e_histogram), "p99")],
+            [(q.quantile(0.5, p.e2e_histogram), q.legend("p50")),
+             (q.quantile(0.99, p.e2e_histogram), q.legend("p99"))],
         ))
     )
     if p.itl_histogram is not None:
         board = board.with_panel(_series(
             "Inter-token latency", "s",
-            [(q.quantile(0.5, p.itl_histogram), "p50"), (q.quantile(0.99, p.itl_histogram), "p99")],
+            [(q.quantile(0.5, p.itl_histogram), q.legend("p50")),
+             (q.quantile(0.99, p.itl_histogram), q.legend("p99"))],
         ))
     board = (
         board.with_row(dash.Row("Load"))
-        .with_panel(_series("Requests/s", "reqps", [(q.rate(finished), "finished")]))
+        .with_panel(_series("Requests/s", "reqps", [(q.rate(finished), q.legend("finished"))]))
         .with_panel(_series(
             "Queue per replica", "short",
             [(f"sum by (pod) ({q.sel(p.waiting_metric)})", "waiting {{pod}}"),
@@ -138,11 +165,12 @@ def build_dashboard(cfg: "StackConfig") -> dict[str, Any]:
             description="Dashed: autoscaling.targetWaitingPerReplica, the backlog alert's threshold.",
         ))
         .with_panel(_series(
-            "Replicas", "short", [(f"count({q.sel(p.running_metric)})", "replicas reporting")],
-            threshold=float(cfg.autoscaling.max_replicas) if cfg.autoscaling.enabled else None,
+            "Replicas", "short",
+            [(q.agg("count", q.sel(p.running_metric)), q.legend("replicas reporting"))],
+            threshold=_max_replicas(cfg),
         ))
     )
-    refusals = [(q.rate(ref.selector({"namespace": cfg.namespace})), legend)
+    refusals = [(q.rate(ref.selector({"namespace": cfg.namespace})), q.legend(legend))
                 for ref, legend in ((p.refused, "429 overload"), (p.unavailable, "503 draining"))
                 if ref is not None]
     if refusals:

@@ -300,14 +300,7 @@ def nginx_conf(
         for name, upstream, group in zip(routes.names, routes.upstreams, groups):
             lines += ["", f"    # {name}"]
             lines += upstream_lines(upstream, upstream, f"{upstream}_spill", group)[1:]
-        lines += [
-            "",
-            "    # Requests for a model that is not served (model_routing.py): no live server, so",
-            f"    # nginx's own 502 goes to {routing.UNROUTED_LOCATION}, which answers 404.",
-            f"    upstream {routing.UNKNOWN_UPSTREAM} {{",
-            "        server 127.0.0.1:1 down;",
-            "    }",
-        ]
+        lines += ["", *routing.unknown_upstream()]
     limits = [
         "            # Connections one client address may hold (connection_limits).",
         f"            limit_conn llm_conn_per_client {per_client};",
@@ -324,10 +317,12 @@ def nginx_conf(
         "    server {",
         *_listen_lines(bind, tls_certificate, tls_key),
         f"        client_max_body_size {policy.client_max_body_size};",
-        # $request_body (the body key, the model) exists only while the body fits one memory
-        # buffer.
-        *([f"        client_body_buffer_size {policy.client_max_body_size};"]
-          if body_key or routes is not None else []),
+        # Every accepted body stays in one memory buffer (allocated at the body's size, not
+        # this one): a body written to a temporary file (nginx's default beyond 8-16k) reaches
+        # the replica in a second small write that waits ~40 ms for a delayed ACK (measured:
+        # docs/load-balancing.md, "Request bodies"); and $request_body (the body key, the model)
+        # exists only while the body is in memory.
+        f"        client_body_buffer_size {policy.client_max_body_size};",
         "        # Event streams must leave as they are produced; compression would batch them.",
         "        gzip off;",
         "",
@@ -374,9 +369,9 @@ def nginx_conf(
                 "        }",
             ]
     else:
-        lines += _routed_locations(routes, limits, proxy, rate_lines, bounded=policy.bounded,
-                                   auth_timeout=policy.connect_timeout_seconds,
-                                   created=models_created)
+        lines += routing.api_locations(routes, _local_target(
+            routes, limits, proxy, rate_lines, bounded=policy.bounded,
+            auth_timeout=policy.connect_timeout_seconds, created=models_created))
     lines += [
         "    }",
         "}",
@@ -439,78 +434,37 @@ def _upstream_blocks(name: str, zone: str, spill: str, servers: Sequence[str], *
     return lines
 
 
-def _routed_locations(routes: routing.ModelRoutes, limits: list[str], proxy: list[str],
-                      rate_lines: list[str], *, bounded: bool, auth_timeout: int,
-                      created: int) -> list[str]:
-    """The API locations of a multi-model nginx.conf (components/policies/model_routing.py)."""
+def _local_target(routes: routing.ModelRoutes, limits: list[str], proxy: list[str],
+                  rate_lines: list[str], *, bounded: bool, auth_timeout: int,
+                  created: int) -> routing.RoutingTarget:
+    """Local mode's rendering of the model-routing policy (components/policies/model_routing.py):
+    an upstream per model, the connection and rate limits, the first model's replicas checking
+    the API key before /v1/models, and a bounded model's spill for its own replicas."""
     route = routing.ROUTE_VARIABLE
-    lines = [
-        f"        location = {routing.MODELS_PATH} {{",
-        *limits,
-        "            # The first model's replicas check the API key; then nginx lists every model.",
-        "            # (A named location: `return` here would answer before the check.)",
-        f"            auth_request {routing.AUTH_LOCATION};",
-        f"            error_page 401 = {routing.UNAUTHORIZED_LOCATION};",
-        f"            try_files /.llm-models-list {routing.MODELS_LOCATION};",
-        *rate_lines,
-        "        }",
-        "",
-        f"        location = {routing.AUTH_LOCATION} {{",
-        "            internal;",
-        f"            proxy_pass http://{routes.upstreams[0]}{routing.MODELS_PATH};",
-        "            proxy_method GET;",
-        "            proxy_pass_request_body off;",
-        '            proxy_set_header Content-Length "";',
-        "            proxy_http_version 1.1;",
-        '            proxy_set_header Connection "";',
-        "            proxy_set_header X-Request-ID $llm_request_id;",
-        f"            proxy_connect_timeout {auth_timeout}s;",
-        f"            proxy_read_timeout {auth_timeout}s;",
-        "        }",
-        "",
-        f"        location {routing.MODELS_LOCATION} {{",
-        "            default_type application/json;",
-        "            " + routing.models_list_return(routes, created),
-        "        }",
-        "",
-        f"        location {routing.UNAUTHORIZED_LOCATION} {{",
-        "            default_type application/json;",
-        "            " + routing.unauthorized_return(),
-        "        }",
-        "",
-        f"        location {API_PREFIX} {{",
-        *limits,
-        "            # nginx's own 502 (proxy_intercept_errors is off): an unknown model, or no live",
-        "            # replica of a known one.",
-        f"            error_page 502 = {routing.UNROUTED_LOCATION};",
-        "",
-        f"            # proxy_pass evaluates {route} before it reads the body: the mirror module reads",
-        "            # the whole body first (its one subrequest is answered 204 at once).",
-        f"            mirror {routing.BODY_READER};",
-        "            mirror_request_body on;",
-        f"            proxy_pass http://{route};",
-        *proxy,
-        *rate_lines,
-        "        }",
-        "",
-        f"        location = {routing.BODY_READER} {{",
-        "            internal;",
-        "            return 204;",
-        "        }",
-        "",
-        f"        location {routing.UNROUTED_LOCATION} {{",
-        "            default_type application/json;",
-        f"            if ({route} = {routing.UNKNOWN_UPSTREAM}) {{",
-        "                " + routing.unknown_model_return(routes),
-        "            }",
-    ]
     if bounded:
-        lines += [
+        unrouted = (
             "            # Every replica of the model at its bound: its unbounded least_conn spill.",
             f"            proxy_pass http://${{{route.lstrip('$')}}}_spill;",
             *proxy,
-        ]
+        )
     else:
-        lines.append("            return 502;")
-    lines.append("        }")
-    return lines
+        unrouted = ("            return 502;",)
+    return routing.RoutingTarget(
+        upstreams=routes.upstreams,
+        proxy=tuple(proxy),
+        guards=tuple(limits),
+        rate=tuple(rate_lines),
+        key_check=(
+            f"            proxy_pass http://{routes.upstreams[0]}{routing.MODELS_PATH};",
+            "            proxy_method GET;",
+            "            proxy_pass_request_body off;",
+            '            proxy_set_header Content-Length "";',
+            "            proxy_http_version 1.1;",
+            '            proxy_set_header Connection "";',
+            "            proxy_set_header X-Request-ID $llm_request_id;",
+            f"            proxy_connect_timeout {auth_timeout}s;",
+            f"            proxy_read_timeout {auth_timeout}s;",
+        ),
+        known_unrouted=unrouted,
+        models_created=created,
+    )

@@ -20,11 +20,15 @@ older than it evaluate their own newest version."""
 MODES = ("enforce", "warn", "audit")
 
 
-def pod_security_labels(level: PodSecurityLevel,
-                        version: str = POD_SECURITY_VERSION) -> dict[str, str]:
-    """`pod-security.kubernetes.io/<mode>` and `<mode>-version` for enforce, warn and audit."""
+def pod_security_labels(level: PodSecurityLevel, version: str = POD_SECURITY_VERSION,
+                        enforce: PodSecurityLevel | None = None) -> dict[str, str]:
+    """`pod-security.kubernetes.io/<mode>` and `<mode>-version` for enforce, warn and audit;
+    `enforce` lowers what is enforced while warnings and audit stay at `level` (a namespace that
+    must admit one pod that meets only baseline)."""
     labels: dict[str, str] = {}
     for mode in MODES:
         labels[f"pod-security.kubernetes.io/{mode}"] = level
         labels[f"pod-security.kubernetes.io/{mode}-version"] = version
+    if enforce is not None:
+        labels["pod-security.kubernetes.io/enforce"] = enforce
     return labels

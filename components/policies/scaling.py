@@ -43,6 +43,7 @@ from pydantic import Field
 
 from components.config.sections import Section
 from components.config.types import DnsLabel
+from components.engines import MODEL_LABEL
 from components.pins import KEDA_CHART_VERSION  # the scaler semantics above were read at it
 
 HPA_TOLERANCE = 0.1
@@ -136,10 +137,12 @@ class Trigger:
     threshold: float
     average_seconds: float = 0.0
     """Average the gauge over this range first (0: the instant value)."""
+    match: tuple[tuple[str, str], ...] = ()
+    """More label matchers, e.g. the model's name where several models share the namespace."""
 
     @property
     def query(self) -> str:
-        return queue_query(self.metric, self.namespace, self.average_seconds)
+        return queue_query(self.metric, self.namespace, self.average_seconds, self.match)
 
 
 @dataclass(frozen=True)
@@ -157,14 +160,16 @@ class ScalingPolicy:
 
     @classmethod
     def from_config(cls, scaling: AutoscalingConfig, *, waiting_metric: str, running_metric: str,
-                    namespace: str, scale_down_window_seconds: float) -> ScalingPolicy:
+                    namespace: str, scale_down_window_seconds: float,
+                    match: tuple[tuple[str, str], ...] = ()) -> ScalingPolicy:
         return cls(
             min_replicas=scaling.min_replicas,
             max_replicas=scaling.max_replicas,
             triggers=(
-                Trigger(waiting_metric, namespace, scaling.target_waiting_per_replica),
+                Trigger(waiting_metric, namespace, scaling.target_waiting_per_replica,
+                        match=match),
                 Trigger(running_metric, namespace, scaling.target_running_per_replica,
-                        scaling.running_average_seconds),
+                        scaling.running_average_seconds, match=match),
             ),
             polling_interval_seconds=scaling.polling_interval_seconds,
             scale_up=ScalingRules(0, (RatePolicy("Pods", scaling.scale_up_pods,
@@ -178,12 +183,15 @@ class ScalingPolicy:
     def for_stack(cls, cfg: Any, profile: Any = None) -> ScalingPolicy:
         """The policy of a parsed `StackConfig`: its namespace and the queue metrics of
         `profile` (default: the stack's engine; local mode passes the server's, whose
-        replicas export `llm_requests_waiting` / `llm_requests_running`)."""
+        replicas export `llm_requests_waiting` / `llm_requests_running`). On one model's view of
+        a stack with several models (`StackConfig.for_model`), the queries select that model's
+        series only (engines.MODEL_LABEL)."""
         profile = cfg.profile if profile is None else profile
+        match = ((MODEL_LABEL, cfg.model.served),) if cfg.scoped_by_model else ()
         return cls.from_config(
             cfg.autoscaling, waiting_metric=profile.waiting_metric,
             running_metric=profile.running_metric, namespace=cfg.namespace,
-            scale_down_window_seconds=cfg.scale_down_window_seconds)
+            scale_down_window_seconds=cfg.scale_down_window_seconds, match=match)
 
     # --- cluster renderings ---
 
@@ -237,10 +245,13 @@ class ScalingPolicy:
         return HpaRule(self)
 
 
-def queue_query(metric: str, namespace: str, average_seconds: float = 0.0) -> str:
-    """PromQL summing an engine gauge over the stack's namespace (one stack per namespace),
-    each series first averaged over `average_seconds` when that is positive."""
-    series = f'{metric}{{namespace="{namespace}"}}'
+def queue_query(metric: str, namespace: str, average_seconds: float = 0.0,
+                match: tuple[tuple[str, str], ...] = ()) -> str:
+    """PromQL summing an engine gauge over the stack's namespace (one stack per namespace) and
+    the `match` labels (one model of several), each series first averaged over
+    `average_seconds` when that is positive."""
+    labels = ",".join(f'{k}="{v}"' for k, v in (("namespace", namespace), *match))
+    series = f"{metric}{{{labels}}}"
     if average_seconds > 0:
         series = f"avg_over_time({series}[{promql_duration(average_seconds)}])"
     return f"sum({series})"

@@ -16,12 +16,23 @@ from components.policies.tls import mergeable_annotations
 from components.resources.service import external_address
 
 
+class IngressRoute(TypedDict):
+    """One path prefix of the Ingress and the model Service behind it."""
+
+    path: str
+    service_name: pulumi.Input[str]
+    service_port: int
+    rewrite: NotRequired[str | None]
+    """Replace `path` with this prefix on the way to the pods (`nginx.org/rewrites`): a model
+    served at /coder/v1 gets /v1/... requests."""
+
+
 class NginxIngressArgs(TypedDict):
     namespace: pulumi.Input[str]
-    """Namespace of the model Service and of the Ingress."""
-    service_name: pulumi.Input[str]
-    """Model Service the Ingress routes to."""
-    service_port: int
+    """Namespace of the model Services and of the Ingress."""
+    routes: Sequence[IngressRoute]
+    """Path prefixes and their model Services; the first is the stack's endpoint. The
+    controller cannot read the request body, so several models get a path each."""
     class_name: str
     """IngressClass name; the controller this component installs owns it."""
     controller: ControllerConfig
@@ -29,13 +40,12 @@ class NginxIngressArgs(TypedDict):
     annotations: Mapping[str, str]
     """Controller annotations from the load-balancing policy (`nginx.org/*`)."""
     host: NotRequired[str | None]
-    path: NotRequired[str]
     tls_secret: NotRequired[str | None]
     """TLS Secret for `host` (existing, or the one cert-manager fills); plain HTTP is then
     redirected to HTTPS."""
     mergeable: NotRequired[bool]
-    """Split into a master Ingress (the host, its TLS and redirect) and a minion (the path and
-    the policy's annotations), so cert-manager's HTTP-01 solver can add its own minion for the
+    """Split into a master Ingress (the host, its TLS and redirect) and a minion (the paths, their
+    rewrites and the policy's annotations), so cert-manager's HTTP-01 solver can add its own minion for the
     host without editing ours (components/policies/tls.py). Needs `host`."""
     depends_on: NotRequired[Sequence[pulumi.Resource]]
     """What the Ingress waits for besides the controller (e.g. the ClusterIssuer)."""
@@ -86,9 +96,24 @@ def controller_pod_labels(release: str) -> dict[str, str]:
     return {"app.kubernetes.io/name": "nginx-ingress", "app.kubernetes.io/instance": release}
 
 
+def rewrites_annotation(routes: Sequence[IngressRoute]) -> pulumi.Output[str] | None:
+    """`nginx.org/rewrites` for the routes that rewrite their path: `serviceName=<svc>
+    rewrite=<prefix>`, `;`-separated (nginx/kubernetes-ingress@v5.5.4:
+    internal/configs/parsing_helpers.go, ParseRewriteList). The controller then proxies with
+    `proxy_pass http://<upstream><prefix>`, which swaps the location's path for the prefix."""
+    rewritten = [r for r in routes if r.get("rewrite")]
+    if not rewritten:
+        return None
+    parts = [pulumi.Output.concat("serviceName=", r["service_name"], " rewrite=", r["rewrite"])
+             for r in rewritten]
+    return pulumi.Output.all(*parts).apply(";".join)
+
+
 class NginxIngress(pulumi.ComponentResource):
     endpoint: pulumi.Output[str]
-    """Base URL of the API through the controller (ends in /v1)."""
+    """Base URL of the API through the controller (ends in /v1): the first route's."""
+    base_url: pulumi.Output[str]
+    """scheme://host (or address) of the controller, without a path."""
     controller_namespace: str
     release_name: str
 
@@ -99,6 +124,10 @@ class NginxIngress(pulumi.ComponentResource):
         host, tls_secret = args.get("host"), args.get("tls_secret")
         if tls_secret and not host:
             raise ValueError("NginxIngress: 'tls_secret' needs 'host', the name on the certificate")
+        routes = list(args["routes"])
+        paths = [r["path"] for r in routes]
+        if not routes or len(set(paths)) != len(paths):
+            raise ValueError(f"NginxIngress: 'routes' needs one or more distinct paths, got {paths}")
         bad = [k for k in args["annotations"] if not k.startswith("nginx.org/")]
         if bad:
             raise ValueError(
@@ -119,23 +148,28 @@ class NginxIngress(pulumi.ComponentResource):
             release = self._install_controller(name, args, labels)
             depends.append(release)
 
-        path = args.get("path", "/v1")
         host_rule = {"host": host} if host else {}
         spec: dict[str, Any] = {
             "ingress_class_name": args["class_name"],
             "rules": [{
                 **host_rule,
                 "http": {"paths": [{
-                    "path": path,
+                    "path": route["path"],
                     "path_type": "Prefix",
                     "backend": {"service": {
-                        "name": args["service_name"],
-                        "port": {"number": args["service_port"]},
+                        "name": route["service_name"],
+                        "port": {"number": route["service_port"]},
                     }},
-                }]},
+                } for route in routes]},
             }],
         }
-        annotations = dict(args["annotations"])
+        # The model paths and their rewrites go on the one Ingress, or on the minion when the
+        # host is split (the controller denies nginx.org/rewrites on a master and takes the
+        # paths from minions only: tests/contracts/data/nginx-ingress-controller-5.5.4.json).
+        annotations: dict[str, Any] = dict(args["annotations"])
+        rewrites = rewrites_annotation(routes)
+        if rewrites is not None:
+            annotations["nginx.org/rewrites"] = rewrites
         tls_annotations: dict[str, str] = {}
         tls_spec = []
         if tls_secret:
@@ -178,7 +212,7 @@ class NginxIngress(pulumi.ComponentResource):
 
         if host:
             scheme = "https" if tls_secret else "http"
-            self.endpoint = pulumi.Output.from_input(f"{scheme}://{host}/v1")
+            self.base_url = pulumi.Output.from_input(f"{scheme}://{host}")
         elif release is not None:
             # Read the controller's LoadBalancer Service the chart created, by the
             # name we fixed in its values.
@@ -189,15 +223,16 @@ class NginxIngress(pulumi.ComponentResource):
                 ),
                 opts=pulumi.ResourceOptions(parent=self, depends_on=[release]),
             )
-            self.endpoint = service.status.apply(
-                lambda status: f"http://{external_address(status) or 'pending'}/v1"
+            self.base_url = service.status.apply(
+                lambda status: f"http://{external_address(status) or 'pending'}"
             )
         else:
             # An existing controller: its address is not ours to know.
-            self.endpoint = pulumi.Output.from_input(
-                f"(address of the existing '{args['class_name']}' controller)/v1"
+            self.base_url = pulumi.Output.from_input(
+                f"(address of the existing '{args['class_name']}' controller)"
             )
-        self.register_outputs({"endpoint": self.endpoint})
+        self.endpoint = self.base_url.apply(lambda base: f"{base}/v1")
+        self.register_outputs({"endpoint": self.endpoint, "base_url": self.base_url})
 
     def _install_controller(
         self, name: str, args: NginxIngressArgs, labels: Mapping[str, str]

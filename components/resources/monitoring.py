@@ -5,7 +5,7 @@ rules are components/resources/alert_rules.py, the dashboard components/resource
 
 from __future__ import annotations
 
-from typing import Mapping, NotRequired, TypedDict
+from typing import Any, Mapping, NotRequired, TypedDict
 
 import pulumi
 import pulumi_kubernetes as k8s
@@ -19,6 +19,9 @@ class LlmServiceMonitorArgs(TypedDict):
     interval_seconds: int
     labels: NotRequired[Mapping[str, str]]
     """Labels the Prometheus selects ServiceMonitors by."""
+    target_labels: NotRequired[Mapping[str, str]]
+    """Labels added to every series scraped (target relabelings), e.g. the model's name for an
+    engine whose series do not carry it."""
 
 
 class LlmServiceMonitor(pulumi.ComponentResource):
@@ -29,6 +32,18 @@ class LlmServiceMonitor(pulumi.ComponentResource):
         if args["interval_seconds"] < 1:
             raise ValueError("LlmServiceMonitor: 'interval_seconds' must be at least 1")
         namespace = pulumi.Output.from_input(args["namespace"])
+        endpoint: dict[str, Any] = {
+            "port": "http",
+            "path": args["metrics_path"],
+            "interval": f"{args['interval_seconds']}s",
+        }
+        if args.get("target_labels"):
+            # No source labels: the default regex (.*) matches the empty value, so each label
+            # is set to its replacement on every target of this monitor.
+            endpoint["relabelings"] = [
+                {"action": "replace", "targetLabel": label, "replacement": value}
+                for label, value in sorted(args["target_labels"].items())
+            ]
         k8s.apiextensions.CustomResource(
             f"{name}-servicemonitor",
             api_version="monitoring.coreos.com/v1",
@@ -37,11 +52,7 @@ class LlmServiceMonitor(pulumi.ComponentResource):
             spec={
                 "selector": {"matchLabels": dict(args["service_labels"])},
                 "namespaceSelector": {"matchNames": [namespace]},
-                "endpoints": [{
-                    "port": "http",
-                    "path": args["metrics_path"],
-                    "interval": f"{args['interval_seconds']}s",
-                }],
+                "endpoints": [endpoint],
             },
             opts=pulumi.ResourceOptions(parent=self),
         )

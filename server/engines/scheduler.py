@@ -471,7 +471,7 @@ class Scheduler:
 
     def _hash_last_block(self, seqs: list[Seq]) -> None:
         """Hash the last block of each of ``seqs`` (decoding requests it just filled)."""
-        hashes, cached, bs = self._hash, self._cached, self.block_size
+        hashes, cached = self._hash, self._cached
         for seq in seqs:
             idx = seq.num_hashed
             b = seq.blocks[idx]

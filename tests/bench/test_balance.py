@@ -70,9 +70,22 @@ def test_reports_print_intervals_the_limit_and_the_two_closing_lines():
     assert affinity == "affinity: hit 95% of session_hash, p99 0.55x least_conn"
     assert rr == "round_robin/default p99 TTFT: 3.00x (95% CI 3.00-3.00)"
     bars = "\n".join(balance_report.bars(cells, modelled))
-    assert "bar ≤ 1.25×: met" in bars  # 1.11x the limit
-    assert "≥ 90%: met" in bars
+    assert "target ≤ 1.25×: reached" in bars  # 1.11x the limit
+    assert "≥ 90%: reached" in bars
     assert "0 of 600 requests lost, 7 found every replica at its bound" in bars
+    assert balance_report.conclusion(cells, modelled, quick=False) == (
+        f"Conclusion: at 80% load, the slowest 1% of first tokens through the default "
+        f"{balance.DEFAULT_METHOD} took 1.11x as long as through the best possible balancer "
+        "(a modelled central queue), within the 1.25x target; round_robin's took 3.00x the "
+        "default's; session_hash_bounded kept 95% of session_hash's prefix-cache hits; above "
+        "capacity no request was lost.")
+    assert balance_report.lost_in_overload(cells) == 0
+    cells[-1].summary = _summary(600, errors=3)
+    assert balance_report.lost_in_overload(cells) == 3
+    assert "3 requests were lost (bar: none)" in balance_report.conclusion(cells, modelled,
+                                                                          quick=True)
+    assert balance_report.conclusion(cells, modelled, quick=True).startswith(
+        "Conclusion (quick run: a smoke test")
     checks = balance_report.model_check(cells, modelled)
     assert any("least_conn p99" in c and "inside" in c for c in checks)
     assert any("round_robin p99" in c and "OUTSIDE" in c for c in checks)  # 0.9x vs 3x

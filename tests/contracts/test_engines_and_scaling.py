@@ -65,6 +65,22 @@ def test_autoscaling_reads_gauges_the_pinned_vllm_exports():
     assert metrics[profile.running_metric] == "gauge"
 
 
+def test_the_model_label_is_the_one_the_pinned_vllm_puts_on_every_series():
+    """Several models share a namespace: rules, dashboards and KEDA queries tell them apart by
+    this label, which vLLM sets to the served name (the server engine gets it from the
+    ServiceMonitor)."""
+    from components.engines import MODEL_LABEL
+
+    assert MODEL_LABEL in VLLM["metrics"]["labelsDefault"]
+    assert "served model name" in VLLM["metrics"]["labelValues"]
+    profile = PROFILES["vllm"]
+    read = {profile.waiting_metric, profile.running_metric, profile.ttft_histogram,
+            profile.e2e_histogram, profile.itl_histogram, profile.kv_cache_metric}
+    labelled = {m["name"] for m in VLLM["metrics"]["always"] if MODEL_LABEL in m.get("labels", ())}
+    assert read <= labelled
+    assert profile.labels_model and not PROFILES["server"].labels_model
+
+
 def test_vllm_pods_run_as_a_user_without_a_passwd_entry_safely(run):
     """vLLM issue #44548: torch before 2.13 crashes on getpwuid() for such a uid. The pinned
     image's torch has the fix; the pod still sets HOME (writable caches) and USER."""

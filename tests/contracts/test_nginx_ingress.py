@@ -203,3 +203,86 @@ def test_the_pinned_controller_cannot_stamp_a_proxy_time_on_the_request(value, o
     request header without snippets rejects every nginx variable."""
     problems = facts.annotation_problems({"nginx.org/proxy-set-headers": value}, CONTROLLER)
     assert (not problems) is ok, problems
+
+
+# --- several models on one Ingress ------------------------------------------------------------
+
+
+def test_two_models_share_one_ingress_the_pinned_controller_accepts(run):
+    from tests.infra.test_models import TWO_MODELS
+
+    result = stack(run, TWO_MODELS)
+    ingress = offline.to_manifest(result.one(INGRESS))
+    annotations = ingress["metadata"]["annotations"]
+    assert facts.annotation_problems(annotations, CONTROLLER) == []
+    # The controller rejects the whole Ingress when a rewrite names a Service that is not one of
+    # its backends (validateRewriteListAnnotation).
+    backends = {p["backend"]["service"]["name"]
+                for p in ingress["spec"]["rules"][0]["http"]["paths"]}
+    rewritten = {part.strip().split(" ")[0].removeprefix("serviceName=")
+                 for part in annotations["nginx.org/rewrites"].split(";")}
+    assert rewritten and rewritten <= backends
+    assert "not a backend" in CONTROLLER["annotationValueRules"]["nginx.org/rewrites"]["rule"]
+    # One host, one regular Ingress: a second Ingress on the same host would lose it.
+    assert "is taken by another resource" in CONTROLLER["sameHostIngresses"]["rule"]
+    assert len(ingress["spec"]["rules"]) == 1
+
+
+@pytest.mark.parametrize("value", [
+    "serviceName=svc rewrite=v1",  # the path must start with '/'
+    "service=svc rewrite=/v1",  # the key is serviceName
+    "serviceName=svc rewrite=/v1 ;serviceName=b rewrite=/$1",  # no '$' in the path
+    "serviceName=svc,rewrite=/v1",
+])
+def test_a_wrong_rewrite_value_is_caught(value):
+    assert facts.annotation_problems({"nginx.org/rewrites": value}, CONTROLLER)
+
+
+def test_the_rewrite_values_the_stack_writes_pass_the_controller_rule():
+    ok = "serviceName=llm-api-coder-svc-1a2b3c4d rewrite=/v1;serviceName=b rewrite=/v1"
+    assert facts.annotation_problems({"nginx.org/rewrites": ok}, CONTROLLER) == []
+
+
+def test_two_models_behind_cert_manager_put_their_paths_and_rewrites_on_the_minion(run):
+    """With cert-manager the host is split into a master (host, TLS, redirect) and a minion: the
+    controller takes paths only from minions, denies nginx.org/rewrites on a master, and lets the
+    solver's own minion join the host beside ours."""
+    from components.pins import PINNED
+    from tests.infra.test_models import TWO_MODELS
+
+    cert_manager = facts.load("cert-manager", PINNED["cert-manager"])
+    raw = {**TWO_MODELS, "ingress": {
+        "enabled": True, "className": "llm-nginx", "host": "llm.example.com",
+        "certManager": {"enabled": True, "install": True, "acmeEmail": "ops@example.com"}}}
+    result = stack(run, raw)
+    ingresses = [offline.to_manifest(r) for r in result.mocks.of_type(INGRESS) if not r.read]
+    [minion] = [i for i in ingresses if facts._paths(i)]
+    [master] = [i for i in ingresses if not facts._paths(i)]
+    role = CONTROLLER["mergeableIngresses"]["annotation"]
+    assert master["metadata"]["annotations"][role] == "master"
+    assert minion["metadata"]["annotations"][role] == "minion"
+    assert facts._paths(minion) == ["/v1", "/coder/v1"]
+    assert "nginx.org/rewrites" in minion["metadata"]["annotations"]
+    assert "nginx.org/rewrites" not in master["metadata"]["annotations"]
+    assert master["spec"]["tls"] and not minion["spec"].get("tls")
+    [issuer] = [offline.to_manifest(r) for r in result.mocks.of_type(
+        "kubernetes:cert-manager.io/v1:ClusterIssuer")]
+    ingress_config = issuer["spec"]["acme"]["solvers"][0]["http01"]["ingress"]
+    solver = facts.solver_ingress(cert_manager, "llm.example.com",
+                                  ingress_config["ingressClassName"],
+                                  ingress_config["ingressTemplate"])
+    assert facts.host_problems([master, minion, solver], CONTROLLER) == []
+    for ingress in (master, minion):
+        _accepted(ingress, _one_release(result))
+    # The check can fail: the rewrites on the master would be dropped.
+    moved = {**master, "metadata": {**master["metadata"], "annotations": {
+        **master["metadata"]["annotations"],
+        "nginx.org/rewrites": minion["metadata"]["annotations"]["nginx.org/rewrites"]}}}
+    assert any("['nginx.org/rewrites'] ignored on a master" in p
+               for p in facts.host_problems([moved, minion], CONTROLLER))
+
+
+def _one_release(result) -> dict:
+    [release] = [r.inputs for r in result.mocks.of_type(RELEASE)
+                 if r.inputs["chart"] == CONTROLLER["chartReference"]]
+    return release["values"]

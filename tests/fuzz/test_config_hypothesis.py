@@ -41,6 +41,12 @@ BASES = [
     {**MINIMAL, "ingress": {"enabled": True}},  # the ingress defaults: /v1 only, no TLS
     _stack("Pulumi.dev.yaml"),
     _stack("Pulumi.prod.yaml"),
+    _stack("Pulumi.prod-gateway.yaml"),  # a models list, per-model overrides, the gateway
+    {  # two models on the Ingress path: the model-list rules and ingress.modelPaths
+        "models": [{"id": "org/a", "servedName": "a"},
+                   {"id": "org/b", "servedName": "b", "replicas": 2}],
+        "ingress": {"enabled": True, "modelPaths": {"b": "/b/v1"}},
+    },
     {  # CPU autoscaling, ingress with TLS, tolerations, monitoring: the cross-check paths
         "model": {"id": "m", "maxContextLength": 2048, "maxOutputTokens": 256,
                   "loadTimeoutSeconds": 60},

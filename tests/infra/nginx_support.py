@@ -138,6 +138,85 @@ class Upstream:
             self.thread.join(timeout=5)
 
 
+class FakeGateway:
+    """Stands in for NGINX Gateway Fabric behind the model router: answers with the name that
+    `answers` gives the request's X-Gateway-Model-Name (as each model's HTTPRoute would send it
+    to that model's pods), 404 when none matches (the catch-all route); records every request's
+    headers; a path ending in /stream streams its first event, then waits for `stream_release`."""
+
+    def __init__(self, answers: Mapping[str, str]) -> None:
+        self.answers = dict(answers)
+        self.seen: list[dict[str, str]] = []
+        self.stream_release = threading.Event()
+        self.stream_finished = threading.Event()
+        gateway = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # see Upstream
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                if length:
+                    self.rfile.read(length)
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                gateway.seen.append(headers)
+                answer = gateway.answers.get(headers.get("x-gateway-model-name", ""))
+                if answer is None:
+                    self._plain(404, b"no route")
+                elif self.path.endswith("/stream"):
+                    self._stream()
+                else:
+                    self._plain(200, answer.encode())
+
+            do_GET = do_POST
+
+            def _plain(self, status: int, body: bytes) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", "text/plain")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def _chunk(self, data: bytes) -> None:
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                self.wfile.flush()
+
+            def _stream(self) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                self._chunk(b"data: first\n\n")
+                gateway.stream_release.wait(timeout=5)
+                try:
+                    self._chunk(b"data: [DONE]\n\n")
+                    self.wfile.write(b"0\r\n\r\n")
+                    self.wfile.flush()
+                    gateway.stream_finished.set()
+                except OSError:
+                    pass  # the test hung up after the first event
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever,
+                                       kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    @property
+    def port(self) -> int:
+        return self.server.server_address[1]
+
+    def stop(self) -> None:
+        self.stream_release.set()
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+
+
 class Nginx:
     """nginx in the foreground (`daemon off`) under a private prefix."""
 
@@ -158,23 +237,27 @@ class Nginx:
         return subprocess.run(self.args("-t"), capture_output=True, text=True, timeout=20,
                               check=False)
 
-    def start(self) -> Nginx:
-        self.proc = subprocess.Popen(self.args(), stdout=subprocess.DEVNULL,
+    def start(self, *extra: str, health_path: str = "/nginx-health",
+              health_port: int | None = None) -> Nginx:
+        """Start it (`extra`: more command-line arguments) and wait, at most 5 s, until
+        `health_path` on `health_port` (default: its own port) answers 200."""
+        self.proc = subprocess.Popen(self.args(*extra), stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE)
+        port = self.port if health_port is None else health_port
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 err = self.proc.stderr.read().decode() if self.proc.stderr else ""
                 raise RuntimeError(f"nginx exited with {self.proc.returncode}: {err}")
             try:
-                status, _, _ = request(self.port, "GET", "/nginx-health", timeout=1)
+                status, _, _ = request(port, "GET", health_path, timeout=1)
                 if status == 200:
                     return self
             except OSError:
                 pass
             time.sleep(0.05)
         self.stop()
-        raise RuntimeError("nginx did not answer /nginx-health within 5 s")
+        raise RuntimeError(f"nginx did not answer {health_path} within 5 s")
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:

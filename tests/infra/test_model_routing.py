@@ -1,5 +1,9 @@
 """Routing by the body's `model` (components/policies/model_routing.py): the multi-model
-nginx.conf, and a real nginx choosing the same model as the server's JSON parser would."""
+nginx.conf, and a real nginx choosing the same model as the server's JSON parser would, in both
+renderings of the policy: local mode's nginx.conf (an upstream per model) and the Gateway path's
+model router (the Gateway behind it, the model named in a header). The same routing cases run
+against both; what only one of them does is tested on its own (the router's header, path and
+catch-all server: test_model_router.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +12,11 @@ import json
 import os
 import random
 import socket
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +26,15 @@ from components.policies import model_routing as routing
 from components.policies.balancing import LoadBalancingConfig
 from components.policies.nginx_conf import nginx_conf
 from tests.contracts import facts
-from tests.infra.nginx_support import NGINX, Nginx, Upstream, free_port, nginx_runner, request
+from tests.infra.nginx_support import (
+    NGINX,
+    FakeGateway,
+    Nginx,
+    Upstream,
+    free_port,
+    nginx_runner,
+    request,
+)
 
 needs_nginx = pytest.mark.skipif(
     NGINX is None and not os.environ.get("CI"),
@@ -70,7 +85,7 @@ def test_each_model_gets_an_upstream_with_the_policys_method():
     ({"a": ["127.0.0.1:8000"], "b": []}, "model 'b' needs a list of at least one"),
     ({"a": ["127.0.0.1:8000"], "b c": ["127.0.0.1:8001"]}, "served model name 'b c'"),
     ({"a": ["127.0.0.1:8000"], "$x": ["127.0.0.1:8001"]}, "served model name '\\$x'"),
-    ({"a": ["127.0.0.1:8000"], "b" * 300: ["127.0.0.1:8001"]}, "more than one nginx parameter"),
+    ({"a": ["127.0.0.1:8000"], "b" * 129: ["127.0.0.1:8001"]}, "served model name 'bbb"),
 ])
 def test_bad_models_are_refused_naming_the_model(upstreams, message):
     with pytest.raises(ValueError, match=message):
@@ -96,6 +111,11 @@ def test_the_nginx_facts_routing_relies_on_are_recorded():
                  "authRequestStatuses", "parameterBufferIs4096", "quotedStringEscapes",
                  "pcreJitOffByDefault", "allFullIs502", "requestBodyVariable"):
         assert nginx["facts"][fact] and nginx["sources"][fact].startswith("nginx/nginx@")
+    # The router's image (nginx.org's 1.29.8 package) has the mirror module and the same order.
+    router = facts.load("nginx-unprivileged", "1.29.8")["routing"]
+    for fact in ("mirrorModuleBuilt", "proxyPassVariablesBeforeBody", "mirrorReadsBodyFirst",
+                 "proxyHeadersAfterBody", "mapValueCached"):
+        assert router[fact]["value"] and "nginx/nginx@release-1.29.8:" in router[fact]["source"]
     pcre2 = facts.load("pcre2", "10.42")
     assert "LIMIT_HEAP" in pcre2["facts"]["patternLimits"]
     assert routing.model_member_pattern().startswith(f"(*LIMIT_HEAP={routing.BODY_HEAP_KIB})")
@@ -114,12 +134,67 @@ def replicas() -> Iterator[dict[str, Upstream]]:
             upstream.stop()
 
 
+@dataclass
+class Rendering:
+    """One rendering of the routing policy running under a real nginx, with fake models behind
+    it that answer "a1"/"a2" (the first model) or "b1" (the second)."""
+
+    name: str
+    port: int
+    hits: Callable[[], int]
+    """Requests that reached any model so far."""
+    stream_release: threading.Event
+    stream_finished: threading.Event
+    """Of the second model's streamed answer (its /v1/stream)."""
+
+
 @pytest.fixture
 def router(tmp_path, replicas) -> Iterator[Nginx]:
+    """Local mode's rendering, two replicas for the first model and one for the second."""
     with nginx_runner(tmp_path) as start:
         yield start(policy(method="round_robin"), {
             NAMES[0]: [replicas["a1"].address, replicas["a2"].address],
             NAMES[1]: [replicas["b1"].address]})
+
+
+@contextmanager
+def model_router(tmp_path: Path, routes: tuple[str, ...] = NAMES,
+                 ) -> Iterator[tuple[Nginx, int, FakeGateway]]:
+    """The Gateway path's rendering (router_conf) under a real nginx, as its pod runs it (in
+    the foreground, its own -g), in front of a fake Gateway routing by the header: (nginx, the
+    catch-all server's port, the gateway)."""
+    gateway = FakeGateway({routes[0]: "a1", routes[1]: "b1"})
+    listen, not_found = free_port(), free_port()
+    plan = routing.RouterPlan(
+        models=routes, gateway_host="127.0.0.1", gateway_port=gateway.port,
+        policy=policy(), max_output_tokens=TOKENS, listen_port=listen,
+        not_found_port=not_found, writable_dir=str(tmp_path),
+        user="root" if os.geteuid() == 0 else None)
+    proxy = Nginx(tmp_path, routing.router_conf(plan), listen)
+    try:
+        proxy.start("-g", "daemon off;", health_path=routing.ROUTER_HEALTH_PATH,
+                    health_port=not_found)
+        yield proxy, not_found, gateway
+    finally:
+        proxy.stop()
+        gateway.stop()
+
+
+@pytest.fixture(params=["local", "router"])
+def rendering(request, tmp_path, replicas) -> Iterator[Rendering]:
+    if request.param == "local":
+        with nginx_runner(tmp_path) as start:
+            proxy = start(policy(method="round_robin"), {
+                NAMES[0]: [replicas["a1"].address, replicas["a2"].address],
+                NAMES[1]: [replicas["b1"].address]})
+            b = replicas["b1"]
+            yield Rendering("local", proxy.port,
+                            lambda: sum(r.hits for r in replicas.values()),
+                            b.stream_release, b.stream_finished)
+    else:
+        with model_router(tmp_path) as (proxy, _, gateway):
+            yield Rendering("router", proxy.port, lambda: len(gateway.seen),
+                            gateway.stream_release, gateway.stream_finished)
 
 
 def expected_route(body: bytes) -> str:
@@ -181,8 +256,8 @@ EDGE_CASES = [
 
 
 @needs_nginx
-def test_edge_cases_route_as_the_servers_parser_reads_them(router):
-    wrong = [(body, routed(router.port, body), expected_route(body)) for body in EDGE_CASES]
+def test_edge_cases_route_as_the_servers_parser_reads_them(rendering):
+    wrong = [(body, routed(rendering.port, body), expected_route(body)) for body in EDGE_CASES]
     assert [w for w in wrong if w[1] != w[2]] == []
 
 
@@ -232,66 +307,71 @@ def _random_json(rng: random.Random, depth: int) -> str:
 
 
 @needs_nginx
-def test_random_bodies_route_as_the_servers_parser_reads_them(router):
+def test_random_bodies_route_as_the_servers_parser_reads_them(rendering):
     rng = random.Random(19)
     bodies = [_random_json(rng, depth=rng.randrange(1, 6)).encode() for _ in range(400)]
     assert len({expected_route(b) for b in bodies}) == 3  # every outcome is exercised
-    conn = http.client.HTTPConnection("127.0.0.1", router.port, timeout=5)
+    conn = http.client.HTTPConnection("127.0.0.1", rendering.port, timeout=5)
     try:
-        wrong = [(b, routed(router.port, b, conn), expected_route(b)) for b in bodies]
+        wrong = [(b, routed(rendering.port, b, conn), expected_route(b)) for b in bodies]
     finally:
         conn.close()
     assert [w for w in wrong if w[1] != w[2]] == []
 
 
 @needs_nginx
-def test_deep_and_large_bodies(router):
+def test_deep_and_large_bodies(rendering):
     def nested(depth: int) -> bytes:
         return b'{"a":' + b"[" * depth + b"]" * depth + b',"model":"beta:v2.1"}'
 
     # As deep as the server accepts (the top-level object is level 1): routed by the model.
-    assert routed(router.port, nested(MAX_SERVER_DEPTH - 1)) == "b"
+    assert routed(rendering.port, nested(MAX_SERVER_DEPTH - 1)) == "b"
     # Far deeper: the match gives up within its heap cap and the first model's replicas get it
     # (the server refuses such a body).
     started = time.monotonic()
-    assert routed(router.port, nested(100_000)) == "a"
+    assert routed(rendering.port, nested(100_000)) == "a"
     assert time.monotonic() - started < 2
     big = b'{"messages":[' + b",".join([b'{"role":"user","content":"' + b"x\\n" * 300 + b'"}']
                                         * 900) + b'],"model":"beta:v2.1"}'
     assert 500_000 < len(big) < 1_000_000
-    assert routed(router.port, big) == "b"
+    assert routed(rendering.port, big) == "b"
 
 
 @needs_nginx
-def test_the_404_names_every_model_and_the_one_asked_for(router, replicas):
-    status, headers, answer = request(router.port, "POST", "/v1/chat/completions",
+def test_the_404_names_every_model_and_the_one_asked_for(rendering):
+    status, headers, answer = request(rendering.port, "POST", "/v1/chat/completions",
                                       body=b'{"model": "gpt-\\u0035"}')
     assert status == 404 and headers["Content-Type"] == "application/json"
     assert json.loads(answer) == {"error": {
         "message": "The model `gpt-5` does not exist; this endpoint serves "
                    "`team/alpha-chat`, `beta:v2.1`.",
         "type": "invalid_request_error", "param": "model", "code": "model_not_found"}}
-    assert sum(r.hits for r in replicas.values()) == 0
+    assert rendering.hits() == 0
 
 
 @needs_nginx
-def test_models_lists_every_model_once_the_first_models_replicas_accept_the_key(
-        router, replicas):
-    status, _, answer = request(router.port, "GET", "/v1/models")
-    assert status == 200
+def test_models_lists_every_model(rendering):
+    status, headers, answer = request(rendering.port, "GET", "/v1/models")
+    assert status == 200 and headers["Content-Type"] == "application/json"
     assert [card["id"] for card in json.loads(answer)["data"]] == list(NAMES)
-    assert replicas["a1"].hits + replicas["a2"].hits == 1 and replicas["b1"].hits == 0
+    # Local mode asks the first model's replicas to check the key (one request); the router
+    # answers at once.
+    assert rendering.hits() == (1 if rendering.name == "local" else 0)
+
+
+@needs_nginx
+def test_models_needs_a_key_the_first_models_replicas_accept(router, replicas):
     for upstream in (replicas["a1"], replicas["a2"]):
         upstream.mode = "no_key"
     status, _, answer = request(router.port, "GET", "/v1/models")
     assert status == 401 and json.loads(answer)["error"]["code"] == "invalid_api_key"
+    assert replicas["b1"].hits == 0
 
 
 @needs_nginx
-def test_a_routed_stream_is_relayed_as_it_comes(router, replicas):
-    b = replicas["b1"]
+def test_a_routed_stream_is_relayed_as_it_comes(rendering):
     body = b'{"stream": true, "model": "beta:v2.1"}'
-    with socket.create_connection(("127.0.0.1", router.port), timeout=5) as sock:
+    with socket.create_connection(("127.0.0.1", rendering.port), timeout=5) as sock:
         sock.sendall(b"POST /v1/stream HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n%s"
                      % (len(body), body))
         received = b""
@@ -299,12 +379,35 @@ def test_a_routed_stream_is_relayed_as_it_comes(router, replicas):
         while b"data: first" not in received and time.monotonic() < deadline:
             received += sock.recv(4096)
         assert b"data: first" in received, received
-        # The first event is through while the replica still holds the rest of the stream.
-        assert not b.stream_finished.is_set()
-        b.stream_release.set()
+        # The first event is through while the model still holds the rest of the stream.
+        assert not rendering.stream_finished.is_set()
+        rendering.stream_release.set()
         while b"[DONE]" not in received and time.monotonic() < deadline:
             received += sock.recv(4096)
-    assert b"data: [DONE]" in received and b.hits == 1
+    assert b"data: [DONE]" in received and rendering.hits() == 1
+
+
+@needs_nginx
+def test_a_body_that_arrives_after_its_headers_is_routed_by_it(rendering):
+    """The route is chosen once the whole body is read, not when the headers are: a client (or
+    a slow network) that sends the body later still reaches the model it names."""
+    body = b'{"messages": [], "model": "beta:v2.1"}'
+    with socket.create_connection(("127.0.0.1", rendering.port), timeout=5) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nConnection: close"
+                     b"\r\nContent-Length: %d\r\n\r\n" % len(body))
+        time.sleep(0.3)
+        sock.sendall(body[:10])
+        time.sleep(0.2)
+        sock.sendall(body[10:])
+        received = b""
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            received += chunk
+    assert received.startswith(b"HTTP/1.1 200"), received
+    assert received.endswith(b"b1")
 
 
 @needs_nginx
@@ -330,6 +433,14 @@ def test_a_bounded_model_spills_over_its_own_replicas_only(tmp_path, replicas):
             for conn, response in held:
                 response.read()  # the streams end before their connections close
                 conn.close()
+
+
+def test_the_longest_served_name_fits_one_nginx_parameter():
+    longest = "a" + "/" * (routing.SERVED_NAME_MAX - 1)  # '/' has the most spellings
+    routes = routing.ModelRoutes((longest, "b"))
+    assert routing.value_map(routes, "$x", ("u0", "u1"), "unknown", "u0")
+    with pytest.raises(ValueError, match="served model name"):
+        routing.ModelRoutes((longest + "/", "b"))
 
 
 def test_json_string_pattern_matches_every_spelling_and_nothing_else():

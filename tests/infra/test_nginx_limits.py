@@ -201,6 +201,23 @@ def test_only_the_api_prefix_reaches_the_replicas(nginx_for) -> None:
     assert list(upstreams.paths) == ["/v1/chat/completions"]
 
 
+@needs_nginx
+def test_a_long_prompt_reaches_the_replica_from_memory_not_a_temporary_file(nginx_for) -> None:
+    # A body nginx writes to a temporary file (its default beyond 8-16k) reaches the replica in
+    # a second small write that waits ~40 ms for a delayed ACK: 46.7 ms to the first event for
+    # a 16 KiB prompt against 4.8 ms from memory (python -m bench.routing --pad-kib 16). nginx
+    # logs every body it buffers to a file at `warn`, the level of local mode's error_log.
+    upstreams = HoldingUpstreams(1, hold=0.0)
+    try:
+        proxy = nginx_for(upstreams.addresses)
+        prompt = "word " * (200 * 1024 // 5)  # a 200 KiB RAG-sized prompt, under the 1m limit
+        body = json.dumps({"model": "m", "messages": [{"role": "user", "content": prompt}]})
+        assert request(proxy.port, "POST", "/v1/chat/completions", body=body.encode())[0] == 200
+    finally:
+        upstreams.stop()
+    assert "buffered to a temporary file" not in proxy.error_log()
+
+
 def test_tls_listener_needs_both_files(tmp_path: Path) -> None:
     cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
     conf = nginx_conf(LoadBalancingConfig(), ["127.0.0.1:8000"], 8443, 512,

@@ -22,7 +22,8 @@ STACK_FILES = sorted(offline.PROJECT_DIR.glob("Pulumi.*.yaml"))
 
 
 def test_there_are_dev_and_prod_stacks():
-    assert {p.name for p in STACK_FILES} >= {"Pulumi.dev.yaml", "Pulumi.prod.yaml"}
+    assert {p.name for p in STACK_FILES} >= {"Pulumi.dev.yaml", "Pulumi.prod.yaml",
+                                             "Pulumi.prod-gateway.yaml"}
 
 
 @pytest.mark.parametrize("stack_file", STACK_FILES, ids=lambda p: p.stem.split(".")[1])
@@ -33,7 +34,7 @@ def test_stack_file_renders_schema_valid_manifests(stack_file: Path):
     kinds = {m["kind"] for m in manifests}
     assert {"Namespace", "Secret", "Deployment", "Service"} <= kinds
     assert [p for m in manifests for p in offline.schema_problems(m)] == []
-    assert set(run.exports) == {"endpoint", "apiKey", "image", "namespace"}
+    assert set(run.exports) == {"endpoint", "models", "apiKey", "image", "namespace"}
     assert run.secret_exports == {"apiKey"}
 
 
@@ -144,6 +145,39 @@ def test_render_cli_writes_valid_manifests(tmp_path: Path):
     assert "output endpoint: https://llm.example.com/v1\n" in result.stdout  # from the config
     deployment_text = next(tmp_path.glob("deployment-*.yaml")).read_text()
     assert "#   spec.template.spec.containers[0].image: image digest\n" in deployment_text
+
+
+def test_render_cli_writes_the_gateway_stack(tmp_path: Path):
+    from components.pins import EPP_CHART, NGF_CHART, NGF_VERSION
+
+    result = _render("--stack", "prod-gateway", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    kinds = {p.name.split("-")[0] for p in tmp_path.glob("*.yaml")}
+    assert {"gateway", "httproute", "proxysettingspolicy", "clientsettingspolicy",
+            "helmrelease", "deployment", "scaledobject"} <= kinds
+    releases = {p.name: yaml.safe_load(p.read_text()) for p in tmp_path.glob("helmrelease-*.yaml")}
+    assert set(releases) == {"helmrelease-llm-nginx.yaml", "helmrelease-llm-qwen-7b.yaml",
+                             "helmrelease-llm-coder-14b.yaml", "helmrelease-keda.yaml"}
+    controller = releases["helmrelease-llm-nginx.yaml"]
+    assert (controller["chart"], controller["version"]) == (NGF_CHART, NGF_VERSION)
+    assert releases["helmrelease-llm-coder-14b.yaml"]["chart"] == EPP_CHART
+    # One Deployment per model, and the router.
+    assert len(list(tmp_path.glob("deployment-*.yaml"))) == 3
+    assert "output endpoint: https://llm.example.com/v1" in result.stdout
+    # The local-mode nginx.conf serves every model of the stack, routed by the body's model,
+    # with each model's replica count (the autoscaling minimum: 2 each), and nginx accepts it.
+    conf = (tmp_path / "nginx.conf").read_text()
+    served = ["qwen2.5-7b-instruct", "qwen2.5-coder-14b-instruct"]
+    for index, name in enumerate(served):
+        assert f"llm_model_{index};  # {name}" in conf
+        block = conf.split(f"upstream llm_model_{index} {{", 1)[1].split("}", 1)[0]
+        assert block.count("server 127.0.0.1:") == 2
+    assert "mirror /_llm_read_body;" in conf
+    if NGINX is not None:
+        checked = subprocess.run(
+            [NGINX, "-t", "-p", f"{tmp_path}/", "-c", str(tmp_path / "nginx.conf"),
+             "-e", str(tmp_path / "error.log")], capture_output=True, text=True, timeout=30)
+        assert checked.returncode == 0, checked.stderr
 
 
 @needs_nginx

@@ -127,12 +127,16 @@ def test_service_type_stays_configurable_with_the_ingress_on(run):
 @pytest.mark.parametrize(
     "args, message",
     [({"tls_secret": "t"}, "'tls_secret' needs 'host'"),
-     ({"annotations": {"nginx.ingress.kubernetes.io/proxy-buffering": "off"}}, "nginx.org")],
+     ({"annotations": {"nginx.ingress.kubernetes.io/proxy-buffering": "off"}}, "nginx.org"),
+     ({"routes": []}, "one or more distinct paths"),
+     ({"routes": [{"path": "/v1", "service_name": "a", "service_port": 80},
+                  {"path": "/v1", "service_name": "b", "service_port": 80}]},
+      "one or more distinct paths")],
 )
 def test_ingress_refuses_inputs_the_controller_would_mishandle(mocks, args, message):
     cfg = parse_stack_config(BASE_CONFIG)
-    base = {"namespace": "ns", "service_name": "svc", "service_port": 80, "class_name": "c",
-            "controller": cfg.ingress.controller, "annotations": {}}
+    base = {"namespace": "ns", "routes": [{"path": "/v1", "service_name": "svc", "service_port": 80}],
+            "class_name": "c", "controller": cfg.ingress.controller, "annotations": {}}
     with pytest.raises(ValueError, match=message):
         NginxIngress("ing", {**base, **args})
 

@@ -229,6 +229,64 @@ def test_up_with_a_stack_serves_its_model_by_name_with_its_policy(up, tmp_path: 
     assert "model tiny-chat  policy round_robin" in status.stdout
 
 
+TWO_MODEL_STACK = """config:
+  llm-serving:models:
+    - id: org/tiny-weights
+      servedName: team/tiny-chat
+    - id: org/coder-weights
+      servedName: coder:v2
+      name: coder
+      replicas: 2
+  llm-serving:replicas: 1
+  llm-serving:ingress:
+    enabled: true
+  llm-serving:loadBalancing:
+    method: least_conn
+"""
+
+
+def test_up_with_a_two_model_stack_serves_both_by_name(up, tmp_path: Path) -> None:
+    """`--stack` with a `models` list: every model, with its own replica count, behind one
+    nginx that routes by the body's model; /v1/models lists both; an unknown one gets the 404."""
+    import httpx
+
+    from tests.local.support import served
+
+    stack = tmp_path / "Pulumi.two.yaml"
+    stack.write_text(TWO_MODEL_STACK)
+    base = free_port_range(4)
+    workdir = tmp_path / "run"
+    proc, out = up("up", "--stack", str(stack), "--port", str(base), "--first-port",
+                   str(base + 1), "--workdir", str(workdir), "--api-key", "k-2")
+    text = out.until("stops everything", timeout=60)
+    assert "ready: 3 sim replica(s) behind nginx (least_conn)" in text, text
+    assert "models    team/tiny-chat, coder:v2" in text, text
+    key = {"Authorization": "Bearer k-2"}
+
+    def ask(model: str) -> httpx.Response:
+        return httpx.post(f"http://127.0.0.1:{base}/v1/chat/completions", timeout=10,
+                          headers=key, json={"model": model, "max_tokens": 1,
+                                             "messages": [{"role": "user", "content": "hi"}]})
+
+    for model in ("team/tiny-chat", "coder:v2", "coder:v2"):
+        answer = ask(model)
+        assert answer.status_code == 200 and answer.json()["model"] == model, answer.text
+    # Consecutive ports, model after model: one replica of the first, two of the second; each
+    # model's requests reached its own replicas only.
+    replicas = [f"http://127.0.0.1:{base + 1 + i}" for i in range(3)]
+    assert [served(url) for url in replicas[:1]] == [1]
+    assert sum(served(url) for url in replicas[1:]) == 2
+    unknown = ask("gpt-4o")
+    assert unknown.status_code == 404
+    assert "`team/tiny-chat`, `coder:v2`" in unknown.json()["error"]["message"]
+    listed = httpx.get(f"http://127.0.0.1:{base}/v1/models", headers=key, timeout=10)
+    assert [card["id"] for card in listed.json()["data"]] == ["team/tiny-chat", "coder:v2"]
+    status = _run("status", "--workdir", str(workdir))
+    assert "models team/tiny-chat, coder:v2" in status.stdout, status.stdout
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 0
+
+
 def test_stack_errors_name_the_problem(tmp_path: Path) -> None:
     base = free_port_range(3)
     stack = tmp_path / "Pulumi.tiny.yaml"

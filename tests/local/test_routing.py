@@ -160,3 +160,28 @@ def test_status_top_and_banner_show_each_model(make_cluster: Make, tmp_path: Pat
     console.print(render(frame))
     shown = console.export_text()
     assert "model" in shown and shown.count(A) == 2 and shown.count(B) == 2
+
+
+def test_a_stack_s_models_start_as_their_deployments_do() -> None:
+    """models_from_stack: each model of the stack's `models` list, with its own replica count
+    (or the stack's), its own autoscaling minimum when the stack autoscales (as its Deployment
+    starts in the cluster), --replicas over all, each model's id for the transformers engine."""
+    import copy
+
+    from components.config.parse import parse_stack_config
+    from local.models import models_from_stack
+    from tests.infra.test_models import TWO_MODELS
+
+    static = copy.deepcopy(TWO_MODELS)
+    static["autoscaling"] = {"enabled": False}
+    del static["models"][1]["autoscaling"]
+    assert [(m.served_name, m.replicas) for m in models_from_stack(parse_stack_config(static))] \
+        == [("qwen-small", 2), ("coder", 3)]
+    # Autoscaled: the stack's minimum (1) for the first, the coder's own (2) for the second.
+    scaled = models_from_stack(parse_stack_config(TWO_MODELS))
+    assert [(m.served_name, m.replicas) for m in scaled] == [("qwen-small", 1), ("coder", 2)]
+    assert [m.replicas for m in models_from_stack(parse_stack_config(static), replicas=1)] \
+        == [1, 1]
+    loaded = models_from_stack(parse_stack_config(static), engine="transformers")
+    assert [m.model_id for m in loaded] == ["Qwen/Qwen2.5-0.5B-Instruct",
+                                            "Qwen/Qwen2.5-Coder-0.5B-Instruct"]

@@ -25,6 +25,14 @@ def _labels(policy: AlertPolicy, **extra: str) -> str:
     return "{" + ",".join(f'{k}="{v}"' for k, v in pairs) + "}"
 
 
+def _replica_labels(policy: AlertPolicy) -> str:
+    """kube-state-metrics series of the model's Deployment (one model of several: the scope
+    its replica counts read; otherwise any Deployment of the namespace)."""
+    if policy.replica_scope is not None:
+        return "{" + ",".join(f'{k}="{v}"' for k, v in policy.replica_scope) + "}"
+    return _labels(policy, deployment="model")
+
+
 class Phases:
     """Sample strings over a firing phase of `a` steps and a healthy phase of `b` steps."""
 
@@ -80,7 +88,7 @@ def _backlog(policy: AlertPolicy, ph: Phases) -> Series:
 def _no_ready(policy: AlertPolicy, ph: Phases) -> Series:
     if policy.target == "cluster":
         return [{
-            "series": f"kube_deployment_status_replicas_available{_labels(policy, deployment='model')}",
+            "series": f"kube_deployment_status_replicas_available{_replica_labels(policy)}",
             "values": ph.gauge(0, 2),
         }]
     return [
@@ -93,7 +101,7 @@ def _at_max(policy: AlertPolicy, ph: Phases) -> Series:
     assert policy.max_replicas is not None
     if policy.target == "cluster":
         return [{
-            "series": f"kube_deployment_spec_replicas{_labels(policy, deployment='model')}",
+            "series": f"kube_deployment_spec_replicas{_replica_labels(policy)}",
             "values": ph.gauge(policy.max_replicas, 1),
         }]
     series = [{"series": f"up{_labels(policy, instance='replica-0')}", "values": ph.gauge(1, 1)}]

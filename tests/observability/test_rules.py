@@ -44,10 +44,22 @@ VLLM = {
     "monitoring": {"slo": {"ttftP99Seconds": 1.5, "forMinutes": 3, "windowMinutes": 2}},
 }
 CASES = [(e, t) for e in ("server", "vllm") for t in ("cluster", "local")]
+VLLM_TWO = {k: v for k, v in VLLM.items() if k != "model"} | {
+    "models": [{"id": "Qwen/Qwen2.5-7B-Instruct", "servedName": "qwen2.5-7b"},
+               {"id": "Qwen/Qwen2.5-14B-Instruct", "servedName": "qwen2.5-14b",
+                "autoscaling": {"maxReplicas": 3}}],
+    "ingress": {"enabled": True},
+}
+"""Two models in one namespace: one policy per model (its view)."""
 
 
 def _policy(engine: str, target: str) -> AlertPolicy:
     return alert_policy(parse_stack_config(SERVER if engine == "server" else VLLM), target)
+
+
+def _model_policy(index: int) -> AlertPolicy:
+    view = parse_stack_config(VLLM_TWO).for_model(index)
+    return alert_policy(view, "cluster", deployment=f"llm-model-{index}-deploy-0a1b2c3d")
 
 
 def _promtool(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -158,6 +170,9 @@ def test_no_ready_replica_is_not_pending_before_the_first_scrape(tmp_path: Path,
     tests = tmp_path / "rules_test.yml"
     tests.write_text(yaml.safe_dump({
         "rule_files": [rules.name], "evaluation_interval": "1m",
+        # The alert reads the recorded replica counts: recording group first, as promtool
+        # otherwise orders the groups at random and the alert may see them a minute late.
+        "group_eval_order": [group["name"] for group in rule_groups(policy)],
         "tests": [{
             "interval": "1m", "input_series": series,
             "alert_rule_test": [
@@ -176,3 +191,51 @@ def test_no_ready_replica_is_not_pending_before_the_first_scrape(tmp_path: Path,
 def test_bad_target_is_refused() -> None:
     with pytest.raises(ValueError, match="'target'"):
         alert_policy(parse_stack_config(SERVER), "staging")  # type: ignore[arg-type]
+
+
+# --- one model of several -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_each_model_s_alerts_fire_and_resolve_on_its_own_series(tmp_path: Path, index: int) -> None:
+    policy = _model_policy(index)
+    rules = tmp_path / "rules.yml"
+    rules.write_text(rules_file(policy))
+    checked = _promtool("check", "rules", rules.name, cwd=tmp_path)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    tests = _write(tmp_path, policy)
+    result = _promtool("test", "rules", tests.name, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_one_model_s_trouble_fires_no_alert_of_another(tmp_path: Path) -> None:
+    """The other model's series (its name, its Deployment) in the firing phase: none of this
+    model's alerts may fire, so a shared namespace does not mix two models' alerts."""
+    mine, other = _model_policy(1), _model_policy(0)
+    rules = tmp_path / "rules.yml"
+    rules.write_text(rules_file(mine))
+    tests = promtool_tests(other, rules.name)
+    for group in tests["tests"]:
+        group.pop("promql_expr_test", None)
+        for case in group["alert_rule_test"]:
+            case["exp_alerts"] = []
+    # The alert names are the same for every model; only the scope tells them apart, so
+    # promtool must see none of them at either time.
+    (tmp_path / "rules_test.yml").write_text(yaml.safe_dump(tests, sort_keys=False))
+    result = _promtool("test", "rules", "rules_test.yml", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    # ... while the same series, named for this model, do fire (the harness can see them).
+    tests = _write(tmp_path, mine)
+    assert _promtool("test", "rules", tests.name, cwd=tmp_path).returncode == 0
+
+
+def test_a_model_s_rules_select_its_name_and_its_deployment() -> None:
+    recording = {r["record"]: r for r in rule_groups(_model_policy(1))[0]["rules"]}
+    assert 'model_name="qwen2.5-14b"' in recording["llm_serving:waiting:sum"]["expr"]
+    assert recording["llm_serving:replicas:desired"]["expr"] == (
+        'sum(max by (deployment) (kube_deployment_spec_replicas{namespace="llm-prod",'
+        'deployment="llm-model-1-deploy-0a1b2c3d"}))')
+    alerts = {r["alert"]: r for r in alerting_rules(_model_policy(1))}
+    assert alerts["LlmReplicasAtMax"]["expr"].endswith(">= 3")
+    with pytest.raises(ValueError, match="'deployment'"):
+        alert_policy(parse_stack_config(VLLM_TWO).for_model(1), "cluster")

@@ -7,9 +7,10 @@ import math
 import pytest
 
 from bench.autoscale import best_setting, policy_for
-from bench.autoscale_report import Run, Sample, Setting
+from bench.autoscale_report import Run, Setting
 from bench.autoscale_trace import RAMP, SURGE, build
 from bench.stats import Record
+from local.autoscaler import Sample
 
 
 def test_surge_trace_offers_five_times_the_quiet_rate_compressed_by_the_factor():
@@ -95,3 +96,28 @@ def test_benchmarked_policy_is_the_stack_policy_compressed():
     # The running trigger's 60 s average is a window too: compressed alike.
     assert policy.triggers[1].query == (
         'sum(avg_over_time(llm_requests_running{namespace="llm-serving"}[2s]))')
+
+
+def test_conclusion_says_whether_the_target_is_reached_and_a_quick_run_is_a_smoke_test():
+    from argparse import Namespace
+
+    from bench.autoscale import conclusion
+
+    ok = [_rec(101 + i, ok=True) for i in range(98)]
+    static_max = _run(replicas=4, records=ok + [_rec(200, ok=True)] * 2)
+    two = [Sample(0, 2, 0, 0), Sample(80, 2, 0, 0)]  # 2 replicas throughout: 50 % of the cost
+    near = _run(samples=two, records=ok + [_rec(200, ok=False)] * 2,
+                events=[(30.0, "added", 1), (60.0, "retired", 1)])
+    far = _run(samples=two, records=ok[:90] + [_rec(200, ok=False)] * 10)
+    full = Namespace(quick=False, slo=2.0)
+    assert conclusion(near, static_max, full, 10, 0) == (
+        "Conclusion: at 10x compression, autoscaling (auto waiting 2, running 6 (avg 60 s), "
+        "window 300 s) gave 98.0% of requests their first token within 2 s, against 100.0% "
+        "with 4 replicas always on, at 50% of their replica-seconds (target: within 3 points "
+        "at <= 70% of the cost, reached); no request failed because of a scale-down.")
+    assert "(target: within 3 points at <= 70% of the cost, not reached); 3 requests failed " \
+           "because of a scale-down (bar: none)." in conclusion(far, static_max, full, 30, 3)
+    quick = conclusion(near, static_max, Namespace(quick=True, slo=2.0), 80, 0)
+    assert quick.startswith("Conclusion (smoke test at 80x): the autoscaling path works end to "
+                            "end (1 replica(s) added and 1 retired")
+    assert "its SLO share is not a measurement" in quick and "--factor 10" in quick

@@ -41,6 +41,17 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def small_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """~23 M-parameter random Llama (the benchmark's default size): slow enough per token that
+    a stream is still running when a test acts on it."""
+    from server.engines.random_llama import build_random_llama
+
+    path = tmp_path_factory.mktemp("small-llama")
+    build_random_llama(path, "20m")
+    return path
+
+
+@pytest.fixture(scope="session")
 def hf_server(tiny_model_dir: Path) -> Iterator[RunningServer]:
     settings = from_env({}, engine="transformers", model=str(tiny_model_dir),
                         served_model_name="tiny-llama", max_model_len=256, max_tokens=64,

@@ -64,20 +64,24 @@ def test_disconnected_clients_free_their_slots_at_once_sim(sim_server, stream: b
     assert ok.status_code == 200
 
 
-def test_disconnected_client_frees_its_slot_transformers(hf_server, monkeypatch) -> None:
-    engine = hf_server.state.engine
-    real_forward = engine._forward
+@pytest.mark.parametrize("stream", [False, True])
+def test_disconnected_client_frees_its_slot_transformers(hf_server, monkeypatch,
+                                                         stream: bool) -> None:
+    steps = hf_server.state.engine._loop
+    real_decode = steps._forward_decode
 
-    def slow_forward(*args: Any) -> Any:  # ~64 tokens x 50 ms: a 3 s generation
+    def slow_decode(*args: Any) -> Any:  # ~64 tokens x 50 ms: a 3 s generation
         time.sleep(0.05)
-        return real_forward(*args)
+        return real_decode(*args)
 
-    monkeypatch.setattr(engine, "_forward", slow_forward)
-    sock = _open_request(hf_server.base_url, _body(hf_server, 64))
-    _wait_for(lambda: _running(hf_server) == 1, timeout=5)
+    monkeypatch.setattr(steps, "_forward_decode", slow_decode)
+    sock = _open_request(hf_server.base_url, _body(hf_server, 64, stream))
+    _wait_for(lambda: _running(hf_server) == 1 and steps.running == 1, timeout=5)
     time.sleep(0.2)
     sock.close()
     assert _wait_for(lambda: _running(hf_server) == 0, timeout=1.5) < 1.5
+    # ... and the engine dropped the sequence from its batch at the next step boundary
+    assert _wait_for(lambda: steps.running == 0, timeout=0.5) < 0.5
 
 
 def test_client_that_stays_gets_the_whole_answer(sim_server) -> None:

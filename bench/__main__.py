@@ -44,9 +44,14 @@ SUBCOMMANDS = {
     "profile": "check or compare latency profiles",
     "plan": "a capacity plan from a latency profile: replicas, balancing method, autoscaling "
             "targets, modelled; --validate checks it live (docs/capacity-planning.md)",
+    "autoscale-model": "autoscaling settings compared in the discrete-event model, over seeds, "
+                       "in either regime (docs/autoscaling.md, Which regime are you in)",
+    "autoscale-validate": "the autoscaling model against live autoscaling runs",
 }
 MODULES = {"autoscale": "bench.autoscale", "faults": "bench.faults",
-           "calibrate": "bench.calibrate", "profile": "bench.profile_cli", "plan": "bench.plan"}
+           "calibrate": "bench.calibrate", "profile": "bench.profile_cli", "plan": "bench.plan",
+           "autoscale-model": "bench.autoscale_model",
+           "autoscale-validate": "bench.autoscale_validate"}
 """``python -m bench <name> --help`` for each; without a name, the balancing benchmark."""
 
 

@@ -108,9 +108,17 @@ class TimedTrace:
         raise KeyError(name)
 
 
+CHAT_TEMPLATE_TOKENS = len(sim_tokenize(sim_chat_prompt([{"role": "user", "content": ""}])))
+"""Sim tokens the chat template adds around one user message (every word is one token)."""
+
+
 def build(shape: Shape, factor: float, capacity: float, seed: int,
-          workload: Workload = Workload()) -> TimedTrace:
-    """Requests of `shape` compressed by `factor`, for replicas of `capacity` requests/s."""
+          workload: Workload = Workload(), texts: bool = True) -> TimedTrace:
+    """Requests of `shape` compressed by `factor`, for replicas of `capacity` requests/s.
+
+    ``texts=False`` draws the very same requests without writing their prompts (``messages``
+    empty, ``prompt_tokens`` as counted with them): what a discrete-event model needs, in a
+    fraction of the time."""
     if factor <= 0 or capacity <= 0:
         raise ValueError("factor and capacity must be positive")
     rng = random.Random(seed)
@@ -122,8 +130,16 @@ def build(shape: Shape, factor: float, capacity: float, seed: int,
             arrivals.append(t)
         t += rng.expovariate(peak)
     requests = []
+    bits = rng.getrandbits
     for i, arrival in enumerate(arrivals):
-        messages = ({"role": "user", "content": _words(rng, workload.prompt.draw(rng))},)
-        prompt_tokens = len(sim_tokenize(sim_chat_prompt(list(messages))))
+        words = workload.prompt.draw(rng)
+        if texts:
+            messages: tuple[dict[str, str], ...] = (
+                {"role": "user", "content": _words(rng, words)},)
+            prompt_tokens = len(sim_tokenize(sim_chat_prompt(list(messages))))
+        else:
+            for _ in range(words):  # the draws _words makes, without the text
+                bits(40)
+            messages, prompt_tokens = (), words + CHAT_TEMPLATE_TOKENS
         requests.append(Request(i, arrival, messages, workload.output.draw(rng), prompt_tokens))
     return TimedTrace(shape, factor, capacity, tuple(requests))

@@ -46,6 +46,10 @@ dispatched again, after ``hop_s``, among the replicas it has not tried (as nginx
 replica keeps it. Queues order requests by arrival at the proxy, so a handed-off request does
 not lose its place to newer ones (``keep_place=False``: it joins the back). Slots replicas only.
 
+``Membership`` (optional, with any dispatcher): replicas that join and leave during a run, for
+an autoscaler (bench/des_autoscale.py). ``params.replicas`` is then the pool of replica indexes
+the membership may use; only the replicas in its mask take new requests.
+
 Pure and deterministic: the same requests, model and seed give the same times.
 """
 
@@ -58,6 +62,7 @@ import random
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from server.engines.scheduler import Scheduler, SchedulerConfig, Seq, StepPlan
 from server.engines.steps import StepBatch
@@ -94,6 +99,31 @@ class BatchedParams:
     """Every replica's scheduling limits (max_num_seqs, token budget, KV cache, ...)."""
     step_seconds: Callable[[StepBatch], float]
     """Time of one step (a latency profile's step model)."""
+
+
+Gauges = Callable[[int], tuple[int, int]]
+"""Replica index -> (running, waiting) as its engine's gauges report them: slots replicas,
+requests holding a slot and requests queued for one (``llm_requests_running`` /
+``llm_requests_waiting``); continuous batching, the scheduler's ``running`` and ``waiting``
+(``vllm:num_requests_running`` / ``vllm:num_requests_waiting``)."""
+
+
+class Membership(Protocol):
+    """Which replicas take new requests, decided while the run goes on (an autoscaler).
+
+    ``simulate`` calls ``tick(t, gauges)`` whenever ``next_time()`` has come (before an arrival
+    or a step end at the same instant) and routes new requests only to the replicas whose bit
+    is set in the mask it returns (none before the first tick). A replica that leaves the mask
+    gets no new request and finishes what it holds (draining); one that enters it must hold
+    nothing and starts as a new process (an empty prefix cache)."""
+
+    def next_time(self) -> float:
+        """When to tick next; after ``tick(t)`` it must be later than ``t``."""
+        ...
+
+    def tick(self, t: float, gauges: Gauges) -> int:
+        """Look at the replicas at ``t``; return the mask of those taking new requests."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -168,12 +198,14 @@ class Result:
 
 
 def simulate(jobs: Sequence[Job], params: Params | BatchedParams, dispatcher: str, seed: int = 0,
-             handoff: Handoff | None = None) -> Result:
+             handoff: Handoff | None = None, membership: Membership | None = None) -> Result:
     """Run every job through the model under ``dispatcher``; jobs must be sorted by arrival."""
     if dispatcher not in DISPATCHERS:
         raise ValueError(f"dispatcher must be one of {', '.join(DISPATCHERS)}, got {dispatcher!r}")
+    if handoff is not None and membership is not None:
+        raise ValueError("handoff is not modelled with a changing membership")
     if isinstance(params, BatchedParams):
-        return _simulate_batched(jobs, params, dispatcher, seed, handoff)
+        return _simulate_batched(jobs, params, dispatcher, seed, handoff, membership)
     if handoff is not None and (dispatcher == "fcfs" or handoff.patience_s <= 0
                                 or handoff.hops < 0 or handoff.hop_s < 0):
         raise ValueError("handoff needs an NGINX dispatcher, patience_s > 0, hops >= 0 and "
@@ -196,6 +228,9 @@ def simulate(jobs: Sequence[Job], params: Params | BatchedParams, dispatcher: st
     def push(t: float, kind: str, rep: int, data: object) -> None:
         heapq.heappush(events, (t, next(order), kind, rep, data))
 
+    every = (1 << p.replicas) - 1
+    accepting = every if membership is None else 0  # bit mask: replicas taking new requests
+
     def admit(r: _Replica, j: int, t: float) -> None:
         r.running += 1
         where[j] = r.index
@@ -217,13 +252,13 @@ def simulate(jobs: Sequence[Job], params: Params | BatchedParams, dispatcher: st
     def release(r: _Replica, j: int, t: float) -> None:
         r.running -= 1
         if dispatcher == "fcfs":
-            if central:
+            if central and accepting >> r.index & 1:
                 admit(r, central.popleft(), t)
         elif r.queue:
             admit(r, r.queue.pop(0), t)
 
     def dispatch(j: int, t: float) -> None:
-        r = reps[picker.pick(lambda i: reps[i].in_flight, tried[j])]
+        r = reps[picker.pick(lambda i: reps[i].in_flight, tried[j] | (every & ~accepting))]
         tried[j] |= 1 << r.index
         if r.running < p.slots:
             admit(r, j, t)
@@ -236,14 +271,37 @@ def simulate(jobs: Sequence[Job], params: Params | BatchedParams, dispatcher: st
         if handoff is not None and sent <= handoff.hops and sent < p.replicas:
             push(t + handoff.patience_s, "patience", r.index, j)
 
+    def tick(t: float) -> None:  # the membership's turn
+        nonlocal accepting
+        mask = membership.tick(t, lambda i: (reps[i].running, len(reps[i].queue)))  # type: ignore[union-attr]
+        for r in reps:
+            if (mask & ~accepting) >> r.index & 1:  # a new process
+                if r.running or r.queue or r.stepping:
+                    raise RuntimeError(f"replica {r.index} joined while holding requests")
+                reps[r.index] = r = _Replica(r.index)
+        accepting = mask
+        if dispatcher == "fcfs":
+            for r in reps:
+                while central and accepting >> r.index & 1 and r.running < p.slots:
+                    admit(r, central.popleft(), t)
+
+    next_tick = membership.next_time() if membership is not None else float("inf")
     arrivals = iter(range(len(jobs)))
     nxt = next(arrivals, None)
     while nxt is not None or events:
+        if membership is not None and next_tick <= min(
+                jobs[nxt].arrival if nxt is not None else next_tick,
+                events[0][0] if events else next_tick):
+            tick(next_tick)
+            next_tick = membership.next_time()  # type: ignore[union-attr]
+            continue
         if nxt is not None and (not events or jobs[nxt].arrival <= events[0][0]):
             j, t = nxt, jobs[nxt].arrival
             nxt = next(arrivals, None)
+            if not accepting:
+                raise RuntimeError(f"no replica takes requests at t={t:g}")
             if dispatcher == "fcfs":
-                free = [r for r in reps if r.running < p.slots]
+                free = [r for r in reps if r.running < p.slots and accepting >> r.index & 1]
                 if free and not central:
                     admit(max(free, key=lambda r: (p.slots - r.running, -len(r.active))), j, t)
                 else:
@@ -291,7 +349,7 @@ def simulate(jobs: Sequence[Job], params: Params | BatchedParams, dispatcher: st
 
 
 def _simulate_batched(jobs: Sequence[Job], p: BatchedParams, dispatcher: str, seed: int,
-                      handoff: Handoff | None) -> Result:
+                      handoff: Handoff | None, membership: Membership | None) -> Result:
     if handoff is not None:
         raise ValueError("handoff is modelled for slots replicas only")
     if p.replicas < 1:
@@ -311,6 +369,8 @@ def _simulate_batched(jobs: Sequence[Job], p: BatchedParams, dispatcher: str, se
     picker = _Picker(dispatcher, p.replicas, seed)
     events: list[tuple[float, int]] = []  # step ends: (time, replica)
     fcfs = dispatcher == "fcfs"
+    every = (1 << p.replicas) - 1
+    accepting = every if membership is None else 0  # bit mask: replicas taking new requests
 
     def room(r: int) -> int:
         s = scheds[r]
@@ -334,15 +394,40 @@ def _simulate_batched(jobs: Sequence[Job], p: BatchedParams, dispatcher: str, se
         if plans[r] is None:
             start(r, t)
 
+    def tick(t: float) -> None:  # the membership's turn
+        nonlocal accepting
+        mask = membership.tick(  # type: ignore[union-attr]
+            t, lambda r: (len(scheds[r].running), len(scheds[r].waiting)))
+        for r in range(p.replicas):
+            if (mask & ~accepting) >> r & 1:  # a new process: an empty prefix cache
+                if in_flight[r] or plans[r] is not None:
+                    raise RuntimeError(f"replica {r} joined while holding requests")
+                scheds[r] = Scheduler(cfg)
+        accepting = mask
+        if fcfs:
+            for r in range(p.replicas):
+                while central and accepting >> r & 1 and room(r) > 0:
+                    add(r, central.popleft(), t)
+
+    next_tick = membership.next_time() if membership is not None else float("inf")
     arrivals = iter(range(len(jobs)))
     nxt = next(arrivals, None)
     while nxt is not None or events:
+        if membership is not None and next_tick <= min(
+                jobs[nxt].arrival if nxt is not None else next_tick,
+                events[0][0] if events else next_tick):
+            tick(next_tick)
+            next_tick = membership.next_time()
+            continue
         if nxt is not None and (not events or jobs[nxt].arrival <= events[0][0]):
             j, t = nxt, jobs[nxt].arrival
             nxt = next(arrivals, None)
+            if not accepting:
+                raise RuntimeError(f"no replica takes requests at t={t:g}")
             if not fcfs:
-                add(picker.pick(in_flight.__getitem__), j, t)
-            elif not central and (open_ := [r for r in range(p.replicas) if room(r) > 0]):
+                add(picker.pick(in_flight.__getitem__, every & ~accepting), j, t)
+            elif not central and (open_ := [r for r in range(p.replicas)
+                                            if room(r) > 0 and accepting >> r & 1]):
                 add(max(open_, key=lambda r: (room(r), -len(scheds[r].running))), j, t)
             else:
                 central.append(j)
@@ -356,7 +441,7 @@ def _simulate_batched(jobs: Sequence[Job], p: BatchedParams, dispatcher: str, se
             done[seq.data] = t
             in_flight[r] -= 1
         if fcfs:
-            while central and room(r) > 0:
+            while central and room(r) > 0 and accepting >> r & 1:
                 add(r, central.popleft(), t)
         start(r, t)
     ttft = [f - jb.arrival for f, jb in zip(first, jobs)]

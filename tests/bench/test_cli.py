@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from bench import __main__ as bench_main
-from bench import autoscale, model_seeds
+from bench import autoscale, autoscale_model, autoscale_validate, model_seeds
 from bench.command import OUT
 from bench.faults import cli as faults_cli
 from local.procs import LocalModeError, find_nginx
@@ -24,6 +24,8 @@ ROOT = Path(__file__).resolve().parents[2]
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "python -m bench": bench_main.main,
     "python -m bench autoscale": autoscale.main,
+    "python -m bench autoscale-model": autoscale_model.main,
+    "python -m bench autoscale-validate": autoscale_validate.main,
     "python -m bench faults": faults_cli.main,
     "python -m bench.model_seeds": model_seeds.main,
     "python -m server.bench": server_bench.main,

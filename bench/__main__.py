@@ -42,7 +42,8 @@ SUBCOMMANDS = {
               "(docs/reliability.md)",
     "calibrate": "fit a latency profile to any OpenAI-compatible endpoint",
     "profile": "check or compare latency profiles",
-    "plan": "a capacity plan from a latency profile",
+    "plan": "a capacity plan from a latency profile: replicas, balancing method, autoscaling "
+            "targets, modelled; --validate checks it live (docs/capacity-planning.md)",
     "autoscale-model": "autoscaling settings compared in the discrete-event model, over seeds, "
                        "in either regime (docs/autoscaling.md, Which regime are you in)",
     "autoscale-validate": "the autoscaling model against live autoscaling runs",

@@ -47,11 +47,13 @@ SUBCOMMANDS = {
     "autoscale-model": "autoscaling settings compared in the discrete-event model, over seeds, "
                        "in either regime (docs/autoscaling.md, Which regime are you in)",
     "autoscale-validate": "the autoscaling model against live autoscaling runs",
+    "regime": "balancing in the CPU and GPU regimes, modelled over seeds "
+              "(docs/load-balancing.md, Which regime are you in)",
 }
 MODULES = {"autoscale": "bench.autoscale", "faults": "bench.faults",
            "calibrate": "bench.calibrate", "profile": "bench.profile_cli", "plan": "bench.plan",
            "autoscale-model": "bench.autoscale_model",
-           "autoscale-validate": "bench.autoscale_validate"}
+           "autoscale-validate": "bench.autoscale_validate", "regime": "bench.regime"}
 """``python -m bench <name> --help`` for each; without a name, the balancing benchmark."""
 
 
@@ -109,13 +111,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", default=DEFAULT_PROFILE,
                     help="replicas' latency profile: a name in server/profiles/ or a path "
                          f"(default {DEFAULT_PROFILE})")
+    ap.add_argument("--max-num-seqs", type=int, default=None,
+                    help="a continuous profile's max_num_seqs (model.maxConcurrency; prod 128), "
+                         "instead of the profile's")
     ap.add_argument("--time-dilation", type=float, default=1.0,
                     help="multiply every modelled duration, for a regime faster than this "
                          "machine can serve live (default 1)")
     args = ap.parse_args(argv)
 
     try:
-        model = SimModel.named(args.profile, args.time_dilation)
+        model = SimModel.named(args.profile, args.time_dilation, args.max_num_seqs)
         model.des_params(args.replicas)  # the limit rows need it: fail before starting anything
     except ValueError as exc:  # ProfileError too
         ap.error(str(exc))

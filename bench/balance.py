@@ -14,8 +14,9 @@ requests are the seeds' in order, and whose ``strata`` keep the bootstrap's bloc
 seed's run.
 
 The limit: the same trace through a discrete-event model of the sim engine with one central
-FCFS queue over all slots (bench/des.py). The model also replays round robin and least_conn;
-the check reports whether those fall inside the live intervals.
+FCFS queue over all slots (bench/des.py). The model also replays round robin and least_conn
+(sessions with their prefix caches); the check reports whether those fall inside the live
+intervals.
 
 Targets: a method name, optionally ``@body`` (session key from the body, no header used) and
 ``*F`` (session_hash_bounded's boundFactor), e.g. ``session_hash_bounded@body*1.5``.
@@ -199,8 +200,15 @@ def _ttft(r: Record) -> float | None:
 
 def model_cells(tr: trace.Trace, model: SimModel, replicas: int, warmup: float, wname: str,
                 load: float) -> dict[str, list[float | None]]:
-    """Per-request TTFT of the measured requests under each DES dispatcher."""
-    jobs = [des.Job(r.arrival, r.prompt_tokens, r.max_tokens) for r in tr.requests]
+    """Per-request TTFT of the measured requests under each DES dispatcher. Sessions replay
+    with their prompts' block keys, so the modelled replicas' prefix caches hit as the live
+    ones do (bench/regime.py: jobs_of)."""
+    if tr.workload.sessions:
+        from bench.regime import jobs_of
+
+        jobs = jobs_of(tr, model.prefix_block_tokens)
+    else:
+        jobs = [des.Job(r.arrival, r.prompt_tokens, r.max_tokens) for r in tr.requests]
     params = model.des_params(replicas)
     out = {}
     for d in des.DISPATCHERS:
@@ -295,7 +303,7 @@ def measure(plan: Plan, replicas: int, model: SimModel, workloads: dict[str, tra
                     tr = trace.generate(cap * load, duration, sd, wl, model.max_model_len)
                     warm = min(plan.warmup, duration / 4)
                     modelled = models[sd]
-                    if not wl.sessions and (wname, load) not in modelled:
+                    if (wname, load) not in modelled:
                         modelled[(wname, load)] = model_cells(tr, model, replicas, warm, wname,
                                                               load)
                     cell = run_cell(cluster, pools.get(pods, pools[1]), tr, wname, load, target,

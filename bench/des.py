@@ -38,6 +38,15 @@ Dispatchers:
   counts of requests in flight (running + queued at the replica); ties in least_conn go round
   robin, as in nginx. The replica then queues what it cannot admit.
 
+* ``Nginx(method, instances=K, bound_factor=F)`` and ``Epp(...)`` (bench/dispatch.py): K NGINX
+  instances with their own counts, the session hash (bounded or not) as nginx does it, and the
+  Gateway API Inference Extension's endpoint picker with and without flow control. A job's
+  ``session`` (the session header) and ``epp_hashes`` (the EPP's prompt hashes) feed them.
+
+Slots replicas with ``prefix_cache_tokens`` keep the sim engine's LRU prefix cache
+(server/engines/sim.py, looked up when a prefill starts, filled when it ends) for jobs that
+carry ``prefix_keys``; jobs without keys (the standalone workload) never touch it.
+
 ``Handoff`` (optional, with any of the three NGINX dispatchers): *late binding*, a what-if that
 no deployable form of this stack can express today (docs/load-balancing.md, "The distance to
 the limit"). A request that waited ``patience_s`` in one replica's queue leaves it and is
@@ -58,14 +67,20 @@ from __future__ import annotations
 import bisect
 import heapq
 import itertools
-import random
+import math
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from bench.dispatch import Epp, EppConfig, Nginx, make_router
+from bench.dispatch import Picker as _Picker
 from server.engines.scheduler import Scheduler, SchedulerConfig, Seq, StepPlan
+from server.engines.sim import LruPrefixCache
 from server.engines.steps import StepBatch
+
+__all__ = ["DISPATCHERS", "BatchedParams", "Epp", "EppConfig", "Handoff", "Job", "Nginx",
+           "Params", "Result", "simulate"]
 
 DISPATCHERS = ("fcfs", "round_robin", "least_conn", "random_two_least_conn")
 
@@ -76,8 +91,13 @@ class Job:
     prompt_tokens: int
     max_tokens: int
     prefix_keys: tuple[Hashable, ...] | None = None
-    """Continuous batching: keys of the prompt's full blocks (``scheduler.block_keys``), so
-    prompts that share a prefix hit the prefix cache; None: the prompt shares nothing."""
+    """Keys of the prompt's full blocks (``scheduler.block_keys``), so prompts that share a
+    prefix hit the prefix cache; None: the prompt shares nothing."""
+    session: str | None = None
+    """The session header's value (the session methods hash it); None: no header."""
+    epp_hashes: tuple[int, ...] | None = None
+    """The endpoint picker's block hashes of the prompt text (``dispatch.epp_block_hashes``);
+    None: no prefix to match."""
 
 
 @dataclass(frozen=True)
@@ -88,6 +108,10 @@ class Params:
     prefill_per_token_s: float
     decode_base_s: float
     decode_per_seq_s: float
+    prefix_cache_tokens: int = 0
+    """The sim engine's per-replica LRU prefix cache (0: none)."""
+    prefix_block_tokens: int = 16
+    prefill_per_cached_token_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -157,37 +181,6 @@ class _Replica:
         return self.running + len(self.queue)
 
 
-class _Picker:
-    """NGINX's choice of a replica per request, on its counts of requests in flight: round robin,
-    least_conn (ties go round robin, as in nginx) or random two least_conn."""
-
-    def __init__(self, dispatcher: str, replicas: int, seed: int) -> None:
-        self.dispatcher = dispatcher
-        self.replicas = replicas
-        self._rng = random.Random(seed)
-        self._rr = itertools.cycle(range(replicas))
-        self._lc_next = 0
-
-    def pick(self, in_flight: Callable[[int], int], tried: int = 0) -> int:
-        """A replica index; ``tried`` is a bit mask of the replicas this request was sent to."""
-        n = self.replicas
-        left = [i for i in range(n) if not tried >> i & 1]
-        if self.dispatcher == "round_robin":
-            while True:
-                i = next(self._rr)
-                if i in left:
-                    return i
-        if self.dispatcher == "least_conn":
-            low = min(in_flight(i) for i in left)
-            for k in range(n):
-                i = (self._lc_next + k) % n
-                if i in left and in_flight(i) == low:
-                    self._lc_next = (i + 1) % n
-                    return i
-        a, b = self._rng.sample(left, 2) if len(left) > 1 else (left[0], left[0])
-        return b if in_flight(b) < in_flight(a) else a
-
-
 @dataclass(frozen=True)
 class Result:
     ttft: list[float]
@@ -195,13 +188,66 @@ class Result:
     e2e: list[float]
     """Seconds from arrival to the last token."""
     replica: list[int]
+    all_full: int = 0
+    """Requests that found every replica at its bound (session_hash_bounded)."""
+    hit_tokens: int = 0
+    """Prompt tokens found in the replicas' prefix caches (jobs with prefix keys)."""
+    lookup_tokens: int = 0
 
 
-def simulate(jobs: Sequence[Job], params: Params | BatchedParams, dispatcher: str, seed: int = 0,
-             handoff: Handoff | None = None, membership: Membership | None = None) -> Result:
-    """Run every job through the model under ``dispatcher``; jobs must be sorted by arrival."""
-    if dispatcher not in DISPATCHERS:
-        raise ValueError(f"dispatcher must be one of {', '.join(DISPATCHERS)}, got {dispatcher!r}")
+Dispatcher = str | Nginx | Epp
+
+
+class _SlotsView:
+    def __init__(self, reps: list[_Replica], slots: int) -> None:
+        self.reps, self.replicas, self.capacity = reps, len(reps), slots
+        self.cache_blocks: int | None = None  # the sim engine exports no vllm:cache_config_info
+        self.block_size: int | None = None
+
+    def in_flight(self, r: int) -> int:
+        return self.reps[r].in_flight
+
+    def waiting(self, r: int) -> int:
+        return len(self.reps[r].queue)
+
+    def kv_usage(self, r: int) -> float:
+        return self.reps[r].running / self.capacity
+
+
+class _BatchedView:
+    def __init__(self, scheds: list[Scheduler], in_flight: list[int]) -> None:
+        self.scheds, self._in_flight, self.replicas = scheds, in_flight, len(scheds)
+        cfg = scheds[0].config
+        self.capacity = cfg.max_num_seqs
+        self.cache_blocks: int | None = cfg.num_blocks
+        self.block_size: int | None = cfg.block_size
+
+    def in_flight(self, r: int) -> int:
+        return self._in_flight[r]
+
+    def waiting(self, r: int) -> int:
+        return len(self.scheds[r].waiting)
+
+    def kv_usage(self, r: int) -> float:
+        return self.scheds[r].kv_usage
+
+
+def simulate(jobs: Sequence[Job], params: Params | BatchedParams, dispatcher: Dispatcher,
+             seed: int = 0, handoff: Handoff | None = None,
+             membership: Membership | None = None) -> Result:
+    """Run every job through the model under ``dispatcher`` (a name in ``DISPATCHERS``, or an
+    ``Nginx`` / ``Epp`` spec); jobs must be sorted by arrival."""
+    if isinstance(dispatcher, Nginx) and dispatcher.instances == 1 \
+            and dispatcher.method in DISPATCHERS:
+        dispatcher = dispatcher.method  # one NGINX, a plain method: the same model as by name
+    if isinstance(dispatcher, (Nginx, Epp)):
+        if handoff is not None:
+            raise ValueError("handoff is modelled with the plain NGINX dispatchers only")
+        if membership is not None:
+            raise ValueError("a changing membership is modelled with the plain dispatchers only")
+    elif dispatcher not in DISPATCHERS:
+        raise ValueError(f"dispatcher must be one of {', '.join(DISPATCHERS)} (or an Nginx or "
+                         f"Epp spec), got {dispatcher!r}")
     if handoff is not None and membership is not None:
         raise ValueError("handoff is not modelled with a changing membership")
     if isinstance(params, BatchedParams):
@@ -221,7 +267,13 @@ def simulate(jobs: Sequence[Job], params: Params | BatchedParams, dispatcher: st
     done = [float("nan")] * len(jobs)
     where = [-1] * len(jobs)
     tried = [0] * len(jobs)  # bit mask of the replicas each job was sent to
-    picker = _Picker(dispatcher, p.replicas, seed)
+    router = None
+    if isinstance(dispatcher, str):
+        picker = _Picker(dispatcher, p.replicas, seed)
+    else:
+        router = make_router(dispatcher, jobs, _SlotsView(reps, p.slots), seed)
+    caches = ([LruPrefixCache(p.prefix_cache_tokens, p.prefix_block_tokens)
+               for _ in range(p.replicas)] if p.prefix_cache_tokens > 0 else None)
     events: list[tuple[float, int, str, int, object]] = []
     order = itertools.count()
 
@@ -234,8 +286,15 @@ def simulate(jobs: Sequence[Job], params: Params | BatchedParams, dispatcher: st
     def admit(r: _Replica, j: int, t: float) -> None:
         r.running += 1
         where[j] = r.index
-        push(t + p.prefill_base_s + p.prefill_per_token_s * jobs[j].prompt_tokens,
-             "prefilled", r.index, j)
+        job = jobs[j]
+        if caches is not None and job.prefix_keys is not None:
+            n = job.prompt_tokens
+            cached = min(n, caches[r.index].lookup(job.prefix_keys, n))
+            push(t + p.prefill_base_s + p.prefill_per_token_s * (n - cached)
+                 + p.prefill_per_cached_token_s * cached, "prefilled", r.index, j)
+        else:  # the same sums in the same order as ever: bit-identical figures
+            push(t + p.prefill_base_s + p.prefill_per_token_s * job.prompt_tokens,
+                 "prefilled", r.index, j)
 
     def start_step(r: _Replica, t: float) -> None:
         for j in r.joining:
@@ -251,6 +310,8 @@ def simulate(jobs: Sequence[Job], params: Params | BatchedParams, dispatcher: st
 
     def release(r: _Replica, j: int, t: float) -> None:
         r.running -= 1
+        if router is not None:
+            router.done(j, r.index)
         if dispatcher == "fcfs":
             if central and accepting >> r.index & 1:
                 admit(r, central.popleft(), t)
@@ -271,6 +332,14 @@ def simulate(jobs: Sequence[Job], params: Params | BatchedParams, dispatcher: st
         if handoff is not None and sent <= handoff.hops and sent < p.replicas:
             push(t + handoff.patience_s, "patience", r.index, j)
 
+    def place(sent: list[tuple[int, int]], t: float) -> None:
+        for j, i in sent:
+            r = reps[i]
+            if r.running < p.slots:
+                admit(r, j, t)
+            else:
+                bisect.insort(r.queue, j)
+
     def tick(t: float) -> None:  # the membership's turn
         nonlocal accepting
         mask = membership.tick(t, lambda i: (reps[i].running, len(reps[i].queue)))  # type: ignore[union-attr]
@@ -288,19 +357,27 @@ def simulate(jobs: Sequence[Job], params: Params | BatchedParams, dispatcher: st
     next_tick = membership.next_time() if membership is not None else float("inf")
     arrivals = iter(range(len(jobs)))
     nxt = next(arrivals, None)
-    while nxt is not None or events:
+    while nxt is not None or events or (router is not None and router.busy()):
         if membership is not None and next_tick <= min(
                 jobs[nxt].arrival if nxt is not None else next_tick,
                 events[0][0] if events else next_tick):
             tick(next_tick)
             next_tick = membership.next_time()  # type: ignore[union-attr]
             continue
+        if router is not None:
+            tr = router.next_time()
+            if tr < (jobs[nxt].arrival if nxt is not None else math.inf) \
+                    and tr < (events[0][0] if events else math.inf):
+                place(router.at(tr), tr)
+                continue
         if nxt is not None and (not events or jobs[nxt].arrival <= events[0][0]):
             j, t = nxt, jobs[nxt].arrival
             nxt = next(arrivals, None)
             if not accepting:
                 raise RuntimeError(f"no replica takes requests at t={t:g}")
-            if dispatcher == "fcfs":
+            if router is not None:
+                place(router.arrive(j, t), t)
+            elif dispatcher == "fcfs":
                 free = [r for r in reps if r.running < p.slots and accepting >> r.index & 1]
                 if free and not central:
                     admit(max(free, key=lambda r: (p.slots - r.running, -len(r.active))), j, t)
@@ -320,6 +397,8 @@ def simulate(jobs: Sequence[Job], params: Params | BatchedParams, dispatcher: st
         elif kind == "prefilled":
             j = data  # type: ignore[assignment]
             first[j] = t
+            if caches is not None and jobs[j].prefix_keys is not None:
+                caches[idx].insert_keys(jobs[j].prefix_keys)  # type: ignore[arg-type]
             if jobs[j].max_tokens <= 1:
                 done[j] = t
                 release(r, j, t)
@@ -345,10 +424,12 @@ def simulate(jobs: Sequence[Job], params: Params | BatchedParams, dispatcher: st
                 r.lingering.clear()
     ttft = [f - jb.arrival for f, jb in zip(first, jobs)]
     e2e = [d - jb.arrival for d, jb in zip(done, jobs)]
-    return Result(ttft, e2e, where)
+    return Result(ttft, e2e, where, router.all_full if router is not None else 0,
+                  sum(c.hit_tokens for c in caches) if caches else 0,
+                  sum(c.lookup_tokens for c in caches) if caches else 0)
 
 
-def _simulate_batched(jobs: Sequence[Job], p: BatchedParams, dispatcher: str, seed: int,
+def _simulate_batched(jobs: Sequence[Job], p: BatchedParams, dispatcher: Dispatcher, seed: int,
                       handoff: Handoff | None, membership: Membership | None) -> Result:
     if handoff is not None:
         raise ValueError("handoff is modelled for slots replicas only")
@@ -366,7 +447,11 @@ def _simulate_batched(jobs: Sequence[Job], p: BatchedParams, dispatcher: str, se
     first = [float("nan")] * len(jobs)
     done = [float("nan")] * len(jobs)
     where = [-1] * len(jobs)
-    picker = _Picker(dispatcher, p.replicas, seed)
+    router = None
+    if isinstance(dispatcher, str):
+        picker = _Picker(dispatcher, p.replicas, seed)
+    else:
+        router = make_router(dispatcher, jobs, _BatchedView(scheds, in_flight), seed)
     events: list[tuple[float, int]] = []  # step ends: (time, replica)
     fcfs = dispatcher == "fcfs"
     every = (1 << p.replicas) - 1
@@ -412,19 +497,29 @@ def _simulate_batched(jobs: Sequence[Job], p: BatchedParams, dispatcher: str, se
     next_tick = membership.next_time() if membership is not None else float("inf")
     arrivals = iter(range(len(jobs)))
     nxt = next(arrivals, None)
-    while nxt is not None or events:
+    while nxt is not None or events or (router is not None and router.busy()):
         if membership is not None and next_tick <= min(
                 jobs[nxt].arrival if nxt is not None else next_tick,
                 events[0][0] if events else next_tick):
             tick(next_tick)
             next_tick = membership.next_time()
             continue
+        if router is not None:
+            tr = router.next_time()
+            if tr < (jobs[nxt].arrival if nxt is not None else math.inf) \
+                    and tr < (events[0][0] if events else math.inf):
+                for j, r in router.at(tr):
+                    add(r, j, tr)
+                continue
         if nxt is not None and (not events or jobs[nxt].arrival <= events[0][0]):
             j, t = nxt, jobs[nxt].arrival
             nxt = next(arrivals, None)
             if not accepting:
                 raise RuntimeError(f"no replica takes requests at t={t:g}")
-            if not fcfs:
+            if router is not None:
+                for jj, r in router.arrive(j, t):
+                    add(r, jj, t)
+            elif not fcfs:
                 add(picker.pick(in_flight.__getitem__, every & ~accepting), j, t)
             elif not central and (open_ := [r for r in range(p.replicas)
                                             if room(r) > 0 and accepting >> r & 1]):
@@ -440,10 +535,13 @@ def _simulate_batched(jobs: Sequence[Job], p: BatchedParams, dispatcher: str, se
         for seq in out.finished:
             done[seq.data] = t
             in_flight[r] -= 1
+            if router is not None:
+                router.done(seq.data, r)
         if fcfs:
             while central and room(r) > 0 and accepting >> r & 1:
                 add(r, central.popleft(), t)
         start(r, t)
     ttft = [f - jb.arrival for f, jb in zip(first, jobs)]
     e2e = [d - jb.arrival for d, jb in zip(done, jobs)]
-    return Result(ttft, e2e, where)
+    return Result(ttft, e2e, where, router.all_full if router is not None else 0,
+                  sum(s.hit_tokens for s in scheds), sum(s.lookup_tokens for s in scheds))

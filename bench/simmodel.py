@@ -11,6 +11,7 @@ from bench import des
 from server.engines.profile import (
     ContinuousScheduler,
     Profile,
+    ProfileError,
     SlotsLinearCost,
     SlotsScheduler,
     load_profile,
@@ -25,6 +26,20 @@ def _default() -> Profile:
     return load_profile(DEFAULT_PROFILE)
 
 
+def with_max_num_seqs(profile: Profile, max_num_seqs: int) -> Profile:
+    """``profile`` with its scheduler's max_num_seqs replaced (continuous profiles only)."""
+    s = profile.scheduler
+    if not isinstance(s, ContinuousScheduler):
+        raise ProfileError(f"profile {profile.name} is a {profile.kind} profile: max_num_seqs "
+                           "applies to continuous profiles (a slots profile has slots)")
+    if not 1 <= max_num_seqs <= s.max_num_batched_tokens:
+        raise ProfileError(f"max_num_seqs must be 1 to max_num_batched_tokens "
+                           f"({s.max_num_batched_tokens}), got {max_num_seqs}")
+    out = profile.model_copy(update={"scheduler": s.model_copy(update={"max_num_seqs":
+                                                                        max_num_seqs})})
+    return out.dilated(profile.time_dilation)
+
+
 @dataclass(frozen=True)
 class SimModel:
     profile: Profile = field(default_factory=_default)
@@ -33,9 +48,15 @@ class SimModel:
     max_model_len: int = 16_384
 
     @classmethod
-    def named(cls, profile: str, time_dilation: float = 1.0, **kw: int) -> SimModel:
-        """A shipped profile's name or a path to a profile file (raises ProfileError)."""
-        return cls(load_profile(profile).dilated(time_dilation), **kw)
+    def named(cls, profile: str, time_dilation: float = 1.0, max_num_seqs: int | None = None,
+              **kw: int) -> SimModel:
+        """A shipped profile's name or a path to a profile file (raises ProfileError);
+        ``max_num_seqs`` overrides a continuous profile's (what `model.maxConcurrency` passes
+        to vLLM as --max-num-seqs: prod runs 128, the profiles carry vLLM's default)."""
+        loaded = load_profile(profile)
+        if max_num_seqs is not None:
+            loaded = with_max_num_seqs(loaded, max_num_seqs)
+        return cls(loaded.dilated(time_dilation), **kw)
 
     @property
     def slots(self) -> int:
@@ -48,6 +69,12 @@ class SimModel:
         if isinstance(s, SlotsScheduler):
             return s.prefix_cache_tokens
         return s.kv_cache_tokens if s.enable_prefix_caching else 0
+
+    @property
+    def prefix_block_tokens(self) -> int:
+        """Tokens per prefix-cache block (the keys the discrete-event model's jobs carry)."""
+        s = self.profile.scheduler
+        return s.prefix_cache_block_tokens if isinstance(s, SlotsScheduler) else s.block_size
 
     @property
     def nginx_output_tokens(self) -> int:
@@ -86,7 +113,8 @@ class SimModel:
         p, d = cost.params, self.profile.time_dilation
         return des.Params(replicas, self.slots, d * p.prefill_base_ms / 1e3,
                           d * p.prefill_ms_per_token / 1e3, d * p.decode_base_ms / 1e3,
-                          d * p.decode_ms_per_seq / 1e3)
+                          d * p.decode_ms_per_seq / 1e3, s.prefix_cache_tokens,
+                          s.prefix_cache_block_tokens, d * p.prefill_ms_per_cached_token / 1e3)
 
     def describe(self) -> str:
         return f"sim: {self.profile.describe()}"

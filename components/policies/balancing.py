@@ -84,8 +84,11 @@ class LoadBalancingConfig(Section):
     random_two_least_conn (the controller's default) or session_hash (consistent hash on
     `sessionHeader`, for prefix-cache reuse) or session_hash_bounded (the same hash, but a
     replica with `boundFactor` x its slots in flight is skipped for the next one on the ring).
-    least_conn is the default because it measured best, with one NGINX and with two
-    (docs/load-balancing.md); session_hash_bounded suits multi-turn chats."""
+    least_conn is the default in both regimes: measured best on CPU sim replicas (round robin
+    1.98x its p99 at 80% load), and in the GPU regime (h200-llama8b, 2 replicas x
+    max_num_seqs 128, modelled) it keeps the tail near saturation (round robin 1.45x its p99
+    at 95% load, 0.91x at 80%; two NGINX instances cost it 1.01x):
+    [docs/load-balancing.md, Which regime are you in](docs/load-balancing.md#which-regime-are-you-in). session_hash_bounded suits multi-turn chats."""
     session_header: str = Field("X-Session-ID", min_length=1, max_length=64)
     """Request header hashed by session_hash; requests without it are spread round robin."""
     session_key: SessionKey = "header"
@@ -102,11 +105,18 @@ class LoadBalancingConfig(Section):
     hits and 4.4% found every replica full (the controller's 502 in the cluster); 1.5 kept 94%
     but its p99 was 1.34x least_conn's. At 1.25 the p99 is 1.09x least_conn's over three traces
     pooled (1.63x on another), and keyless requests (round robin within the bound) fare worse
-    than under least_conn."""
+    than under least_conn. In the GPU regime (modelled) no factor from 1.0 to 2.0 binds at
+    80-95% load (128 sequence slots per replica): the bounded hash keeps all of
+    session_hash's hits with a p99 0.91x least_conn's at 80%: [docs/load-balancing.md, Which regime are you in](docs/load-balancing.md#which-regime-are-you-in)."""
     per_token_seconds: float = Field(0.1, gt=0, le=60)
-    """Time budget per output token; read and send timeouts are maxOutputTokens times this."""
+    """Time budget per output token; read and send timeouts are maxOutputTokens times this.
+    0.1 is 2.2x the slowest generation in the GPU regime (46.4 ms per output token at 95% load,
+    modelled; 205 s for prod's 2048 tokens against 95 s needed) and covers the CPU regime's
+    decode steps (38 ms at a full batch of 8): [docs/load-balancing.md, Which regime are you in](docs/load-balancing.md#which-regime-are-you-in)."""
     timeout_floor_seconds: int = Field(60, ge=1, le=86_400)
-    """Lower bound of the read and send timeouts, whatever the token budget gives."""
+    """Lower bound of the read and send timeouts, whatever the token budget gives. 60 s is
+    over 100x the longest wait for a first token in the GPU regime (0.53 s at 95% load,
+    modelled) and 3.8x the CPU regime's (15.7 s at 80%): [docs/load-balancing.md, Which regime are you in](docs/load-balancing.md#which-regime-are-you-in)."""
     connect_timeout_seconds: int = Field(5, ge=1, le=75)
     """Time to establish a connection to a replica (nginx caps it at about 75 s)."""
     client_max_body_size: str = "1m"

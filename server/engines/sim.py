@@ -42,7 +42,7 @@ import re
 import time
 import zlib
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -103,7 +103,7 @@ class LruPrefixCache:
             raise ValueError(f"capacity_tokens must be >= 0, got {capacity_tokens}")
         self.block_tokens = block_tokens
         self.capacity_blocks = capacity_tokens // block_tokens
-        self._blocks: OrderedDict[int, None] = OrderedDict()  # oldest first
+        self._blocks: OrderedDict[Hashable, None] = OrderedDict()  # oldest first
         self.hit_tokens = 0
         self.lookup_tokens = 0
         self.lookups = 0
@@ -121,20 +121,29 @@ class LruPrefixCache:
         return keys
 
     def cached_prefix_len(self, prompt_ids: Sequence[int]) -> int:
+        return self.lookup(self._keys(prompt_ids), len(prompt_ids))
+
+    def insert(self, prompt_ids: Sequence[int]) -> None:
+        self.insert_keys(self._keys(prompt_ids))
+
+    def lookup(self, keys: Sequence[Hashable], num_tokens: int) -> int:
+        """:meth:`cached_prefix_len` of a prompt of ``num_tokens`` tokens whose full blocks have
+        ``keys`` (the discrete-event model keeps keys, not token ids)."""
         n = 0
-        for key in self._keys(prompt_ids):
+        for key in keys:
             if key not in self._blocks:
                 break
             n += self.block_tokens
         self.lookups += 1
-        self.lookup_tokens += len(prompt_ids)
+        self.lookup_tokens += num_tokens
         self.hit_tokens += n
         return n
 
-    def insert(self, prompt_ids: Sequence[int]) -> None:
+    def insert_keys(self, keys: Sequence[Hashable]) -> None:
+        """:meth:`insert` of a prompt whose full blocks have ``keys``."""
         if self.capacity_blocks == 0:
             return
-        for key in reversed(self._keys(prompt_ids)):
+        for key in reversed(keys):
             self._blocks[key] = None
             self._blocks.move_to_end(key)
         while len(self._blocks) > self.capacity_blocks:

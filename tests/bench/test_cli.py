@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from bench import __main__ as bench_main
-from bench import autoscale, autoscale_model, autoscale_validate, model_seeds
+from bench import autoscale, autoscale_model, autoscale_validate, model_seeds, regime
 from bench.command import OUT
 from bench.faults import cli as faults_cli
 from local.procs import LocalModeError, find_nginx
@@ -27,6 +27,7 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "python -m bench autoscale-model": autoscale_model.main,
     "python -m bench autoscale-validate": autoscale_validate.main,
     "python -m bench faults": faults_cli.main,
+    "python -m bench regime": regime.main,
     "python -m bench.model_seeds": model_seeds.main,
     "python -m server.bench": server_bench.main,
 }
@@ -59,7 +60,8 @@ def test_every_option_has_help_text(name, monkeypatch) -> None:
     assert not bare, f"{name}: options without help: {bare}"
 
 
-@pytest.mark.parametrize("name", ["python -m bench", "python -m bench autoscale"])
+@pytest.mark.parametrize("name", ["python -m bench", "python -m bench autoscale",
+                                  "python -m bench regime"])
 def test_results_go_to_an_ignored_folder_unless_out_says_otherwise(name, monkeypatch) -> None:
     assert _parser(COMMANDS[name], monkeypatch).get_default("out") == OUT
     ignored = subprocess.run(["git", "check-ignore", "-q", str(OUT / "bench-results.md")],

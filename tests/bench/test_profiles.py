@@ -163,7 +163,7 @@ def test_sim_model_passes_the_profile_on_and_keeps_todays_numbers() -> None:
     # the replicas' settings give exactly the engine every earlier figure ran with
     p = from_env(env).sim_latency_profile()
     assert p.prefill_seconds(100) == 0.075 and p.decode_step_seconds(8) == 0.038
-    assert m.des_params(4) == des.Params(4, 8, 0.05, 0.00025, 0.03, 0.001)
+    assert m.des_params(4) == des.Params(4, 8, 0.05, 0.00025, 0.03, 0.001, 65536, 16, 0.0)
     assert m.full_step_seconds() == 0.038
 
 

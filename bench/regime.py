@@ -24,8 +24,7 @@ is a fraction of it. In the GPU regime nothing queues until the batches fill, so
 matter are up to the edge: 50 %, 80 % and 95 %.
 
 ``python -m bench regime headroom`` measures, live, whether this machine keeps a dilated
-GPU-regime run's timing (see ``headroom``). Pure computation otherwise (no servers); run it under
-``flock -s``.
+GPU-regime run's timing (see ``headroom``). Pure computation otherwise (no servers).
 """
 
 from __future__ import annotations
@@ -397,7 +396,7 @@ def headroom(argv: Sequence[str]) -> int:
     [--replicas 2] [--dilations 2,4,8] [--seconds 15]``: local-mode sim replicas of a continuous
     profile at each time dilation D, closed loop at full batch through local mode's nginx (one
     client process, as a benchmark runs), against the model's capacity for the same batch: the
-    CPU keeps the timing while live requests/s x D match the model. Run alone (``flock -x``)."""
+    CPU keeps the timing while live requests/s x D match the model. Run it alone on the machine."""
     import asyncio
     import random
 

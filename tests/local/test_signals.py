@@ -103,7 +103,7 @@ def test_a_start_that_fails_after_the_cluster_is_up_leaves_nothing(tmp_path) -> 
         run = _up(tmp_path, base, "--autoscale", "--prometheus-port", str(base + 3))
         try:
             assert run.wait(60) == 2
-            assert f"error: port {base + 3} is in use (prometheus)" in run.text()
+            assert f"error: port {base + 3} (wanted by prometheus) is in use" in run.text()
             assert "Traceback" not in run.text()
             assert run.processes  # the replica (and nginx) ran before the failure
             assert run.leftovers() == {}
@@ -121,6 +121,8 @@ def test_a_second_interrupt_in_the_autoscaler_stop_does_not_skip_the_cluster_sto
 
     class Cluster:
         engine, running = "sim", True
+        models = (mock.Mock(replicas=1, engine="sim", served_name="sim-llm"),)
+        first_replica_port = 8000
 
         def stop(self) -> None:
             calls.append("cluster")
@@ -135,7 +137,7 @@ def test_a_second_interrupt_in_the_autoscaler_stop_does_not_skip_the_cluster_sto
 
     prometheus = mock.Mock(url="http://127.0.0.1:1")
     prometheus.close.side_effect = lambda: calls.append("prometheus")
-    monkeypatch.setattr(cli, "_cluster", lambda _args: Cluster())
+    monkeypatch.setattr(cli, "_cluster", lambda *_a, **_k: Cluster())
     monkeypatch.setattr(cli, "start_autoscaling", lambda *_a, **_k: (prometheus, Scaler()))
     monkeypatch.setattr(cli, "banner", lambda _c: "")
     monkeypatch.setattr(cli, "_supervise", mock.Mock(side_effect=KeyboardInterrupt))

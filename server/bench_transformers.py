@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import signal
 import statistics
@@ -42,6 +41,7 @@ from typing import Any
 
 import httpx
 
+from bench.client import SseParser, is_content
 from local import cleanup
 from local.procs import spawn
 from server.engines.random_llama import SIZES, build_random_llama, prompt_text
@@ -210,17 +210,12 @@ async def _client(base: str, body: dict, load: Load, delay: float, end: float,
                         load.errors.append(f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
                         await asyncio.sleep(0.5)
                         continue
-                    buf = b""
+                    parser = SseParser()
                     async for data in r.aiter_raw():
                         now = time.monotonic()
-                        buf += data
-                        *events, buf = buf.split(b"\n\n")
-                        for event in events:
-                            if not event.startswith(b"data: {"):
-                                continue
-                            choices = json.loads(event[6:])["choices"]
-                            if not choices or not choices[0]["delta"].get("content"):
-                                continue  # the role chunk, the finish chunk
+                        for payload in parser.feed(data):
+                            if not is_content(payload):
+                                continue  # the role chunk, the finish chunk, [DONE]
                             load.stamps.append(now)
                             if first and window[0] <= t0 <= window[1]:
                                 load.ttft.append(now - t0)

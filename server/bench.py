@@ -166,7 +166,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(env: dict[str, str], port: int) -> subprocess.Popen:
+def start_server(env: dict[str, str], port: int, timeout: float = 30.0) -> subprocess.Popen:
+    """A server process on 127.0.0.1:`port` with `env` over this one's (minus its LLM_*),
+    once /ready answers 200 (a transformers model may take minutes to load)."""
     full = {k: v for k, v in os.environ.items() if not k.startswith("LLM_")} | env
     # Its own session, recorded so that no signal to this command leaves it running.
     proc = spawn(
@@ -174,7 +176,7 @@ def start_server(env: dict[str, str], port: int) -> subprocess.Popen:
          str(port), "--log-level", "warning", "--no-access-log"],
         log=None, cwd=ROOT, env=full,
     )
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"server exited with {proc.returncode}")
@@ -185,7 +187,7 @@ def start_server(env: dict[str, str], port: int) -> subprocess.Popen:
             pass
         time.sleep(0.1)
     proc.kill()
-    raise SystemExit("server did not become ready")
+    raise SystemExit(f"server did not become ready in {timeout:g} s")
 
 
 async def run_part(base: str, body: dict, streams: range, total: int, cycle: float,

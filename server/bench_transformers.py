@@ -33,7 +33,6 @@ import os
 import signal
 import statistics
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +42,6 @@ import httpx
 
 from bench.client import SseParser, is_content
 from local import cleanup
-from local.procs import spawn
 from server.engines.random_llama import SIZES, build_random_llama, prompt_text
 
 
@@ -226,27 +224,6 @@ async def _client(base: str, body: dict, load: Load, delay: float, end: float,
                 load.errors.append(f"{type(exc).__name__}: {exc}")
 
 
-def start_server(env: dict[str, str], port: int, timeout: float) -> subprocess.Popen:
-    from server.bench import ROOT
-
-    full = {k: v for k, v in os.environ.items() if not k.startswith("LLM_")} | env
-    proc = spawn(  # recorded: a stop by signal ends it too (local/cleanup.py)
-        [sys.executable, "-m", "uvicorn", "server:app", "--host", "127.0.0.1", "--port",
-         str(port), "--log-level", "warning", "--no-access-log"], log=None, cwd=ROOT, env=full)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise SystemExit(f"server did not become ready in {timeout:g} s")
-
-
 def server_env(args: argparse.Namespace, model_dir: Path, device: str, dtype: str,
                prompt_len: int) -> dict[str, str]:
     b, t = args.streams, args.max_tokens
@@ -283,7 +260,7 @@ def main(args: argparse.Namespace) -> int:
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from server.bench import free_port
+    from server.bench import free_port, start_server
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()

@@ -42,7 +42,7 @@ import re
 import time
 import zlib
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Hashable, Sequence
+from collections.abc import AsyncIterator, Coroutine, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -192,8 +192,42 @@ class _Seq:
     tokens: asyncio.Queue[None] = field(default_factory=asyncio.Queue)
 
 
-class SimEngine(Engine):
+class SimLoopEngine(Engine):
+    """What both sim engines share: `load` stands in for reading weights, then starts the
+    engine's one background loop (`_run_loop`), which `close` cancels; the sim's tokenizer."""
+
     kind = "sim"
+    load_seconds: float
+    _loop_task: asyncio.Task[None] | None
+    _loop_name: str
+
+    def _run_loop(self) -> Coroutine[Any, Any, None]:
+        raise NotImplementedError
+
+    async def load(self) -> None:
+        # Stands in for reading weights: /ready stays 503 until it is over, so autoscaling
+        # sees the cold start of a real model (LLM_SIM_LOAD_SECONDS).
+        if self.load_seconds > 0:
+            await asyncio.sleep(self.load_seconds)
+        if self._loop_task is None:
+            self._loop_task = asyncio.create_task(self._run_loop(), name=self._loop_name)
+
+    async def close(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+            self._loop_task = None
+
+    def encode_chat(self, messages: Sequence[dict[str, Any]]) -> list[int]:
+        return sim_tokenize(sim_chat_prompt(messages))
+
+    def encode_text(self, text: str) -> list[int]:
+        return sim_tokenize(text)
+
+
+class SimEngine(SimLoopEngine):
+    _loop_name = "sim-decode-loop"
 
     def __init__(self, settings: Settings, prefix_cache: PrefixCache | None = None,
                  profile: Profile | None = None) -> None:
@@ -219,27 +253,6 @@ class SimEngine(Engine):
     @property
     def active_sequences(self) -> int:
         return len(self._active) + len(self._joining)
-
-    async def load(self) -> None:
-        # Stands in for reading weights: /ready stays 503 until it is over, so autoscaling
-        # sees the cold start of a real model (LLM_SIM_LOAD_SECONDS).
-        if self.load_seconds > 0:
-            await asyncio.sleep(self.load_seconds)
-        if self._loop_task is None:
-            self._loop_task = asyncio.create_task(self._decode_loop(), name="sim-decode-loop")
-
-    async def close(self) -> None:
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop_task
-            self._loop_task = None
-
-    def encode_chat(self, messages: Sequence[dict[str, Any]]) -> list[int]:
-        return sim_tokenize(sim_chat_prompt(messages))
-
-    def encode_text(self, text: str) -> list[int]:
-        return sim_tokenize(text)
 
     def model_card(self) -> dict[str, Any]:
         card = sim_model_card(self.profile)
@@ -279,7 +292,7 @@ class SimEngine(Engine):
         self._joining.pop(seq, None)
         self._active.pop(seq, None)
 
-    async def _decode_loop(self) -> None:
+    async def _run_loop(self) -> None:  # the decode loop
         next_start: float | None = None
         base = self.profile.decode_step_seconds(0)
         while True:

@@ -29,16 +29,15 @@ the loop fell more than one step behind (then it starts now instead of bursting)
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import time
 import zlib
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from server.engines.base import Engine, SamplingParams, Token
+from server.engines.base import SamplingParams, Token
 from server.engines.scheduler import Scheduler, SchedulerConfig, Seq, block_keys
-from server.engines.sim import VOCAB, sim_chat_prompt, sim_tokenize
+from server.engines.sim import VOCAB, SimLoopEngine
 from server.engines.steps import StepBatch
 from server.settings import Settings
 
@@ -54,9 +53,9 @@ def scheduler_config(settings: Settings, kv_cache_tokens: int, **limits: Any) ->
                            max_num_seqs=settings.max_concurrency, **limits)
 
 
-class SimBatchedEngine(Engine):
-    kind = "sim"
+class SimBatchedEngine(SimLoopEngine):
     own_queue = True
+    _loop_name = "sim-step-loop"
 
     def __init__(self, settings: Settings, config: SchedulerConfig,
                  step_seconds: Callable[[StepBatch], float], time_dilation: float = 1.0,
@@ -88,25 +87,6 @@ class SimBatchedEngine(Engine):
     @property
     def requests_waiting(self) -> int:
         return len(self.scheduler.waiting)
-
-    async def load(self) -> None:
-        if self.load_seconds > 0:
-            await asyncio.sleep(self.load_seconds)
-        if self._loop_task is None:
-            self._loop_task = asyncio.create_task(self._step_loop(), name="sim-step-loop")
-
-    async def close(self) -> None:
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop_task
-            self._loop_task = None
-
-    def encode_chat(self, messages: Sequence[dict[str, Any]]) -> list[int]:
-        return sim_tokenize(sim_chat_prompt(messages))
-
-    def encode_text(self, text: str) -> list[int]:
-        return sim_tokenize(text)
 
     def model_card(self) -> dict[str, Any]:
         c = self.config
@@ -156,7 +136,7 @@ class SimBatchedEngine(Engine):
         finally:
             self.scheduler.abort(seq)  # a no-op once it finished
 
-    async def _step_loop(self) -> None:
+    async def _run_loop(self) -> None:  # the step loop
         sched = self.scheduler
         next_start: float | None = None
         last = 0.0

@@ -29,6 +29,71 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+class _FakeHandler(BaseHTTPRequestHandler):
+    """What both fakes answer with: plain bodies, chunked SSE, and a held stream."""
+
+    protocol_version = "HTTP/1.1"  # keep-alive, chunked responses
+    # Headers and body leave in separate writes: without TCP_NODELAY every answer on a
+    # kept-alive connection waits ~40 ms for the proxy's delayed ACK.
+    disable_nagle_algorithm = True
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def _read_body(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        if length:
+            self.rfile.read(length)
+
+    def _plain(self, status: int, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _start_events(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+
+    def _chunk(self, data: bytes) -> None:
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+
+    def _stream(self, release: threading.Event, finished: threading.Event) -> None:
+        """The first event, then the rest once `release` is set (bounded: the test has seen
+        the first event by then); `finished` when the whole stream went out."""
+        self._start_events()
+        self._chunk(b"data: first\n\n")
+        release.wait(timeout=5)
+        try:
+            self._chunk(b"data: [DONE]\n\n")
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
+            finished.set()
+        except OSError:
+            pass  # the test hung up after the first event
+
+
+def _serve(handler: type[BaseHTTPRequestHandler]) -> tuple[ThreadingHTTPServer, threading.Thread]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
+    thread.start()
+    return server, thread
+
+
+def _shutdown(server: ThreadingHTTPServer | None, thread: threading.Thread | None) -> None:
+    if server is not None:
+        server.shutdown()
+        server.server_close()
+    if thread is not None:
+        thread.join(timeout=5)
+
+
 @dataclass
 class Upstream:
     """A fake replica. `mode`: "ok" answers, "draining" answers 503, "slow" stalls,
@@ -51,19 +116,9 @@ class Upstream:
     def start(self) -> Upstream:
         upstream = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"  # keep-alive, chunked responses
-            # Headers and body leave in separate writes: without TCP_NODELAY every answer on a
-            # kept-alive connection waits ~40 ms for the proxy's delayed ACK.
-            disable_nagle_algorithm = True
-
-            def log_message(self, *args: object) -> None:
-                pass
-
+        class Handler(_FakeHandler):
             def _answer(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                if length:
-                    self.rfile.read(length)
+                self._read_body()
                 upstream.hits += 1
                 if upstream.mode == "draining":
                     self._plain(503, b"draining")
@@ -73,7 +128,7 @@ class Upstream:
                     time.sleep(3)  # longer than the test's read timeout
                     self._plain(200, upstream.name.encode())
                 elif self.path.endswith("/stream"):
-                    self._stream()
+                    self._stream(upstream.stream_release, upstream.stream_finished)
                 elif self.path.endswith("/big"):
                     self._big()
                 else:
@@ -81,37 +136,10 @@ class Upstream:
 
             do_GET = do_POST = _answer
 
-            def _plain(self, status: int, body: bytes) -> None:
-                self.send_response(status)
-                self.send_header("Content-Type", "text/plain")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def _chunk(self, data: bytes) -> None:
-                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-                self.wfile.flush()
-
-            def _stream(self) -> None:
-                self.send_response(200)
-                self.send_header("Content-Type", "text/event-stream")
-                self.send_header("Transfer-Encoding", "chunked")
-                self.end_headers()
-                self._chunk(b"data: first\n\n")
-                # Hold the rest until the test has seen the first event (bounded).
-                upstream.stream_release.wait(timeout=5)
-                self._chunk(b"data: [DONE]\n\n")
-                self.wfile.write(b"0\r\n\r\n")
-                self.wfile.flush()
-                upstream.stream_finished.set()
-
             def _big(self) -> None:
                 # 48 MiB, more than loopback socket buffers hold: it only completes quickly
                 # if the proxy reads ahead of its client (spools to a temp file).
-                self.send_response(200)
-                self.send_header("Content-Type", "text/event-stream")
-                self.send_header("Transfer-Encoding", "chunked")
-                self.end_headers()
+                self._start_events()
                 piece = b"data: " + b"x" * (64 * 1024 - 8) + b"\n\n"
                 try:
                     for _ in range(768):
@@ -122,20 +150,12 @@ class Upstream:
                 except OSError:
                     pass  # the test hung up, as intended
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever,
-                                       kwargs={"poll_interval": 0.05}, daemon=True)
-        self.thread.start()
+        self.server, self.thread = _serve(Handler)
         return self
 
     def stop(self) -> None:
         self.stream_release.set()
-        if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
-        if self.thread is not None:
-            self.thread.join(timeout=5)
+        _shutdown(self.server, self.thread)
 
 
 class FakeGateway:
@@ -151,60 +171,22 @@ class FakeGateway:
         self.stream_finished = threading.Event()
         gateway = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-            disable_nagle_algorithm = True  # see Upstream
-
-            def log_message(self, *args: object) -> None:
-                pass
-
+        class Handler(_FakeHandler):
             def do_POST(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                if length:
-                    self.rfile.read(length)
+                self._read_body()
                 headers = {k.lower(): v for k, v in self.headers.items()}
                 gateway.seen.append(headers)
                 answer = gateway.answers.get(headers.get("x-gateway-model-name", ""))
                 if answer is None:
                     self._plain(404, b"no route")
                 elif self.path.endswith("/stream"):
-                    self._stream()
+                    self._stream(gateway.stream_release, gateway.stream_finished)
                 else:
                     self._plain(200, answer.encode())
 
             do_GET = do_POST
 
-            def _plain(self, status: int, body: bytes) -> None:
-                self.send_response(status)
-                self.send_header("Content-Type", "text/plain")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def _chunk(self, data: bytes) -> None:
-                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-                self.wfile.flush()
-
-            def _stream(self) -> None:
-                self.send_response(200)
-                self.send_header("Content-Type", "text/event-stream")
-                self.send_header("Transfer-Encoding", "chunked")
-                self.end_headers()
-                self._chunk(b"data: first\n\n")
-                gateway.stream_release.wait(timeout=5)
-                try:
-                    self._chunk(b"data: [DONE]\n\n")
-                    self.wfile.write(b"0\r\n\r\n")
-                    self.wfile.flush()
-                    gateway.stream_finished.set()
-                except OSError:
-                    pass  # the test hung up after the first event
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever,
-                                       kwargs={"poll_interval": 0.05}, daemon=True)
-        self.thread.start()
+        self.server, self.thread = _serve(Handler)
 
     @property
     def port(self) -> int:
@@ -212,9 +194,7 @@ class FakeGateway:
 
     def stop(self) -> None:
         self.stream_release.set()
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=5)
+        _shutdown(self.server, self.thread)
 
 
 class Nginx:

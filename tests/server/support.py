@@ -7,7 +7,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = 5.0, poll: float = 0.01) -> float:
+    """Wait until ``cond()``, asking every ``poll`` s; return the seconds it took (fails
+    after ``timeout``)."""
+    t0 = time.monotonic()
+    while not cond():
+        assert time.monotonic() - t0 < timeout, f"condition not reached in {timeout}s"
+        time.sleep(poll)
+    return time.monotonic() - t0
 
 
 def wait_ready(base_url: str, timeout: float = 60.0, proc: subprocess.Popen | None = None) -> None:

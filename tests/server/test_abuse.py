@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import socket
 import time
-from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -14,18 +13,9 @@ import pytest
 
 from server.api.routes import MAX_JSON_DEPTH, json_depth_exceeds
 
-from .support import RunningServer, parse_metric, wait_ready
+from .support import RunningServer, parse_metric, wait_for, wait_ready
 
 CHAT = "/v1/chat/completions"
-
-
-def _wait_for(cond: Callable[[], bool], timeout: float) -> float:
-    """Wait until ``cond()``; return the seconds it took (fails after ``timeout``)."""
-    t0 = time.monotonic()
-    while not cond():
-        assert time.monotonic() - t0 < timeout, f"condition not reached in {timeout}s"
-        time.sleep(0.01)
-    return time.monotonic() - t0
 
 
 def _open_request(base_url: str, body: dict[str, Any]) -> socket.socket:
@@ -53,11 +43,11 @@ def test_disconnected_clients_free_their_slots_at_once_sim(sim_server, stream: b
     # 400 tokens at 50 ms per step: each generation would hold its slot for 20 s.
     srv = sim_server(max_concurrency=4, max_queue=4, sim_decode_base_ms=50.0, max_tokens=400)
     socks = [_open_request(srv.base_url, _body(srv, 400, stream)) for _ in range(4)]
-    _wait_for(lambda: _running(srv) == 4, timeout=5)
+    wait_for(lambda: _running(srv) == 4, timeout=5)
     time.sleep(0.2)  # mid-generation
     for s in socks:
         s.close()
-    took = _wait_for(lambda: _running(srv) == 0, timeout=2)
+    took = wait_for(lambda: _running(srv) == 0, timeout=2)
     assert took < 2
     # capacity is back: a new request is admitted and answered
     ok = httpx.post(srv.base_url + CHAT, json=_body(srv, 2), timeout=10)
@@ -76,12 +66,12 @@ def test_disconnected_client_frees_its_slot_transformers(hf_server, monkeypatch,
 
     monkeypatch.setattr(steps, "_forward_decode", slow_decode)
     sock = _open_request(hf_server.base_url, _body(hf_server, 64, stream))
-    _wait_for(lambda: _running(hf_server) == 1 and steps.running == 1, timeout=5)
+    wait_for(lambda: _running(hf_server) == 1 and steps.running == 1, timeout=5)
     time.sleep(0.2)
     sock.close()
-    assert _wait_for(lambda: _running(hf_server) == 0, timeout=1.5) < 1.5
+    assert wait_for(lambda: _running(hf_server) == 0, timeout=1.5) < 1.5
     # ... and the engine dropped the sequence from its batch at the next step boundary
-    assert _wait_for(lambda: steps.running == 0, timeout=0.5) < 0.5
+    assert wait_for(lambda: steps.running == 0, timeout=0.5) < 0.5
 
 
 def test_client_that_stays_gets_the_whole_answer(sim_server) -> None:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 
 from server.admission import Aborted, AdmissionController, Overloaded
+
+from .support import wait_for
 
 BODY = {"model": "sim-llm", "messages": [{"role": "user", "content": "hi"}], "stream": True,
         "max_tokens": 15}
@@ -25,21 +26,14 @@ def _stream(base: str) -> tuple[int, int]:
         return r.status_code, n
 
 
-def _wait_for(cond, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.02)
-
-
 def test_overload_gets_429_with_retry_after(sim_server) -> None:
     srv = sim_server(max_concurrency=1, max_queue=1, retry_after_seconds=3,
                      sim_decode_base_ms=40.0)
     with ThreadPoolExecutor(2) as pool:
         first = pool.submit(_stream, srv.base_url)
-        _wait_for(lambda: srv.metric("llm_requests_running") == 1)
+        wait_for(lambda: srv.metric("llm_requests_running") == 1, poll=0.02)
         second = pool.submit(_stream, srv.base_url)
-        _wait_for(lambda: srv.metric("llm_requests_waiting") == 1)
+        wait_for(lambda: srv.metric("llm_requests_waiting") == 1, poll=0.02)
 
         third = httpx.post(srv.base_url + "/v1/chat/completions", json=BODY)
         assert third.status_code == 429
@@ -118,7 +112,7 @@ def test_client_disconnect_frees_the_slot(sim_server) -> None:
         assert srv.metric("llm_requests_running") == 1
         assert srv.state.engine.active_sequences == 1
     # the connection is closed mid-stream: the slot must come back without waiting 5 s
-    _wait_for(lambda: srv.metric("llm_requests_running") == 0, timeout=3)
+    wait_for(lambda: srv.metric("llm_requests_running") == 0, timeout=3, poll=0.02)
     assert srv.state.engine.active_sequences == 0
     ok = httpx.post(srv.base_url + "/v1/chat/completions", json={**BODY, "stream": False})
     assert ok.status_code == 200

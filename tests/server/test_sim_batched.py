@@ -25,7 +25,7 @@ from server.engines.sim_batched import SimBatchedEngine, scheduler_config
 from server.metrics import Metrics
 
 from .batched_app import spec_env, stand_in_step_seconds
-from .support import FAST_SIM
+from .support import FAST_SIM, wait_for
 
 
 def engine(settings, dilation: float = 1.0, **limits) -> SimBatchedEngine:
@@ -73,19 +73,12 @@ def _stream(base: str, max_tokens: int) -> tuple[int, int]:
         return r.status_code, n
 
 
-def _wait_for(cond, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.01)
-
-
 def test_gauges_are_the_schedulers_queues_and_admission_bounds_their_total(sim_server) -> None:
     # max_num_seqs 2 running, 1 more waiting inside the engine, then 429.
     srv = start(sim_server, dilation=3.0, max_concurrency=2, max_queue=1)
     with ThreadPoolExecutor(3) as pool:
         streams = [pool.submit(_stream, srv.base_url, 30) for _ in range(3)]
-        _wait_for(lambda: srv.metric("llm_requests_running") == 2
+        wait_for(lambda: srv.metric("llm_requests_running") == 2
                   and srv.metric("llm_requests_waiting") == 1)
         assert len(srv.state.engine.scheduler.waiting) == 1
         refused = httpx.post(srv.base_url + "/v1/completions",
@@ -106,7 +99,7 @@ def test_a_consumer_that_goes_away_leaves_the_batch_and_frees_its_blocks(sim_ser
         while '"text":" ' not in next(lines):
             pass
         assert len(sched.running) == 1 and sched.free_blocks < sched.config.num_blocks
-    _wait_for(lambda: not sched.running, timeout=3)
+    wait_for(lambda: not sched.running, timeout=3)
     assert sched.free_blocks == sched.config.num_blocks
 
 

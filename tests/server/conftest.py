@@ -16,7 +16,15 @@ import pytest
 
 from server import create_app, from_env
 
-from .support import FAST_SIM, REPO, RunningServer, free_port, serve_in_thread, wait_ready
+from .support import (
+    FAST_SIM,
+    REPO,
+    RunningServer,
+    free_port,
+    serve_in_thread,
+    tiny_transformers_server,
+    wait_ready,
+)
 
 
 @pytest.fixture
@@ -53,12 +61,8 @@ def small_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def hf_server(tiny_model_dir: Path) -> Iterator[RunningServer]:
-    settings = from_env({}, engine="transformers", model=str(tiny_model_dir),
-                        served_model_name="tiny-llama", max_model_len=256, max_tokens=64,
-                        max_concurrency=4)
-    app = create_app(settings)
-    with serve_in_thread(app) as base:
-        yield RunningServer(base, app)
+    with tiny_transformers_server(tiny_model_dir, max_concurrency=4) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")

@@ -96,3 +96,15 @@ def serve_in_thread(app: Any) -> Iterator[str]:
         sock.close()
 
 
+@contextlib.contextmanager
+def tiny_transformers_server(model_dir: Path, max_concurrency: int) -> Iterator[RunningServer]:
+    """The transformers engine on the tiny test model (tests/server/tiny_model.py), served in
+    a thread with ``max_concurrency`` slots."""
+    from server import create_app, from_env
+
+    settings = from_env({}, engine="transformers", model=str(model_dir),
+                        served_model_name="tiny-llama", max_model_len=256, max_tokens=64,
+                        max_concurrency=max_concurrency)
+    app = create_app(settings)
+    with serve_in_thread(app) as base:
+        yield RunningServer(base, app)

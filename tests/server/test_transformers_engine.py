@@ -15,10 +15,9 @@ from typing import Any
 import httpx
 import pytest
 
-from server import create_app, from_env
 from server.engines.base import SamplingParams, Token
 
-from .support import RunningServer, serve_in_thread
+from .support import RunningServer, tiny_transformers_server
 
 torch = pytest.importorskip("torch")
 
@@ -301,12 +300,8 @@ def test_batched_sampling_rows_do_not_depend_on_their_neighbours() -> None:
 
 @pytest.fixture(scope="module")
 def eight_slots(tiny_model_dir: Path) -> Iterator[RunningServer]:
-    settings = from_env({}, engine="transformers", model=str(tiny_model_dir),
-                        served_model_name="tiny-llama", max_model_len=256, max_tokens=64,
-                        max_concurrency=8)
-    app = create_app(settings)
-    with serve_in_thread(app) as base:
-        yield RunningServer(base, app)
+    with tiny_transformers_server(tiny_model_dir, max_concurrency=8) as srv:
+        yield srv
 
 
 def _complete(srv: RunningServer, prompt: str, **kw: Any) -> dict:
